@@ -1,0 +1,158 @@
+"""Device policy, kernel launching and launch accounting shared by every fused op.
+
+Device policy (README, "Device policy"):
+- CUDA tensors run the compiled Triton kernels.
+- CPU tensors run the same Triton kernels through Triton's interpreter when ``TRITON_INTERPRET=1`` was set
+  before ``fastattn`` was imported; otherwise they run the eager reference in ``fastattn.reference`` and a
+  one-time :class:`FallbackWarning` says so.
+
+Every kernel launch goes through :func:`launch`, which counts it, so tests (and users) can check that the
+Triton kernel ran and not the eager fallback: ``with fastattn.record_launches() as n: ...; n["_attn_fwd"]``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import threading
+import warnings
+from typing import Any, Iterator, Sequence
+
+import torch
+import triton
+
+from fastattn.kernels import _common
+
+
+class FallbackWarning(UserWarning):
+    """A fused op ran the eager PyTorch reference instead of its Triton kernel (the reason is in the message)."""
+
+
+def interpreting() -> bool:
+    """True when ``@triton.jit`` functions are built for Triton's CPU interpreter.
+
+    Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, so the answer is taken from one of our own
+    kernels rather than from the environment now.
+    """
+    return _INTERPRETING
+
+
+_INTERPRETING = _common.interpreting()  # fixed for the process, so torch.compile sees a constant
+
+
+def is_interpreted(kernel: Any) -> bool:
+    return type(jit_function(kernel)).__name__ == "InterpretedFunction"
+
+
+def jit_function(kernel: Any) -> Any:
+    """The ``@triton.jit`` function under any ``autotune``/``heuristics`` wrappers."""
+    while type(kernel).__name__ in ("Autotuner", "Heuristics"):
+        kernel = kernel.fn
+    return kernel
+
+
+def kernel_name(kernel: Any) -> str:
+    return jit_function(kernel).__name__
+
+
+def triton_device_ok(device: torch.device) -> bool:
+    """Whether tensors on ``device`` can be served by the Triton kernels under the current policy."""
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        return interpreting()
+    return False
+
+
+# -- launch accounting ----------------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_recorders: list[collections.Counter] = []
+
+
+def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Any:
+    """Launch ``kernel[grid](*args, **kwargs)`` and count it under the kernel's function name."""
+    name = kernel_name(kernel)
+    with _lock:
+        for counter in _recorders:
+            counter[name] += 1
+    return kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[collections.Counter]:
+    """Count the Triton kernel launches made inside the ``with`` block, by kernel function name."""
+    counter: collections.Counter = collections.Counter()
+    with _lock:
+        _recorders.append(counter)
+    try:
+        yield counter
+    finally:
+        with _lock:
+            _recorders.remove(counter)
+
+
+# -- visible fallback -----------------------------------------------------------------------------------------
+
+_warned: set[tuple[str, str]] = set()
+
+
+def warn_fallback(op: str, reason: str) -> None:
+    """Warn once per (op, reason) that ``op`` runs the eager reference."""
+    key = (op, reason)
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(f"fastattn.{op}: running the eager PyTorch reference because {reason}.", FallbackWarning,
+                  stacklevel=3)
+
+
+def device_fallback_reason(device: torch.device) -> str:
+    if device.type == "cpu":
+        return ("the inputs are on the CPU and Triton's interpreter is off "
+                "(set TRITON_INTERPRET=1 before importing fastattn to run the Triton kernels on the CPU)")
+    return f"Triton kernels do not run on device type '{device.type}'"
+
+
+# -- small shared helpers -------------------------------------------------------------------------------------
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """Whether ``tl.dot`` operands of ``dtype`` must be upcast to fp32 inside the kernel.
+
+    Triton's interpreter multiplies bfloat16 bit patterns as integers in ``tl.dot`` (triton issue 11584), so
+    kernels upcast bf16 operands when interpreted; the compiled GPU path keeps bf16 tensor-core MMAs.
+    """
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def allow_tf32(dtype: torch.dtype) -> bool:
+    """fp32 ``tl.dot`` uses TF32 exactly when torch would (``torch.backends.cuda.matmul.allow_tf32``)."""
+    return dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
+    items = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise RuntimeError(f"fastattn.{op}: all tensors must be on one device, but {first_name} is on "
+                               f"{first.device} and {name} is on {t.device}")
+    return first.device
+
+
+def check_float_dtype(op: str, name: str, t: torch.Tensor, allowed: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"fastattn.{op}: {name} must have dtype {names}; got {str(t.dtype).replace('torch.', '')}")
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def cdiv(a: int, b: int) -> int:
+    return triton.cdiv(a, b)

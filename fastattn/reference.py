@@ -1,0 +1,74 @@
+"""Eager PyTorch reference of every fused op.
+
+One function per op. Each is at once the test oracle (run in float64), the benchmark baseline and the fallback
+where no Triton path applies. They are written for clarity, not speed, and match the public functions'
+signatures; extra keyword-only arguments (``dropout_mask=``) let tests replay the exact dropout mask that a
+kernel drew.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    causal_offset: int | None = None,
+    dropout_mask: Tensor | None = None,
+    return_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """softmax(q k^T * scale + mask) @ v, as ``torch.nn.functional.scaled_dot_product_attention``.
+
+    ``is_causal`` keeps key j for query i iff ``j <= i + causal_offset`` (0: torch's top-left alignment,
+    ``Lk - Lq``: lower-right). Rows with no key left give zeros (torch >= 2.5). ``dropout_mask`` (bool, True =
+    keep, broadcastable to the scores) replaces the random draw so a kernel's own mask can be replayed.
+    ``return_lse`` also returns the natural-log log-sum-exp of each row's scores (-inf for empty rows).
+    """
+    L, S = query.size(-2), key.size(-2)
+    scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    if enable_gqa and query.dim() >= 3 and key.size(-3) != query.size(-3):
+        group = query.size(-3) // key.size(-3)
+        key = key.repeat_interleave(group, dim=-3)
+        value = value.repeat_interleave(group, dim=-3)
+    scores = (query @ key.transpose(-2, -1)) * scale
+    keep = None
+    if is_causal:
+        offset = 0 if causal_offset is None else causal_offset
+        i = torch.arange(L, device=query.device)[:, None]
+        j = torch.arange(S, device=query.device)[None, :]
+        keep = j <= i + offset
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            keep = attn_mask if keep is None else keep & attn_mask
+        else:
+            scores = scores + attn_mask
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    empty = row_max == float("-inf")
+    shifted = (scores - torch.where(empty, torch.zeros_like(row_max), row_max)).exp()
+    denom = shifted.sum(dim=-1, keepdim=True)
+    probs = shifted / torch.where(empty, torch.ones_like(denom), denom)
+    lse = torch.where(empty, row_max, row_max + denom.log()).squeeze(-1)
+    if dropout_mask is not None:
+        probs = probs * dropout_mask / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        probs = F.dropout(probs, dropout_p)
+    out = probs.to(value.dtype) @ value
+    return (out, lse) if return_lse else out

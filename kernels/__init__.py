@@ -1,0 +1,1 @@
+"""Triton kernels of fastattn. Installed as ``fastattn.kernels``; only ``@triton.jit`` code, configs and heuristics."""

@@ -1,0 +1,388 @@
+"""Fused scaled-dot-product attention (FlashAttention-2 style), forward and backward.
+
+Forward, per (batch z, head h) and block of BLOCK_M query rows, streaming BLOCK_N keys at a time:
+    s   = (q @ k^T) * scale + mask            (mask: additive float, or bool -> 0 / -inf; causal in-kernel)
+    m_i = running row max,  l_i = running sum of exp(s - m_i)      (online softmax, fp32)
+    acc = sum_j dropout(exp(s_j - m_i)) @ v_j,  rescaled by exp(m_old - m_new) each step
+    out = acc / l_i / (1 - p),   lse = m_i + log(l_i)               (only lse, O(Lq), is saved)
+The Lq x Lk score matrix never exists in memory. Rows with every key masked out give out = 0, lse = -inf.
+
+Backward recomputes p = exp(s - lse) block by block (no atomics, so it is bitwise repeatable):
+    delta = rowsum(dO * O) - dlse                       (_attn_bwd_preprocess)
+    dV = sum_m dropout(p)^T dO,  dS = p * (dropout(dO V^T) - delta),  dK = scale * dS^T Q
+                                                         (_attn_bwd_dkdv: one program per key block, looping over
+                                                          the query blocks of every query head of its GQA group)
+    dQ = scale * dS K                                    (_attn_bwd_dq: one program per query block)
+    dMask = dS (only when a float mask requires grad; written by _attn_bwd_dkdv)
+Dropout keeps element (z*H + h, m, n) iff philox(seed, n, m, z*H + h) >= p, so both passes draw the same mask.
+Scores are kept in base 2 (scale * log2(e) folded in) so the inner loop uses exp2.
+"""
+
+import triton
+import triton.language as tl
+
+from ._common import dropout_keep, pick_configs
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    # UPCAST: Triton's interpreter computes bf16 tl.dot on raw bit patterns (triton#11584); the compiled path keeps
+    # bf16 operands for the tensor cores and never takes this branch.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+# -- configs -------------------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, largest padded head dim the tile fits without spilling).
+
+
+def fwd_configs():
+    gpu = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2),
+                             (64, 64, 8, 2)]
+    ]
+    return pick_configs(gpu, triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1))
+
+
+def fwd_prune(configs, named_args, **kwargs):
+    """Drop tiles whose registers or shared memory do not fit the (padded) head dim and element size."""
+    d = max(_arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV"))
+    wide = named_args["Q"].element_size() > 2
+    kept = [c for c in configs if _fwd_fits(c, d, wide)]
+    return kept or configs[-1:]
+
+
+def _fwd_fits(c, d, wide):
+    bm, bn, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
+    if d <= 64:
+        return not wide or bn <= 64
+    if d <= 128:
+        return (bm * d <= 128 * 128 and w == 8 or bm <= 64) and bn <= 64 and (not wide or bn <= 32 or bm <= 64)
+    return bm <= 64 and bn <= 64 and (not wide or bn <= 32) and c.num_stages <= 2
+
+
+def bwd_configs():
+    gpu = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2),
+                             (16, 32, 4, 1)]
+    ]
+    return pick_configs(gpu, triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1))
+
+
+def bwd_prune(configs, named_args, **kwargs):
+    d = max(_arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV"))
+    wide = named_args["Q"].element_size() > 2
+    kept = [c for c in configs if _bwd_fits(c, d, wide)]
+    return kept or configs[-1:]
+
+
+def _bwd_fits(c, d, wide):
+    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+    if d <= 64:
+        return not wide or bm * bn <= 32 * 64
+    if d <= 128:
+        return bm * bn <= (32 * 64 if not wide else 32 * 32) and bm <= 32
+    return bm <= 16 and bn <= (32 if wide else 64)
+
+
+def _arg(named_args, kwargs, name):
+    return kwargs[name] if name in kwargs else named_args[name]
+
+
+# -- forward -------------------------------------------------------------------------------------------------------
+
+
+@triton.autotune(configs=fwd_configs(), key=["M_BUCKET", "N_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND",
+                                               "HAS_DROPOUT"],
+                 prune_configs_by={"early_config_prune": fwd_prune})
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Mask, Out, Lse,  # (Z, H, M, D), (Z, HKV, N, D), (Z, HKV, N, DV), broadcast (Z, H, M, N), (Z, H, M, DV), (Z*H, M)
+    stride_qz, stride_qh, stride_qm, stride_qd,
+    stride_kz, stride_kh, stride_kn, stride_kd,
+    stride_vz, stride_vh, stride_vn, stride_vd,
+    stride_mz, stride_mh, stride_mm, stride_mn,
+    stride_oz, stride_oh, stride_om, stride_od,
+    H, M, N, D, DV, GROUP,  # GROUP = H // HKV query heads share one key/value head
+    M_BUCKET, N_BUCKET,  # autotune keys only: power-of-two buckets of M and N
+    sm_scale, causal_offset, seed, dropout_p,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,  # MASK_KIND: 0 none, 1 bool, 2 additive float
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    z = (pid_zh // H).to(tl.int64)
+    h = (pid_zh % H).to(tl.int64)
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < M
+
+    q = tl.load(Q + z * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    k_base = K + z * stride_kz + hk * stride_kh
+    v_base = V + z * stride_vz + hk * stride_vh
+    mask_base = Mask + z * stride_mz + h * stride_mh
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e): scores in base 2
+
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
+
+    hi = N
+    if IS_CAUSAL:  # keys past the last row's diagonal are masked for the whole block
+        hi = tl.maximum(tl.minimum(N, (pid_m + 1) * BLOCK_M + causal_offset), 0)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        s = _mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION) * qk_scale
+        valid = n_ok[None, :]
+        if IS_CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+        if MASK_KIND != 0:
+            mv = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
+                         mask=m_ok[:, None] & n_ok[None, :], other=0)
+            if MASK_KIND == 1:
+                valid = valid & (mv != 0)
+            else:
+                s = s + mv.to(ACC) * 1.4426950408889634
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: avoid (-inf) - (-inf)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, offs_n[None, :], offs_m[:, None], pid_zh, dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                    mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0  # every key masked out: output 0 (torch >= 2.5), lse = -inf
+    inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
+    if HAS_DROPOUT:
+        inv = inv / (1.0 - dropout_p)
+    out = acc * inv[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+    tl.store(Lse + pid_zh.to(tl.int64) * M + offs_m, lse, mask=m_ok)
+    tl.store(Out + z * stride_oz + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+# -- backward ------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    Out, DO, DLse, Delta,  # (Z, H, M, DV), (Z, H, M, DV), (Z*H, M) or None, (Z*H, M) fp32
+    stride_oz, stride_oh, stride_om, stride_od,
+    stride_doz, stride_doh, stride_dom, stride_dod,
+    H, M, DV,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    z = (pid_zh // H).to(tl.int64)
+    h = (pid_zh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    ok = (offs_m[:, None] < M) & (offs_dv[None, :] < DV)
+    o = tl.load(Out + z * stride_oz + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                mask=ok, other=0.0).to(Delta.dtype.element_ty)
+    do = tl.load(DO + z * stride_doz + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=ok, other=0.0).to(Delta.dtype.element_ty)
+    delta = tl.sum(o * do, 1)
+    if DLse is not None:  # d(lse)/d(s) = p, so a gradient flowing into lse folds into delta
+        delta -= tl.load(DLse + pid_zh.to(tl.int64) * M + offs_m, mask=offs_m < M, other=0.0)
+    tl.store(Delta + pid_zh.to(tl.int64) * M + offs_m, delta, mask=offs_m < M)
+
+
+@triton.autotune(configs=bwd_configs(), key=["M_BUCKET", "N_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND",
+                                               "HAS_DROPOUT", "MASK_GRAD"],
+                 prune_configs_by={"early_config_prune": bwd_prune})
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, Mask, DO, Lse, Delta, DK, DV_, DMask,  # DK (Z, HKV, N, D), DV_ (Z, HKV, N, DV), DMask (Z, H, M, N) fp32
+    stride_qz, stride_qh, stride_qm, stride_qd,
+    stride_kz, stride_kh, stride_kn, stride_kd,
+    stride_vz, stride_vh, stride_vn, stride_vd,
+    stride_mz, stride_mh, stride_mm, stride_mn,
+    stride_doz, stride_doh, stride_dom, stride_dod,
+    stride_dkz, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvz, stride_dvh, stride_dvn, stride_dvd,
+    H, HKV, M, N, D, DV, GROUP,
+    M_BUCKET, N_BUCKET,
+    sm_scale, causal_offset, seed, dropout_p,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_zhk = tl.program_id(1)
+    z = (pid_zhk // HKV).to(tl.int64)
+    hk = (pid_zhk % HKV).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n < N
+    k = tl.load(K + z * stride_kz + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + z * stride_vz + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    lo = 0
+    if IS_CAUSAL:  # query rows above this key block's diagonal see none of its keys
+        lo = tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        zh = z * H + h
+        q_base = Q + z * stride_qz + h * stride_qh
+        do_base = DO + z * stride_doz + h * stride_doh
+        mask_base = Mask + z * stride_mz + h * stride_mh
+        for start_m in range(lo, M, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < M
+            qt = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
+                         mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+            lse = tl.load(Lse + zh * M + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0, not NaN
+            st = _mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], ACC), UPCAST, PRECISION) * qk_scale
+            valid = n_ok[:, None] & m_ok[None, :]
+            if IS_CAUSAL:
+                valid = valid & (offs_n[:, None] <= offs_m[None, :] + causal_offset)
+            if MASK_KIND != 0:
+                mv = tl.load(mask_base + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn,
+                             mask=n_ok[:, None] & m_ok[None, :], other=0)
+                if MASK_KIND == 1:
+                    valid = valid & (mv != 0)
+                else:
+                    st = st + mv.to(ACC) * 1.4426950408889634
+            pt = tl.where(valid, tl.math.exp2(st - lse[None, :]), 0.0)  # (BLOCK_N, BLOCK_M) = P^T
+            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                         mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            dpt = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], ACC), UPCAST, PRECISION)
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, offs_n[:, None], offs_m[None, :], zh.to(tl.int32), dropout_p)
+                scale_keep = 1.0 / (1.0 - dropout_p)
+                pt_drop = tl.where(keep, pt * scale_keep, 0.0)
+                dpt = tl.where(keep, dpt * scale_keep, 0.0)
+            else:
+                pt_drop = pt
+            dv = _mma(pt_drop.to(do.dtype), do, dv, UPCAST, PRECISION)
+            delta = tl.load(Delta + zh * M + offs_m, mask=m_ok, other=0.0)
+            dst = pt * (dpt - delta[None, :])
+            dk = _mma(dst.to(qt.dtype), tl.trans(qt), dk, UPCAST, PRECISION)
+            if MASK_GRAD:
+                tl.store(DMask + zh * M * N + offs_m[None, :] * N + offs_n[:, None], dst,
+                         mask=n_ok[:, None] & m_ok[None, :])
+    dk = dk * sm_scale
+    tl.store(DK + z * stride_dkz + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DV_ + z * stride_dvz + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
+             dv.to(DV_.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.autotune(configs=bwd_configs(), key=["M_BUCKET", "N_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND",
+                                               "HAS_DROPOUT"],
+                 prune_configs_by={"early_config_prune": bwd_prune})
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, Mask, DO, Lse, Delta, DQ,  # DQ (Z, H, M, D)
+    stride_qz, stride_qh, stride_qm, stride_qd,
+    stride_kz, stride_kh, stride_kn, stride_kd,
+    stride_vz, stride_vh, stride_vn, stride_vd,
+    stride_mz, stride_mh, stride_mm, stride_mn,
+    stride_doz, stride_doh, stride_dom, stride_dod,
+    stride_dqz, stride_dqh, stride_dqm, stride_dqd,
+    H, M, N, D, DV, GROUP,
+    M_BUCKET, N_BUCKET,
+    sm_scale, causal_offset, seed, dropout_p,
+    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Here BLOCK_M is the query block this program owns and BLOCK_N the key block it streams.
+    pid_m = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    z = (pid_zh // H).to(tl.int64)
+    h = (pid_zh % H).to(tl.int64)
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_ok = offs_m < M
+    q = tl.load(Q + z * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + z * stride_doz + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
+                 mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lse = tl.load(Lse + pid_zh.to(tl.int64) * M + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(Delta + pid_zh.to(tl.int64) * M + offs_m, mask=m_ok, other=0.0)
+    k_base = K + z * stride_kz + hk * stride_kh
+    v_base = V + z * stride_vz + hk * stride_vh
+    mask_base = Mask + z * stride_mz + h * stride_mh
+    qk_scale = sm_scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
+
+    hi = N
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(N, (pid_m + 1) * BLOCK_M + causal_offset), 0)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                     mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        s = _mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION) * qk_scale
+        valid = n_ok[None, :] & m_ok[:, None]
+        if IS_CAUSAL:
+            valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+        if MASK_KIND != 0:
+            mv = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
+                         mask=m_ok[:, None] & n_ok[None, :], other=0)
+            if MASK_KIND == 1:
+                valid = valid & (mv != 0)
+            else:
+                s = s + mv.to(ACC) * 1.4426950408889634
+        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
+                     mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        dp = _mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, offs_n[None, :], offs_m[:, None], pid_zh, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(kt.dtype), tl.trans(kt), dq, UPCAST, PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + z * stride_dqz + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _attn_dropout_mask(
+    Keep,  # (Z*H, M, N) bool: the keep-mask the kernels above draw, for tests and debugging
+    M, N, seed, dropout_p,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_zh = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = dropout_keep(seed, offs_n[None, :], offs_m[:, None], pid_zh, dropout_p)
+    tl.store(Keep + pid_zh.to(tl.int64) * M * N + offs_m[:, None] * N + offs_n[None, :], keep,
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
