@@ -136,8 +136,11 @@ def _occupancy(arch: int, regs: int, shared: int, num_warps: int) -> float:
 
 def compile_spec(spec: KernelSpec, arch: int, dump_dir: str | None = None) -> FitReport:
     """Compile ``spec`` for ``sm_<arch>`` and read its resource usage off the cubin."""
-    signature, constexprs, attrs = _signature(spec)
     fn = jit_function(spec.kernel)
+    if type(fn).__name__ == "InterpretedFunction":
+        raise RuntimeError("fastattn.hwfit.compile_spec needs kernels built without TRITON_INTERPRET; "
+                           "use fastattn.hwfit.check(), which compiles in clean worker processes")
+    signature, constexprs, attrs = _signature(spec)
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": spec.config.num_warps, "num_stages": spec.config.num_stages}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -188,3 +191,45 @@ def all_specs(ops: Iterable[str] | None = None) -> list[KernelSpec]:
         module = importlib.import_module(f"fastattn.ops.{op}")
         specs.extend(module.kernel_specs())
     return specs
+
+
+def _compile_indexed(job: tuple[str, int, int, str | None]) -> FitReport:
+    op, index, arch, dump_dir = job
+    import importlib
+
+    spec = importlib.import_module(f"fastattn.ops.{op}").kernel_specs()[index]
+    return compile_spec(spec, arch, dump_dir)
+
+
+def check(ops: Iterable[str] | None = None, archs: Iterable[int] = (80, 90), workers: int | None = None,
+          dump_dir: str | None = None, progress=None) -> list[FitReport]:
+    """Compile every spec of ``ops`` for every arch in ``workers`` fresh processes (default: all cores).
+
+    The workers start without ``TRITON_INTERPRET`` so that they build real ``JITFunction`` kernels even when this
+    process (a test run) uses the interpreter.
+    """
+    import concurrent.futures
+    import importlib
+    import multiprocessing
+
+    from fastattn.ops import OPS
+
+    jobs = []
+    for op in ops or OPS:
+        n = len(importlib.import_module(f"fastattn.ops.{op}").kernel_specs())
+        jobs += [(op, i, arch, dump_dir) for i in range(n) for arch in archs]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        futures = [pool.submit(_compile_indexed, job) for job in jobs]  # spawns the workers now, env cleaned
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    results = []
+    with pool:
+        for future in futures:
+            results.append(future.result())
+            if progress:
+                progress(len(results), len(jobs), results[-1])
+    return results
