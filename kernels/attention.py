@@ -37,58 +37,77 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 # -- configs -------------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, largest padded head dim the tile fits without spilling).
+# Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) by kernel, operand class and padded head dim. "16": fp16/bf16,
+# "tf32": fp32 with TF32 MMAs, "ieee": fp32 without TF32 (FMA dots, the most registers). The table is what fits the
+# registers and shared memory of sm_80 and sm_90 with every optional feature on (causal, float mask with gradient,
+# dropout): `fastattn inspect` shows it and tests/test_hwfit.py enforces it. An empty entry means the kernel cannot
+# serve that case; the launcher runs the eager reference instead (see `supported`).
+# For _attn_bwd_dkdv, BLOCK_N is the key block a program owns and BLOCK_M the query block it streams; for _attn_fwd
+# and _attn_bwd_dq it is the other way round.
+
+TILES = {
+    "_attn_fwd": {
+        "16": {32: [(128, 64, 8, 3), (64, 64, 4, 3)], 64: [(128, 64, 8, 3), (64, 64, 4, 3)],
+               128: [(128, 32, 8, 2), (64, 64, 8, 2)], 256: [(64, 32, 8, 2)]},
+        "tf32": {32: [(128, 32, 8, 2), (64, 32, 8, 2)], 64: [(128, 32, 8, 2), (64, 32, 8, 2)], 128: [(64, 32, 8, 2)],
+                 256: [(32, 32, 8, 1), (16, 16, 8, 1)]},
+        "ieee": {32: [(64, 32, 8, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 32, 8, 1), (16, 32, 8, 1)],
+                 256: [(16, 16, 8, 1)]},
+    },
+    "_attn_bwd_dkdv": {
+        "16": {32: [(32, 128, 8, 2), (16, 64, 8, 2)], 64: [(32, 128, 8, 2), (16, 64, 8, 2)],
+               128: [(16, 64, 8, 2), (16, 32, 8, 1)], 256: [(16, 32, 8, 1)]},
+        "tf32": {32: [(16, 64, 8, 2), (16, 32, 8, 1)], 64: [(16, 64, 8, 2), (16, 32, 8, 1)], 128: [(16, 32, 8, 1)],
+                 256: [(16, 16, 8, 1)]},
+        "ieee": {32: [(32, 64, 8, 2), (16, 64, 8, 2)], 64: [(32, 64, 8, 2), (16, 64, 8, 2)], 128: [(16, 64, 8, 2)],
+                 256: [(16, 16, 8, 1)]},
+    },
+    "_attn_bwd_dq": {
+        "16": {32: [(32, 64, 8, 2), (16, 64, 8, 2)], 64: [(32, 64, 8, 2), (16, 64, 8, 2)],
+               128: [(32, 64, 8, 2), (16, 64, 8, 2)], 256: [(16, 64, 8, 2), (16, 32, 8, 1)]},
+        "tf32": {32: [(32, 64, 8, 2), (16, 64, 8, 2)], 64: [(32, 64, 8, 2), (16, 64, 8, 2)],
+                 128: [(32, 64, 8, 2), (16, 64, 8, 2)], 256: [(16, 16, 8, 1)]},
+        "ieee": {32: [(16, 64, 8, 2), (32, 64, 8, 2)], 64: [(16, 64, 8, 2), (32, 64, 8, 2)], 128: [(16, 64, 8, 2)],
+                 256: [(16, 16, 8, 1)]},
+    },
+}
+INTERPRETER_TILE = (32, 32, 4, 1)
 
 
-def fwd_configs():
-    gpu = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2),
-                             (64, 64, 8, 2)]
-    ]
-    return pick_configs(gpu, triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1))
+def operand_class(element_size: int, precision: str) -> str:
+    return "16" if element_size <= 2 else ("tf32" if precision == "tf32" else "ieee")
 
 
-def fwd_prune(configs, named_args, **kwargs):
-    """Drop tiles whose registers or shared memory do not fit the (padded) head dim and element size."""
-    d = max(_arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV"))
-    wide = named_args["Q"].element_size() > 2
-    kept = [c for c in configs if _fwd_fits(c, d, wide)]
-    return kept or configs[-1:]
+def supported(element_size: int, precision: str, block_d: int) -> bool:
+    """Whether every attention kernel has a tile that fits this operand class and padded head dim."""
+    cls = operand_class(element_size, precision)
+    return all(TILES[k][cls].get(block_d) for k in TILES)
 
 
-def _fwd_fits(c, d, wide):
-    bm, bn, w = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps
-    if d <= 64:
-        return not wide or bn <= 64
-    if d <= 128:
-        return (bm * d <= 128 * 128 and w == 8 or bm <= 64) and bn <= 64 and (not wide or bn <= 32 or bm <= 64)
-    return bm <= 64 and bn <= 64 and (not wide or bn <= 32) and c.num_stages <= 2
+def _config(tile):
+    bm, bn, w, s = tile
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
 
 
-def bwd_configs():
-    gpu = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [(32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2), (32, 32, 4, 2),
-                             (16, 32, 4, 1)]
-    ]
-    return pick_configs(gpu, triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1))
+def configs(kernel: str):
+    """The autotuner's candidates for ``kernel``: every tile of its table (pruned per launch by ``prune``)."""
+    tiles = sorted({t for cls in TILES[kernel].values() for ts in cls.values() for t in ts})
+    return pick_configs([_config(t) for t in tiles], _config(INTERPRETER_TILE))
 
 
-def bwd_prune(configs, named_args, **kwargs):
-    d = max(_arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV"))
-    wide = named_args["Q"].element_size() > 2
-    kept = [c for c in configs if _bwd_fits(c, d, wide)]
-    return kept or configs[-1:]
+def tiles_for(kernel: str, element_size: int, precision: str, block_d: int):
+    return TILES[kernel][operand_class(element_size, precision)].get(block_d, [])
 
 
-def _bwd_fits(c, d, wide):
-    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-    if d <= 64:
-        return not wide or bm * bn <= 32 * 64
-    if d <= 128:
-        return bm * bn <= (32 * 64 if not wide else 32 * 32) and bm <= 32
-    return bm <= 16 and bn <= (32 if wide else 64)
+def _prune(kernel):
+    def prune(configs, named_args, **kwargs):
+        if len(configs) == 1:  # the interpreter's single config
+            return configs
+        block_d = max(_arg(named_args, kwargs, "BLOCK_D"), _arg(named_args, kwargs, "BLOCK_DV"))
+        allowed = tiles_for(kernel, named_args["Q"].element_size(), _arg(named_args, kwargs, "PRECISION"), block_d)
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+                in allowed]
+    return prune
 
 
 def _arg(named_args, kwargs, name):
@@ -98,9 +117,9 @@ def _arg(named_args, kwargs, name):
 # -- forward -------------------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=fwd_configs(), key=["M_BUCKET", "N_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND",
-                                               "HAS_DROPOUT"],
-                 prune_configs_by={"early_config_prune": fwd_prune})
+@triton.autotune(configs=configs("_attn_fwd"), key=["M_BUCKET", "N_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL",
+                                                      "MASK_KIND", "HAS_DROPOUT", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune("_attn_fwd")})
 @triton.jit
 def _attn_fwd(
     Q, K, V, Mask, Out, Lse,  # (Z, H, M, D), (Z, HKV, N, D), (Z, HKV, N, DV), broadcast (Z, H, M, N), (Z, H, M, DV), (Z*H, M)
@@ -209,9 +228,9 @@ def _attn_bwd_preprocess(
     tl.store(Delta + pid_zh.to(tl.int64) * M + offs_m, delta, mask=offs_m < M)
 
 
-@triton.autotune(configs=bwd_configs(), key=["M_BUCKET", "N_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND",
-                                               "HAS_DROPOUT", "MASK_GRAD"],
-                 prune_configs_by={"early_config_prune": bwd_prune})
+@triton.autotune(configs=configs("_attn_bwd_dkdv"), key=["M_BUCKET", "N_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL",
+                                                           "MASK_KIND", "HAS_DROPOUT", "MASK_GRAD", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune("_attn_bwd_dkdv")})
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, Mask, DO, Lse, Delta, DK, DV_, DMask,  # DK (Z, HKV, N, D), DV_ (Z, HKV, N, DV), DMask (Z, H, M, N) fp32
@@ -297,9 +316,9 @@ def _attn_bwd_dkdv(
              dv.to(DV_.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV))
 
 
-@triton.autotune(configs=bwd_configs(), key=["M_BUCKET", "N_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND",
-                                               "HAS_DROPOUT"],
-                 prune_configs_by={"early_config_prune": bwd_prune})
+@triton.autotune(configs=configs("_attn_bwd_dq"), key=["M_BUCKET", "N_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL",
+                                                         "MASK_KIND", "HAS_DROPOUT", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune("_attn_bwd_dq")})
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, Mask, DO, Lse, Delta, DQ,  # DQ (Z, H, M, D)

@@ -61,13 +61,15 @@ def check_case(q, k, v, *, dtype, mask=None, mask_grad=False, is_causal=False, s
         out = fn(ts[0], ts[1], ts[2], attn_mask=m, is_causal=causal, scale=scale, enable_gqa=enable_gqa)
         return out, ts
 
-    grad_out = torch.randn(*q.shape[:-1], v.shape[-1], dtype=torch.float64)
+    grad_out = None
     results = {}
     for label, fn, lowp in (("ref", F.scaled_dot_product_attention, torch.float64),
                             ("eager", F.scaled_dot_product_attention, dtype),
                             ("ours", fastattn.scaled_dot_product_attention, dtype)):
         with _runtime.record_launches() as launches:
             out, ts = call(fn, lowp)
+            if grad_out is None:
+                grad_out = torch.randn(out.shape, dtype=torch.float64)
             out.backward(grad_out.to(lowp))
         results[label] = [out] + [t.grad for t in ts]
         if label == "ours":
@@ -259,8 +261,9 @@ def test_other_ranks(rank):
     check_case(randn(*lead, 17, 32), randn(*lead, 23, 32), randn(*lead, 23, 32), dtype=torch.float16)
 
 
-def test_broadcast_batch_dims():
-    check_case(randn(2, 3, 17, 32), randn(1, 3, 23, 32), randn(1, 3, 23, 32), dtype=torch.float32)
+@pytest.mark.parametrize("q_shape,kv_batch", [((2, 3, 17, 32), (1, 3)), ((17, 32), (3,))], ids=["batch1", "rank"])
+def test_broadcast_batch_dims(q_shape, kv_batch):
+    check_case(randn(*q_shape), randn(*kv_batch, 23, 32), randn(*kv_batch, 23, 32), dtype=torch.float32)
 
 
 # -- grouped-query attention ----------------------------------------------------------------------------------------

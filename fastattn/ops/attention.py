@@ -20,6 +20,7 @@ from fastattn.hwfit import KernelSpec
 from fastattn.kernels import attention as K
 
 MAX_HEAD_DIM = 256
+_PRE_BLOCK = 32  # rows per program of the small delta = rowsum(dO * O) kernel
 _OP = "scaled_dot_product_attention"
 
 try:  # torch >= 2.3
@@ -29,7 +30,7 @@ except ImportError:  # pragma: no cover - torch < 2.3 is below our floor
 
 
 def _block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(32, triton.next_power_of_2(d))
 
 
 def _bucket(n: int) -> int:
@@ -41,8 +42,12 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _precision(dtype: torch.dtype) -> str:
+    return "tf32" if _runtime.allow_tf32(dtype) else "ieee"
+
+
 def _kernel_flags(dtype: torch.dtype) -> dict:
-    return dict(UPCAST=_runtime.dot_upcast(dtype), PRECISION="tf32" if _runtime.allow_tf32(dtype) else "ieee",
+    return dict(UPCAST=_runtime.dot_upcast(dtype), PRECISION=_precision(dtype),
                 ACC=tl.float64 if dtype == torch.float64 else tl.float32)
 
 
@@ -103,10 +108,9 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     if Z * H * M * N == 0:
         return dq, dk, dv, dmask
     delta = torch.empty((Z, H, M), device=q.device, dtype=_stat_dtype(q.dtype))
-    pre_block = 64 if not _runtime.interpreting() else 32
     _runtime.launch(
-        K._attn_bwd_preprocess, (triton.cdiv(M, pre_block), Z * H), out, do, dlse, delta,
-        *out.stride(), *do.stride(), H, M, DV, BLOCK_DV=_block(DV), BLOCK_M=pre_block,
+        K._attn_bwd_preprocess, (triton.cdiv(M, _PRE_BLOCK), Z * H), out, do, dlse, delta,
+        *out.stride(), *do.stride(), H, M, DV, BLOCK_DV=_block(DV), BLOCK_M=_PRE_BLOCK,
     )
     mask_t, ms = _mask4(mask, (Z, H, M, N), q)
     flags = dict(IS_CAUSAL=is_causal, MASK_KIND=_mask_kind(mask), HAS_DROPOUT=dropout_p > 0.0, BLOCK_D=_block(D),
@@ -248,8 +252,6 @@ def _check(query: Tensor, key: Tensor, value: Tensor, attn_mask, dropout_p: floa
         if attn_mask.dtype != torch.bool and attn_mask.dtype not in (torch.float32, query.dtype):
             raise TypeError(f"fastattn.{_OP}: attn_mask must be bool (True = takes part) or a float tensor of "
                             f"dtype float32 or query's dtype {query.dtype}; got {attn_mask.dtype}")
-        if attn_mask.dim() < 2 and attn_mask.dim() != 0:
-            pass  # a 1-D mask broadcasts over keys; shape is checked below
 
 
 def _broadcast_batch(op_batch: list[tuple[str, tuple[int, ...]]]) -> tuple[int, ...]:
@@ -330,10 +332,10 @@ def attention(
 
     M, D = query.shape[-2:]
     N, DV = value.shape[-2:]
-    gqa = enable_gqa and key.size(-3) != query.size(-3)
-    if gqa:
+    if enable_gqa and key.size(-3) != query.size(-3):
         outer = _broadcast_batch([("query", query.shape[:-3]), ("key", key.shape[:-3]), ("value", value.shape[:-3])])
         H, HKV = query.size(-3), key.size(-3)
+        batch = (*outer, H)
     else:
         batch = _broadcast_batch([("query", query.shape[:-2]), ("key", key.shape[:-2]), ("value", value.shape[:-2])])
         outer, H = (batch[:-1], batch[-1]) if batch else ((), 1)
@@ -350,6 +352,9 @@ def attention(
         reason = "float64 runs the Triton kernels only in the interpreter"
     elif query.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         reason = f"dtype {query.dtype} is not supported by the kernels"
+    elif not K.supported(query.element_size(), _precision(query.dtype), _block(max(D, DV))):
+        reason = (f"no kernel tile fits {query.dtype} (TF32 {'on' if _precision(query.dtype) == 'tf32' else 'off'}) "
+                  f"at head dim {max(D, DV)} in the registers of sm_80/sm_90")
     if reason is not None:
         _runtime.warn_fallback(_OP, reason)
         if return_lse or causal_offset != 0:
@@ -358,8 +363,7 @@ def attention(
                 return_lse=return_lse)
         return torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-            enable_gqa=enable_gqa) if enable_gqa else torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+            enable_gqa=enable_gqa)
 
     q4 = _to4d(query, outer, H)
     k4 = _to4d(key, outer, HKV)
@@ -368,15 +372,8 @@ def attention(
     if dropout_p > 0.0:  # drawn from torch's default generator, so torch.manual_seed reproduces the mask
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     out4, lse4 = attention_op(q4, k4, v4, mask4, dropout_p, seed, bool(is_causal), causal_offset, sm_scale)
-    out = out4.reshape(*outer, H, M, DV) if (len(outer) != 1) else out4
-    if query.dim() == 2 and not gqa:
-        out = out.reshape(M, DV)
-    if not return_lse:
-        return out
-    lse = lse4.reshape(*outer, H, M) if len(outer) != 1 else lse4
-    if query.dim() == 2 and not gqa:
-        lse = lse.reshape(M)
-    return out, lse
+    out = out4.reshape(*batch, M, DV)  # (Z, H, M, DV) -> the broadcast batch shape
+    return (out, lse4.reshape(*batch, M)) if return_lse else out
 
 
 def scaled_dot_product_attention(
@@ -404,46 +401,45 @@ def scaled_dot_product_attention(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def kernel_specs() -> list[KernelSpec]:
-    """Every (kernel, config, specialisation) this module can launch on a GPU, for ``fastattn.hwfit``."""
+def _example_args(dtype: torch.dtype, d: int, full: bool) -> dict:
+    """Arguments of a (2, 4, 1000, d) self-attention launch, as the launchers pass them, on the meta device."""
     meta = torch.device("meta")
+    t = torch.empty((2, 4, 1000, d), device=meta, dtype=dtype)
+    mask = torch.empty((2, 4, 1000, 1000), device=meta, dtype=torch.float32)
+    stats = torch.empty((2, 4, 1000), device=meta, dtype=torch.float32)
+    axes = {"q": "zhmd", "o": "zhmd", "do": "zhmd", "dq": "zhmd", "k": "zhnd", "v": "zhnd", "dk": "zhnd",
+            "dv": "zhnd", "m": "zhmn"}
+    args = {f"stride_{p}{a}": st for p, ax in axes.items() for a, st in zip(ax, (mask if p == "m" else t).stride())}
+    args.update(Q=t, K=t, V=t, Out=t, DO=t, DK=t, DV_=t, DQ=t, Mask=mask if full else t, Lse=stats, Delta=stats,
+                DMask=mask if full else t, DLse=None, H=4, HKV=4, M=1000, N=1000, D=d, DV=d, GROUP=1,
+                M_BUCKET=1024, N_BUCKET=1024, sm_scale=0.125, causal_offset=0, seed=12345, dropout_p=0.1,
+                IS_CAUSAL=full, MASK_KIND=2 if full else 0, HAS_DROPOUT=full, MASK_GRAD=full, UPCAST=False,
+                ACC=tl.float32, BLOCK_D=d, BLOCK_DV=d)
+    return args
+
+
+def kernel_specs() -> list[KernelSpec]:
+    """Every (kernel, config, specialisation) the launchers can pick on a GPU, for ``fastattn.hwfit``.
+
+    For each operand class and padded head dim, every tile of ``kernels.attention.TILES`` is listed twice: the
+    plain kernel and the one with every optional feature on (causal, float mask with gradient, dropout).
+    """
     specs: list[KernelSpec] = []
-    head_dims = (16, 32, 64, 128, 256)
-    variants = [  # (name, causal, mask kind, dropout, mask grad): the plain kernel and the one with every feature
-        ("plain", False, 0, False, False),
-        ("causal+floatmask+dropout", True, 2, True, True),
-    ]
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        dname = str(dtype).replace("torch.", "")
-        for d in head_dims:
-            t = torch.empty((2, 4, 256, d), device=meta, dtype=dtype)
-            for vname, causal, mkind, dropout, mgrad in variants:
-                mask = torch.empty((2, 4, 256, 256), device=meta,
-                                   dtype=torch.bool if mkind == 1 else torch.float32) if mkind else t
-                flags = dict(IS_CAUSAL=causal, MASK_KIND=mkind, HAS_DROPOUT=dropout, UPCAST=False, ACC=tl.float32,
-                             PRECISION="tf32" if dtype == torch.float32 else "ieee", BLOCK_D=d, BLOCK_DV=d)
-                common = dict(H=4, M=1000, N=1000, D=d, DV=d, GROUP=1, M_BUCKET=1024, N_BUCKET=1024, sm_scale=0.1,
-                              causal_offset=0, seed=12345, dropout_p=0.1, **flags)
-                strides4 = {f"stride_{p}{s}": v for p in ("q", "k", "v", "m", "o", "do", "dk", "dv", "dq")
-                            for s, v in zip("zhmd" if p in ("q", "o", "do", "dq") else
-                                            ("zhmn" if p == "m" else "zhnd"), (4 * 256 * d, 256 * d, d, 1))}
-                strides4.update({"stride_kn": d, "stride_vn": d, "stride_dkn": d, "stride_dvn": d,
-                                 "stride_mm": 256, "stride_mn": 1, "stride_mz": 4 * 256 * 256,
-                                 "stride_mh": 256 * 256})
-                variant = f"{dname} D={d} {vname}"
-                lse = torch.empty((8, 256), device=meta, dtype=torch.float32)
-                tensors = dict(Q=t, K=t, V=t, Mask=mask, Out=t, Lse=lse, DO=t, Delta=lse, DK=t, DV_=t, DQ=t,
-                               DMask=lse, HKV=4, MASK_GRAD=mgrad)
-                args = {**tensors, **strides4, **common}
-                named = {**args}
-                for kern, cfgs, prune in ((K._attn_fwd, K.fwd_configs(), K.fwd_prune),
-                                          (K._attn_bwd_dkdv, K.bwd_configs(), K.bwd_prune),
-                                          (K._attn_bwd_dq, K.bwd_configs(), K.bwd_prune)):
-                    for cfg in prune(cfgs, named):
-                        specs.append(KernelSpec("attention", kern, args, cfg, variant, needs_tensor_cores=True))
-        pre = dict(Out=t, DO=t, DLse=None, Delta=torch.empty((8, 256), device=meta, dtype=torch.float32),
-                   stride_oz=4 * 256 * 128, stride_oh=256 * 128, stride_om=128, stride_od=1, stride_doz=4 * 256 * 128,
-                   stride_doh=256 * 128, stride_dom=128, stride_dod=1, H=4, M=1000, DV=128, BLOCK_DV=256)
-        specs.append(KernelSpec("attention", K._attn_bwd_preprocess, pre, triton.Config({"BLOCK_M": 64}, num_warps=4),
-                                f"{dname} D<=256"))
+    classes = [(torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")]
+    for dtype, precision in classes:
+        dname = str(dtype).replace("torch.", "") + ("" if dtype != torch.float32 else f"/{precision}")
+        for d in (32, 64, 128, 256):
+            if not K.supported(dtype.itemsize, precision, d):
+                continue
+            for full in (False, True):
+                args = {**_example_args(dtype, d, full), "PRECISION": precision}
+                variant = f"{dname} D<={d} {'causal+floatmask+grad+dropout' if full else 'plain'}"
+                for kern in (K._attn_fwd, K._attn_bwd_dkdv, K._attn_bwd_dq):
+                    name = _runtime.kernel_name(kern)
+                    for tile in K.tiles_for(name, dtype.itemsize, precision, d):
+                        specs.append(KernelSpec("attention", kern, args, K._config(tile), variant,
+                                                needs_tensor_cores=precision == "tf32" or dtype != torch.float32))
+            pre = {**_example_args(dtype, d, False), "BLOCK_DV": d}
+            specs.append(KernelSpec("attention", K._attn_bwd_preprocess, pre,
+                                    triton.Config({"BLOCK_M": _PRE_BLOCK}, num_warps=4), f"{dname} D<={d}"))
     return specs
