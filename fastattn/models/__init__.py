@@ -1,0 +1,1 @@
+"""Reference Transformer, Vision Transformer and ResNet models built from fastattn's fused layers."""
