@@ -3,7 +3,7 @@
 Token m = b*N + n (n = ph*WP + pw) of image b is patch (ph, pw); its K = C*P*P pixels, in the order of the
 conv weight (c, i, j), are gathered straight from the image through its four strides (NCHW, channels_last or any
 view), so the forward is one tensor-core GEMM with no patch tensor in memory:
-    out[b, CLS + n, :] = X_patches[m, :] @ W[:, K]^T + bias + pos[CLS + n - SHIFT]       (CLS = 1 with a class token)
+    out[b, CLS + n, :] = X_patches[m, :] @ W.view(D, K)^T + bias + pos[CLS + n - SHIFT]    (CLS = 1 with a class token)
     out[b, 0, :]       = cls + pos[0]     (written by the program that owns token n = 0 of image b; no pos term
                                             when SHIFT = 1, i.e. pos covers the patch tokens only, timm's
                                             no_embed_class)
@@ -261,7 +261,8 @@ def _pe_bwd_dpos(
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = (offs_t[:, None] < R) & (offs_d[None, :] < D)
-    ptrs = DO + offs_b[:, None, None] * stride_dob + offs_t[None, :, None] * stride_dot + offs_d[None, None, :] * stride_dod
+    ptrs = (DO + offs_b[:, None, None] * stride_dob + offs_t[None, :, None] * stride_dot
+            + offs_d[None, None, :] * stride_dod)
     acc = tl.zeros([BLOCK_T, BLOCK_D], ACC)
     for b0 in range(0, B, BLOCK_B):
         x = tl.load(ptrs, mask=ok[None, :, :] & (b0 + offs_b < B)[:, None, None], other=0.0)

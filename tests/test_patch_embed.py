@@ -301,7 +301,7 @@ def test_empty_batch():
         assert t.grad.shape == t.shape and not t.grad.any(), k
 
 
-# -- the module --------------------------------------------------------------------------------------------------------
+# -- the module ------------------------------------------------------------------------------------------------------
 
 def test_module_state_dict_matches_conv2d():
     conv = torch.nn.Conv2d(3, 24, kernel_size=8, stride=8)
@@ -383,7 +383,7 @@ def test_swap_into_timm_vit():
     torch.testing.assert_close(out, expect, atol=1e-4, rtol=1e-4)
 
 
-# -- TF32 policy ----------------------------------------------------------------------------------------------------------
+# -- TF32 policy ------------------------------------------------------------------------------------------------------
 
 def test_fp32_uses_tf32_exactly_where_conv_would():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")

@@ -140,6 +140,7 @@ def _backward(dout: Tensor, images: Tensor, weight: Tensor, bias: Tensor | None,
               need_dcls: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     g = _geometry(images, weight, pos, cls)
     M = g.B * g.N
+
     def none() -> Tensor:  # a fresh empty tensor each: custom-op outputs must not alias one another
         return images.new_empty((0,))
 
@@ -379,8 +380,8 @@ def kernel_specs() -> list[KernelSpec]:
         pos = torch.empty((T, D), device=meta, dtype=tok_dtype)
         cls = torch.empty((D,), device=meta, dtype=tok_dtype)
         out = torch.empty((B, T, D), device=meta, dtype=tok_dtype)
-        flags = {"UPCAST": False, "ACC": tl.float32, "RTNE": False, "PRECISION": "tf32" if dtype == torch.float32 else "ieee",
-                     "C": C, "P": P, "KORDER": g.korder, "CLS": 1}
+        flags = {"UPCAST": False, "ACC": tl.float32, "RTNE": False, "C": C, "P": P, "KORDER": g.korder, "CLS": 1,
+                 "PRECISION": "tf32" if dtype == torch.float32 else "ieee"}
         xs = dict(zip(("stride_xb", "stride_xc", "stride_xh", "stride_xw"), images.stride()))
         ws = dict(zip(("stride_wd", "stride_wc", "stride_wi", "stride_wj"), weight.stride()))
         dos = dict(zip(("stride_dob", "stride_dot", "stride_dod"), out.stride()))
@@ -400,8 +401,9 @@ def kernel_specs() -> list[KernelSpec]:
                 specs.append(KernelSpec(_OP, kern, args, cfg, vname, needs_tensor_cores=True))
         if P != 16 or channels_last:
             continue
-        red = {"Part": part, "DW": weight, "DB": vec, "stride_wd": Kp, "stride_wc": P * P, "stride_wi": P, "stride_wj": 1,
-                   "stride_bd": 1, "SPLIT": 4, "D": D, "K": Kp, "C": C, "P": P, "KORDER": 0, "W_FLAT": 2, "ACC": tl.float32, "RTNE": False}
+        red = {"Part": part, "DW": weight, "DB": vec, "stride_wd": Kp, "stride_wc": P * P, "stride_wi": P,
+               "stride_wj": 1, "stride_bd": 1, "SPLIT": 4, "D": D, "K": Kp, "C": C, "P": P, "KORDER": 0, "W_FLAT": 2,
+               "ACC": tl.float32, "RTNE": False}
         specs.append(KernelSpec(_OP, K._pe_bwd_reduce, red, triton.Config({"BLOCK": REDUCE_BLOCK}, num_warps=4),
                                 vname))
         dpos = dict(DO=out, DPos=pos, DCls=cls, **dos, stride_pt=D, stride_pd=1, stride_cls=1, B=B, R=T, D=D,
