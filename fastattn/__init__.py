@@ -6,14 +6,18 @@ Public ops keep torch's signatures so that swapping is a one-word change::
     out = scaled_dot_product_attention(q, k, v, is_causal=True)
 """
 
+from fastattn import nn
 from fastattn._runtime import FallbackWarning, record_launches
 from fastattn.ops.attention import attention, scaled_dot_product_attention
+from fastattn.ops.patch_embed import patch_embed
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FallbackWarning",
     "attention",
+    "nn",
+    "patch_embed",
     "record_launches",
     "scaled_dot_product_attention",
 ]

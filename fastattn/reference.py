@@ -72,3 +72,32 @@ def scaled_dot_product_attention(
         probs = F.dropout(probs, dropout_p)
     out = probs.to(value.dtype) @ value
     return (out, lse) if return_lse else out
+
+# ---------------------------------------------------------------------------------------------------------------
+# patch embedding
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def patch_embed(
+    images: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    pos_embed: Tensor | None = None,
+    cls_token: Tensor | None = None,
+) -> Tensor:
+    """ViT stem: ``conv2d(images, weight, bias, stride=P)`` as tokens ``(B, N, D)``, class token, position embedding.
+
+    ``t = conv2d(...).flatten(2).transpose(1, 2)``; ``t = cat([cls_token.expand(B, -1, -1), t], 1)`` when a class
+    token is given; ``t + pos_embed``. A ``pos_embed`` of ``N`` rows together with a class token is added before the
+    class token is prepended (timm's ``no_embed_class``).
+    """
+    P = weight.shape[-1]
+    t = F.conv2d(images, weight, bias, stride=P).flatten(2).transpose(1, 2)  # (B, N, D)
+    if pos_embed is not None and pos_embed.shape[-2] == t.shape[1]:
+        t = t + pos_embed
+        pos_embed = None
+    if cls_token is not None:
+        t = torch.cat([cls_token.expand(t.shape[0], -1, -1), t], 1)  # promotes as torch does (fp32 cls: fp32)
+    if pos_embed is not None:
+        t = t + pos_embed
+    return t

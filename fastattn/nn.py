@@ -1,0 +1,59 @@
+"""Drop-in modules: each subclasses the torch module it replaces (same constructor, same ``state_dict`` keys) and
+runs the fused op in ``forward``; fused extras are optional ``forward`` arguments."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastattn.ops.patch_embed import patch_embed
+
+
+class PatchEmbed(torch.nn.Conv2d):
+    """ViT patch embedding as a ``Conv2d`` (kernel = stride = patch size) that returns tokens ``(B, N[+1], D)``.
+
+    Its parameters are the conv's ``weight`` ``(D, C, P, P)`` and ``bias`` ``(D,)``, so it takes the place of
+    torchvision's ``VisionTransformer.conv_proj`` or timm's ``PatchEmbed.proj`` keeping their ``state_dict`` keys;
+    ``from_conv`` wraps an existing conv sharing its parameters. ``forward(images, pos_embed, cls_token)`` fuses
+    the projection, flatten/transpose, the prepended class token and the added position embedding
+    (``fastattn.patch_embed``); unlike ``Conv2d.forward`` it returns tokens, not a ``(B, D, H/P, W/P)`` map.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=None, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=kernel_size if stride is None else stride,
+                         padding=padding, dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
+                         device=device, dtype=dtype)
+        _check_patchify(self)
+
+    @classmethod
+    def from_conv(cls, conv: torch.nn.Conv2d) -> PatchEmbed:
+        """A PatchEmbed that shares ``conv``'s ``weight`` and ``bias`` Parameters (no copy, same state_dict)."""
+        if not isinstance(conv, torch.nn.Conv2d):
+            raise TypeError(f"fastattn.nn.PatchEmbed.from_conv: conv must be a torch.nn.Conv2d, got "
+                            f"{type(conv).__name__}")
+        _check_patchify(conv)
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                     conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+        module.weight = conv.weight
+        module.bias = conv.bias
+        module.train(conv.training)
+        return module
+
+    def forward(self, images: Tensor, pos_embed: Tensor | None = None,  # type: ignore[override]
+                cls_token: Tensor | None = None) -> Tensor:
+        return patch_embed(images, self.weight, self.bias, pos_embed, cls_token)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, patch_size={self.kernel_size[0]}, "
+                f"bias={self.bias is not None}")
+
+
+def _check_patchify(conv: torch.nn.Conv2d) -> None:
+    k = conv.kernel_size
+    ok = (k[0] == k[1] and tuple(conv.stride) == tuple(k) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
+          and (conv.padding == "valid" or tuple(conv.padding) == (0, 0)))
+    if not ok:
+        raise ValueError(f"fastattn.nn.PatchEmbed: needs a patchify convolution (square kernel_size == stride, "
+                         f"padding 0, dilation 1, groups 1); got kernel_size={k}, stride={conv.stride}, "
+                         f"padding={conv.padding}, dilation={conv.dilation}, groups={conv.groups}")
