@@ -1,4 +1,5 @@
-"""Pieces shared by several kernels: the interpreter switch for config lists and counter-based dropout.
+"""Pieces shared by several kernels: the interpreter switch for config lists, interpreter-exact MMA and casts, and
+counter-based dropout.
 
 Dropout draws one Philox-4x32 number per element from ``(seed, c0, c1, c2)``: a 64-bit seed taken from torch's
 generator and the element's own coordinates, so the forward and the backward regenerate the same mask without
@@ -34,3 +35,25 @@ def dropout_keep(seed, c0, c1, c2, p):
     c2 = (c2 + zero).to(tl.uint32, bitcast=True)
     r, _, _, _ = tl.philox(seed, c0, c1, c2, c0 * 0)
     return tl.uint_to_uniform_float(r) >= p
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``tl.dot(a, b, acc)``. UPCAST: Triton's interpreter computes bf16 ``tl.dot`` on raw bit patterns
+    (triton#11584), so interpreted bf16 operands go in as fp32 (exact: bf16 products fit fp32); the compiled path
+    keeps bf16 operands for the tensor cores and never takes this branch."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr, RTNE: tl.constexpr):
+    """``x.to(dtype)``. RTNE: Triton's interpreter truncates fp32 -> bf16 casts where the GPU rounds to nearest
+    even, doubling the rounding error of bf16 results; interpreted runs round the bits here. Compiled: a plain cast."""
+    if RTNE and dtype == tl.bfloat16:
+        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)

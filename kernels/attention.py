@@ -21,19 +21,9 @@ Scores are kept in base 2 (scale * log2(e) folded in) so the inner loop uses exp
 import triton
 import triton.language as tl
 
-from ._common import dropout_keep, pick_configs
+from ._common import cast, dropout_keep, mma, pick_configs
 
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # UPCAST: Triton's interpreter computes bf16 tl.dot on raw bit patterns (triton#11584); the compiled path keeps
-    # bf16 operands for the tensor cores and never takes this branch.
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 # -- configs -------------------------------------------------------------------------------------------------------
@@ -132,7 +122,7 @@ def _attn_fwd(
     M_BUCKET, N_BUCKET,  # autotune keys only: power-of-two buckets of M and N
     sm_scale, causal_offset, seed, dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,  # MASK_KIND: 0 none, 1 bool, 2 additive float
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -164,7 +154,7 @@ def _attn_fwd(
         n_ok = offs_n < N
         kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-        s = _mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION) * qk_scale
+        s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION) * qk_scale
         valid = n_ok[None, :]
         if IS_CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
@@ -186,7 +176,7 @@ def _attn_fwd(
             p = tl.where(keep, p, 0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                     mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+        acc = mma(cast(p, v.dtype, RTNE), v, acc * alpha[:, None], UPCAST, PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0  # every key masked out: output 0 (torch >= 2.5), lse = -inf
@@ -197,7 +187,7 @@ def _attn_fwd(
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
     tl.store(Lse + pid_zh.to(tl.int64) * M + offs_m, lse, mask=m_ok)
     tl.store(Out + z * stride_oz + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-             out.to(Out.dtype.element_ty), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+             cast(out, Out.dtype.element_ty, RTNE), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
 
 
 # -- backward ------------------------------------------------------------------------------------------------------
@@ -245,7 +235,7 @@ def _attn_bwd_dkdv(
     M_BUCKET, N_BUCKET,
     sm_scale, causal_offset, seed, dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -280,7 +270,7 @@ def _attn_bwd_dkdv(
                          mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0)
             lse = tl.load(Lse + zh * M + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0, not NaN
-            st = _mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], ACC), UPCAST, PRECISION) * qk_scale
+            st = mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], ACC), UPCAST, PRECISION) * qk_scale
             valid = n_ok[:, None] & m_ok[None, :]
             if IS_CAUSAL:
                 valid = valid & (offs_n[:, None] <= offs_m[None, :] + causal_offset)
@@ -294,7 +284,7 @@ def _attn_bwd_dkdv(
             pt = tl.where(valid, tl.math.exp2(st - lse[None, :]), 0.0)  # (BLOCK_N, BLOCK_M) = P^T
             do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                          mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            dpt = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], ACC), UPCAST, PRECISION)
+            dpt = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], ACC), UPCAST, PRECISION)
             if HAS_DROPOUT:
                 keep = dropout_keep(seed, offs_n[:, None], offs_m[None, :], zh.to(tl.int32), dropout_p)
                 scale_keep = 1.0 / (1.0 - dropout_p)
@@ -302,18 +292,18 @@ def _attn_bwd_dkdv(
                 dpt = tl.where(keep, dpt * scale_keep, 0.0)
             else:
                 pt_drop = pt
-            dv = _mma(pt_drop.to(do.dtype), do, dv, UPCAST, PRECISION)
+            dv = mma(cast(pt_drop, do.dtype, RTNE), do, dv, UPCAST, PRECISION)
             delta = tl.load(Delta + zh * M + offs_m, mask=m_ok, other=0.0)
             dst = pt * (dpt - delta[None, :])
-            dk = _mma(dst.to(qt.dtype), tl.trans(qt), dk, UPCAST, PRECISION)
+            dk = mma(cast(dst, qt.dtype, RTNE), tl.trans(qt), dk, UPCAST, PRECISION)
             if MASK_GRAD:
                 tl.store(DMask + zh * M * N + offs_m[None, :] * N + offs_n[:, None], dst,
                          mask=n_ok[:, None] & m_ok[None, :])
     dk = dk * sm_scale
     tl.store(DK + z * stride_dkz + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=n_ok[:, None] & (offs_d[None, :] < D))
+             cast(dk, DK.dtype.element_ty, RTNE), mask=n_ok[:, None] & (offs_d[None, :] < D))
     tl.store(DV_ + z * stride_dvz + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
-             dv.to(DV_.dtype.element_ty), mask=n_ok[:, None] & (offs_dv[None, :] < DV))
+             cast(dv, DV_.dtype.element_ty, RTNE), mask=n_ok[:, None] & (offs_dv[None, :] < DV))
 
 
 @triton.autotune(configs=configs("_attn_bwd_dq"), key=["M_BUCKET", "N_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL",
@@ -332,7 +322,7 @@ def _attn_bwd_dq(
     M_BUCKET, N_BUCKET,
     sm_scale, causal_offset, seed, dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Here BLOCK_M is the query block this program owns and BLOCK_N the key block it streams.
@@ -366,7 +356,7 @@ def _attn_bwd_dq(
         n_ok = offs_n < N
         kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
-        s = _mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION) * qk_scale
+        s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION) * qk_scale
         valid = n_ok[None, :] & m_ok[:, None]
         if IS_CAUSAL:
             valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
@@ -380,15 +370,15 @@ def _attn_bwd_dq(
         p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
         vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
                      mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
-        dp = _mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION)
+        dp = mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, offs_n[None, :], offs_m[:, None], pid_zh, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        dq = _mma(ds.to(kt.dtype), tl.trans(kt), dq, UPCAST, PRECISION)
+        dq = mma(cast(ds, kt.dtype, RTNE), tl.trans(kt), dq, UPCAST, PRECISION)
     dq = dq * sm_scale
     tl.store(DQ + z * stride_dqz + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d[None, :] < D))
+             cast(dq, DQ.dtype.element_ty, RTNE), mask=m_ok[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit

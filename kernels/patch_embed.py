@@ -21,28 +21,9 @@ Backward, with dT = dOut at the patch-token rows:
 import triton
 import triton.language as tl
 
+from ._common import cast as _cast
+from ._common import mma as _mma
 from ._common import pick_configs
-
-
-@triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    # UPCAST: Triton's interpreter computes bf16 tl.dot on raw bit patterns (triton#11584); the compiled path keeps
-    # bf16 operands for the tensor cores and never takes this branch.
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _cast(x, dtype: tl.constexpr, RTNE: tl.constexpr):
-    # RTNE: Triton's interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even), which doubles the
-    # rounding error of bf16 results; the interpreter run rounds the bits itself. The compiled path is a plain cast.
-    if RTNE and dtype == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
 
 
 @triton.jit

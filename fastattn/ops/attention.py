@@ -48,7 +48,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 def _kernel_flags(dtype: torch.dtype) -> dict:
     return dict(UPCAST=_runtime.dot_upcast(dtype), PRECISION=_precision(dtype),
-                ACC=tl.float64 if dtype == torch.float64 else tl.float32)
+                ACC=tl.float64 if dtype == torch.float64 else tl.float32, RTNE=_runtime.interpreting())
 
 
 def _mask_kind(mask: Optional[Tensor]) -> int:
@@ -413,7 +413,7 @@ def _example_args(dtype: torch.dtype, d: int, full: bool) -> dict:
     args.update(Q=t, K=t, V=t, Out=t, DO=t, DK=t, DV_=t, DQ=t, Mask=mask if full else t, Lse=stats, Delta=stats,
                 DMask=mask if full else t, DLse=None, H=4, HKV=4, M=1000, N=1000, D=d, DV=d, GROUP=1,
                 M_BUCKET=1024, N_BUCKET=1024, sm_scale=0.125, causal_offset=0, seed=12345, dropout_p=0.1,
-                IS_CAUSAL=full, MASK_KIND=2 if full else 0, HAS_DROPOUT=full, MASK_GRAD=full, UPCAST=False,
+                IS_CAUSAL=full, MASK_KIND=2 if full else 0, HAS_DROPOUT=full, MASK_GRAD=full, UPCAST=False, RTNE=False,
                 ACC=tl.float32, BLOCK_D=d, BLOCK_DV=d)
     return args
 
