@@ -7,13 +7,17 @@ Public ops keep torch's signatures so that swapping is a one-word change::
 """
 
 from fastattn._runtime import FallbackWarning, record_launches
+from fastattn.nn import BatchNormAddReLU
 from fastattn.ops.attention import attention, scaled_dot_product_attention
+from fastattn.ops.batch_norm import batch_norm_add_relu
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNormAddReLU",
     "FallbackWarning",
     "attention",
+    "batch_norm_add_relu",
     "record_launches",
     "scaled_dot_product_attention",
 ]
