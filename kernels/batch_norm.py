@@ -36,7 +36,7 @@ def gpu_tile_configs():
 
 def tile_configs():
     # The interpreter's cost is per program and per op, not per element: one large tile.
-    return pick_configs(gpu_tile_configs(), triton.Config({"BLOCK_B": 64, "BLOCK_C": 32}, num_warps=4, num_stages=1))
+    return pick_configs(gpu_tile_configs(), triton.Config({"BLOCK_B": 32, "BLOCK_C": 64}, num_warps=4, num_stages=1))
 
 
 def tile_prune(configs, named_args, **kwargs):

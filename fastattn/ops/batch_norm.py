@@ -28,7 +28,8 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and partial sums: fp32, or fp64 for fp64 inputs (interpreter gradchecks)."""
+    """The saved mean and rstd, the shift and dx's coefficients: fp32, or fp64 for fp64 inputs (interpreter
+    gradchecks). Partial sums are always fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -96,10 +97,10 @@ def _stats(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
     N, C, H, W = x.shape
     M = N * H * W
     sdt = _stat_dtype(x.dtype)
-    mean = torch.zeros(C, device=x.device, dtype=sdt)
-    rstd = torch.zeros(C, device=x.device, dtype=sdt)
+    mean = torch.empty(C, device=x.device, dtype=sdt)
+    rstd = torch.empty(C, device=x.device, dtype=sdt)
     if M == 0 or C == 0:  # as torch: empty batch, running statistics untouched
-        return mean, rstd
+        return mean.zero_(), rstd.zero_()
     A, A2, B, (sx,) = _layout(x.shape, x)
     S = _num_partials(M, C, x.device)
     partial = torch.empty((2, S, C), device=x.device, dtype=torch.float64)
@@ -149,10 +150,10 @@ def _backward(dy: Tensor, x: Tensor, out: Tensor, mean: Tensor, var_or_rstd: Ten
     M = N * H * W
     dx = torch.empty_like(x) if need_dx else _empty_grad(x)
     did = torch.empty_like(x) if need_did else _empty_grad(x)
-    dw = torch.zeros_like(weight) if need_dw else _empty_grad(x)
-    db = torch.zeros_like(bias) if need_db else _empty_grad(x)
-    if M == 0 or C == 0:
-        return dx, did, dw, db
+    dw = torch.empty_like(weight) if need_dw else _empty_grad(x)
+    db = torch.empty_like(bias) if need_db else _empty_grad(x)
+    if M == 0 or C == 0:  # nothing to sum: zero gradients for the affine parameters
+        return dx, did, dw.zero_(), db.zero_()
     need_sums = need_dw or need_db or (training and need_dx)
     sdt = _stat_dtype(x.dtype)
     S = _num_partials(M, C, x.device)
