@@ -9,6 +9,7 @@ Public ops keep torch's signatures so that swapping is a one-word change::
 from fastattn import nn
 from fastattn._runtime import FallbackWarning, record_launches
 from fastattn.ops.attention import attention, scaled_dot_product_attention
+from fastattn.ops.batch_norm import batch_norm_add_relu
 from fastattn.ops.patch_embed import patch_embed
 
 __version__ = "0.1.0"
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FallbackWarning",
     "attention",
+    "batch_norm_add_relu",
     "nn",
     "patch_embed",
     "record_launches",

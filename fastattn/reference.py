@@ -101,3 +101,30 @@ def patch_embed(
     if pos_embed is not None:
         t = t + pos_embed
     return t
+
+# ---------------------------------------------------------------------------------------------------------------
+# batch_norm (BatchNorm + residual add + ReLU)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def batch_norm_add_relu(
+    x: Tensor,
+    identity: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: Tensor | None = None,
+) -> Tensor:
+    """relu(F.batch_norm(x, ...) + identity); ``momentum=None`` uses the cumulative factor 1 / num_batches_tracked
+    (the count including this batch), as ``nn.BatchNorm2d`` does."""
+    if momentum is None:
+        momentum = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if identity is not None:
+        y = y + identity
+    return F.relu(y)

@@ -1,0 +1,434 @@
+"""Fused BatchNorm + residual add + ReLU: argument checks, launchers, ``torch.library`` custom ops with autograd.
+
+``batch_norm_add_relu(x, identity, running_mean, running_var, weight, bias, training, momentum, eps)`` equals
+``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) + identity)``.
+
+Two custom ops, because torch.library accepts an autograd formula only for a functional op:
+- ``fastattn::batch_norm_stats`` (training only) computes the batch mean and 1/std and updates the running
+  statistics in place (``mutates_args=("running_mean", "running_var")``, so torch.compile functionalizes it). It
+  is called on ``x.detach()``: autograd never differentiates it.
+- ``fastattn::batch_norm_add_relu`` normalizes, adds and applies the ReLU. Its backward is the whole BatchNorm
+  backward, including the dependence of the batch statistics on x, so nothing is lost by the detach above.
+x is read through its strides (NCHW, channels_last or any other view) without copies; the output keeps x's layout.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastattn import _runtime, reference
+from fastattn.hwfit import KernelSpec
+from fastattn.kernels import batch_norm as K
+
+_OP = "batch_norm_add_relu"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The saved mean and rstd, the shift and dx's coefficients: fp32, or fp64 for fp64 inputs (interpreter
+    gradchecks). Partial sums are always fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _bucket(n: int) -> int:
+    return triton.next_power_of_2(max(n, 1))
+
+
+def _layout(shape: torch.Size, *tensors: Tensor | None) -> tuple[int, int, int, list[tuple[int, int, int, int]]]:
+    """View every (N, C, H, W) tensor as (A1, A2, C, B) with one set of sizes and each its own strides.
+
+    The non-channel dims (N, H, W) are merged, outer into inner, wherever every tensor's strides allow it, so
+    NCHW gives (A1, A2, B) = (1, N, H*W) and channels_last (1, 1, N*H*W); any other view keeps up to three dims.
+    Returns A = A1 * A2, A2, B and per tensor (stride_a1, stride_a2, stride_c, stride_b); None gets zeros.
+    """
+    present = [t for t in tensors if t is not None]
+    dims: list[tuple[int, list[int]]] = []  # (size, stride of each present tensor), outer to inner
+    for d in (0, 2, 3):
+        size = shape[d]
+        if size == 1:
+            continue
+        strides = [t.stride(d) for t in present]
+        if dims and all(outer == size * inner for outer, inner in zip(dims[-1][1], strides)):
+            dims[-1] = (dims[-1][0] * size, strides)
+        else:
+            dims.append((size, strides))
+    while len(dims) < 3:
+        dims.insert(0, (1, [0] * len(present)))
+    (a1, s1), (a2, s2), (b, sb) = dims
+    out, i = [], 0
+    for t in tensors:
+        if t is None:
+            out.append((0, 0, 0, 0))
+        else:
+            out.append((s1[i], s2[i], t.stride(1), sb[i]))
+            i += 1
+    return a1 * a2, a2, b, out
+
+
+def _channels_inner(strides: tuple[int, int, int, int], B: int) -> int:
+    """Autotune key: 1 when the channel stride is the smaller one (channels_last, or H*W == 1)."""
+    return int(B == 1 or abs(strides[2]) < abs(strides[3]))
+
+
+def _num_partials(M: int, C: int, device: torch.device) -> int:
+    """How many ranges of each channel's M values are summed in parallel (S; never depends on the config)."""
+    if device.type != "cuda":  # the interpreter: a few, so the tests exercise the two-level reduction
+        return max(1, min(4, triton.cdiv(M, 64)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    # About eight programs per SM for channel blocks of 32, and at least 256 values per channel in a partial.
+    return max(1, min(triton.cdiv(8 * sms * 32, C), triton.cdiv(M, 256), 4096))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _stats(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+           num_batches_tracked: Tensor | None, momentum: float, eps: float) -> tuple[Tensor, Tensor]:
+    """Batch mean and 1/sqrt(var + eps) per channel (stat dtype); updates the running statistics in place."""
+    N, C, H, W = x.shape
+    M = N * H * W
+    sdt = _stat_dtype(x.dtype)
+    mean = torch.empty(C, device=x.device, dtype=sdt)
+    rstd = torch.empty(C, device=x.device, dtype=sdt)
+    if M == 0 or C == 0:  # as torch: empty batch, running statistics untouched
+        return mean.zero_(), rstd.zero_()
+    A, A2, B, (sx,) = _layout(x.shape, x)
+    S = _num_partials(M, C, x.device)
+    partial = torch.empty((2, S, C), device=x.device, dtype=torch.float64)
+    shift = torch.empty((C,), device=x.device, dtype=sdt)
+    _runtime.launch(
+        K._bn_fwd_reduce, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), S), x, partial, shift, *sx, A, A2, B, C, S,
+        _bucket(B), _bucket(C), _channels_inner(sx, B), ACC=_acc(x.dtype),
+    )
+    has_running = running_mean is not None
+    cumulative = has_running and num_batches_tracked is not None
+    _runtime.launch(
+        K._bn_fwd_combine, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),),
+        # without running statistics the autotuner's restore_value still needs tensors: mean and rstd stand in
+        partial, shift, mean, rstd, running_mean if has_running else mean, running_var if has_running else rstd,
+        num_batches_tracked if cumulative else None, C, S, M, _bucket(C), float(momentum), float(eps),
+        HAS_RUNNING=has_running, CUMULATIVE=cumulative, BLOCK_S=K.BLOCK_S,
+    )
+    return mean, rstd
+
+
+def _apply(x: Tensor, identity: Tensor | None, mean: Tensor, var_or_rstd: Tensor, weight: Tensor | None,
+           bias: Tensor | None, training: bool, eps: float) -> Tensor:
+    out = torch.empty_like(x)
+    C = x.shape[1]
+    if out.numel() == 0:
+        return out
+    A, A2, B, (sx, si, so) = _layout(x.shape, x, identity, out)
+
+    def grid(meta):
+        return (triton.cdiv(C, meta["BLOCK_C"]) * A * triton.cdiv(B, meta["BLOCK_B"]),)
+
+    _runtime.launch(
+        K._bn_fwd_apply, grid, x, identity, out, mean, var_or_rstd, weight, bias, *sx, *si, *so, A2, B, C,
+        _bucket(B), _bucket(C), _channels_inner(sx, B), float(eps), IS_EVAL=not training, ACC=_acc(x.dtype),
+    )
+    return out
+
+
+def _empty_grad(like: Tensor) -> Tensor:
+    return like.new_empty((0,))
+
+
+def _backward(dy: Tensor, x: Tensor, out: Tensor, mean: Tensor, var_or_rstd: Tensor, weight: Tensor | None,
+              bias: Tensor | None, training: bool, eps: float, need_dx: bool, need_did: bool, need_dw: bool,
+              need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    N, C, H, W = x.shape
+    M = N * H * W
+    dx = torch.empty_like(x) if need_dx else _empty_grad(x)
+    did = torch.empty_like(x) if need_did else _empty_grad(x)
+    dw = torch.empty_like(weight) if need_dw else _empty_grad(x)
+    db = torch.empty_like(bias) if need_db else _empty_grad(x)
+    if M == 0 or C == 0:  # nothing to sum: zero gradients for the affine parameters
+        return dx, did, dw.zero_(), db.zero_()
+    need_sums = need_dw or need_db or (training and need_dx)
+    sdt = _stat_dtype(x.dtype)
+    S = _num_partials(M, C, x.device)
+    partial = torch.empty((2, S, C), device=x.device, dtype=torch.float64) if need_sums else None
+    did_t = did if need_did else None
+    dx_t = dx if need_dx else None
+    A, A2, B, (sdy, so, sx, sdi, sdx) = _layout(x.shape, dy, out, x, did_t, dx_t)
+    keys = (_bucket(B), _bucket(C), _channels_inner(sx, B))
+    acc = _acc(x.dtype)
+    _runtime.launch(
+        K._bn_bwd_reduce, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), S),
+        dy, out, x, mean, var_or_rstd, weight, did_t, None if training else dx_t, partial,
+        *sdy, *so, *sx, *sdi, *sdx, A, A2, B, C, S, *keys, float(eps), IS_EVAL=not training, ACC=acc,
+    )
+    if not need_sums:
+        return dx, did, dw, db
+    coef = torch.empty((3, C), device=x.device, dtype=sdt) if training and need_dx else None
+    _runtime.launch(
+        K._bn_bwd_combine, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),), partial, var_or_rstd, weight, coef,
+        dw if need_dw else None, db if need_db else None, C, S, M, _bucket(C), float(eps), IS_EVAL=not training,
+        BLOCK_S=K.BLOCK_S,
+    )
+    if coef is not None:
+        def grid(meta):
+            return (triton.cdiv(C, meta["BLOCK_C"]) * A * triton.cdiv(B, meta["BLOCK_B"]),)
+
+        # g was stored as didentity by the reduction: read it back instead of dy and out (one tensor less)
+        _runtime.launch(
+            K._bn_bwd_dx, grid, dy, out, x, did_t, mean, coef, dx,
+            *sdy, *so, *sx, *sdi, *sdx, A2, B, C, *keys, ACC=acc,
+        )
+    return dx, did, dw, db
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# custom ops + autograd
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastattn::batch_norm_stats", mutates_args=("running_mean", "running_var"),
+                         device_types=None)
+def batch_norm_stats_op(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                        num_batches_tracked: Tensor | None, momentum: float, eps: float) -> tuple[Tensor, Tensor]:
+    """Training statistics (mean, 1/sqrt(var + eps)) of x (N, C, H, W); updates the running stats in place
+    (factor ``momentum``, or ``1 / num_batches_tracked`` when that is given)."""
+    return _stats(x, running_mean, running_var, num_batches_tracked, momentum, eps)
+
+
+@batch_norm_stats_op.register_fake
+def _(x, running_mean, running_var, num_batches_tracked, momentum, eps):
+    C = x.shape[1]
+    return x.new_empty((C,), dtype=_stat_dtype(x.dtype)), x.new_empty((C,), dtype=_stat_dtype(x.dtype))
+
+
+@torch.library.custom_op("fastattn::batch_norm_add_relu", mutates_args=(), device_types=None)
+def batch_norm_add_relu_op(x: Tensor, identity: Tensor | None, mean: Tensor, var_or_rstd: Tensor,
+                           weight: Tensor | None, bias: Tensor | None, training: bool, eps: float) -> Tensor:
+    """relu((x - mean) * rstd * weight + bias + identity); ``var_or_rstd`` is the batch rstd when ``training``,
+    else the running variance (rstd = 1/sqrt(var + eps) per channel in the kernel)."""
+    return _apply(x, identity, mean, var_or_rstd, weight, bias, training, eps)
+
+
+@batch_norm_add_relu_op.register_fake
+def _(x, identity, mean, var_or_rstd, weight, bias, training, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastattn::batch_norm_add_relu_backward", mutates_args=(), device_types=None)
+def batch_norm_add_relu_backward_op(dy: Tensor, x: Tensor, out: Tensor, mean: Tensor, var_or_rstd: Tensor,
+                                    weight: Tensor | None, bias: Tensor | None, training: bool, eps: float,
+                                    need_dx: bool, need_did: bool, need_dw: bool,
+                                    need_db: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, didentity, dweight, dbias) of ``fastattn::batch_norm_add_relu``; a gradient not asked for is empty."""
+    return _backward(dy, x, out, mean, var_or_rstd, weight, bias, training, eps, need_dx, need_did, need_dw, need_db)
+
+
+@batch_norm_add_relu_backward_op.register_fake
+def _(dy, x, out, mean, var_or_rstd, weight, bias, training, eps, need_dx, need_did, need_dw, need_db):
+    def grad(flag, like):
+        return torch.empty_like(like) if flag else x.new_empty((0,))
+
+    return grad(need_dx, x), grad(need_did, x), grad(need_dw, weight), grad(need_db, bias)
+
+
+def _setup_context(ctx, inputs, output):
+    x, identity, mean, var_or_rstd, weight, bias, training, eps = inputs
+    # The ReLU mask is recomputed from the saved output (out > 0) rather than stored as bits: autograd must keep
+    # some activation alive anyway, out is usually referenced by the next layer already (so saving it costs no
+    # memory), and the backward's first pass reads it in the same sweep as dy. It is also exactly torch's rule
+    # (relu's backward looks at its result).
+    ctx.save_for_backward(x, output, mean, var_or_rstd, weight, bias)
+    ctx.args = (training, eps)
+    ctx.has_identity = identity is not None
+
+
+def _backward_autograd(ctx, dout):
+    x, out, mean, var_or_rstd, weight, bias = ctx.saved_tensors
+    training, eps = ctx.args
+    need_dx, need_did = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.has_identity
+    need_dw = weight is not None and ctx.needs_input_grad[4]
+    need_db = bias is not None and ctx.needs_input_grad[5]
+    dx, did, dw, db = batch_norm_add_relu_backward_op(dout, x, out, mean, var_or_rstd, weight, bias, training, eps,
+                                                      need_dx, need_did, need_dw, need_db)
+    return (dx if need_dx else None, did if need_did else None, None, None, dw if need_dw else None,
+            db if need_db else None, None, None)
+
+
+batch_norm_add_relu_op.register_autograd(_backward_autograd, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _name_dtype(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check(x: Tensor, identity: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
+           weight: Tensor | None, bias: Tensor | None, training: bool, momentum: float | None,
+           num_batches_tracked: Tensor | None) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"fastattn.{_OP}: x must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"fastattn.{_OP}: x must be 4-D (N, C, H, W); got shape {tuple(x.shape)}")
+    _runtime.check_float_dtype(_OP, "x", x, DTYPES)
+    C = x.shape[1]
+    if identity is not None:
+        if not isinstance(identity, Tensor):
+            raise TypeError(f"fastattn.{_OP}: identity must be a Tensor or None, got {type(identity).__name__}")
+        if identity.shape != x.shape:
+            raise ValueError(f"fastattn.{_OP}: identity must have x's shape {tuple(x.shape)}; got "
+                             f"{tuple(identity.shape)}")
+        if identity.dtype != x.dtype:
+            raise TypeError(f"fastattn.{_OP}: identity must have x's dtype {_name_dtype(x.dtype)}; got "
+                            f"{_name_dtype(identity.dtype)}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
+                    ("bias", bias)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise TypeError(f"fastattn.{_OP}: {name} must be a Tensor or None, got {type(t).__name__}")
+        if t.shape != (C,):
+            raise ValueError(f"fastattn.{_OP}: {name} must have shape ({C},) (the channels of x {tuple(x.shape)}); "
+                             f"got {tuple(t.shape)}")
+        _runtime.check_float_dtype(_OP, name, t, DTYPES)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"fastattn.{_OP}: running_mean and running_var must both be tensors or both be None; got "
+                         f"running_mean {'None' if running_mean is None else 'a tensor'} and running_var "
+                         f"{'None' if running_var is None else 'a tensor'}")
+    if not training and running_mean is None:
+        raise RuntimeError(f"fastattn.{_OP}: running_mean must be defined in evaluation mode (training=False)")
+    if num_batches_tracked is not None and not isinstance(num_batches_tracked, Tensor):
+        raise TypeError(f"fastattn.{_OP}: num_batches_tracked must be a Tensor or None, got "
+                        f"{type(num_batches_tracked).__name__}")
+    if momentum is None:
+        if training and running_mean is not None and num_batches_tracked is None:
+            raise TypeError(f"fastattn.{_OP}: momentum=None (cumulative moving average) needs num_batches_tracked= "
+                            f"(the count of batches seen, this one included), as BatchNorm modules keep it")
+    elif not isinstance(momentum, (int, float)):
+        raise TypeError(f"fastattn.{_OP}: momentum must be a float or None, got {type(momentum).__name__}")
+    _runtime.check_same_device(_OP, x=x, identity=identity, running_mean=running_mean, running_var=running_var,
+                               weight=weight, bias=bias, num_batches_tracked=num_batches_tracked)
+    if training:  # torch's own check and message (F.batch_norm -> _verify_batch_size)
+        size_prods = x.shape[0] * x.shape[2] * x.shape[3]
+        if size_prods == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+
+
+def batch_norm_add_relu(
+    x: Tensor,
+    identity: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    *,
+    num_batches_tracked: Tensor | None = None,
+) -> Tensor:
+    """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps) + identity)``, fused.
+
+    x (N, C, H, W) in fp16, bf16 or fp32 (NCHW, channels_last or any strided view); identity None or x's shape and
+    dtype; running statistics, weight and bias None or (C,) of any float dtype (statistics are kept in fp32).
+    ``training=True`` normalizes with the batch statistics and updates the running ones in place by ``momentum``
+    (unbiased variance), or with ``momentum=None`` by the cumulative average ``1 / num_batches_tracked``
+    (keyword; the count including this batch, which the caller increments as ``nn.BatchNorm2d`` does).
+    ``training=False`` uses the running statistics in a single fused pass.
+    """
+    _check(x, identity, running_mean, running_var, weight, bias, training, momentum, num_batches_tracked)
+    training = bool(training)
+    eps = float(eps)
+    reason = None
+    if not _runtime.triton_device_ok(x.device):
+        reason = _runtime.device_fallback_reason(x.device)
+    elif x.dtype == torch.float64 and x.device.type == "cuda":
+        reason = "float64 runs the Triton kernels only in the interpreter"
+    if reason is not None:
+        _runtime.warn_fallback(_OP, reason)
+        return reference.batch_norm_add_relu(x, identity, running_mean, running_var, weight, bias, training,
+                                             momentum, eps, num_batches_tracked=num_batches_tracked)
+    if training:
+        cumulative = momentum is None and running_mean is not None
+        mean, var_or_rstd = batch_norm_stats_op(x.detach(), running_mean, running_var,
+                                                num_batches_tracked if cumulative else None,
+                                                0.0 if momentum is None else float(momentum), eps)
+    else:
+        mean, var_or_rstd = running_mean, running_var
+    return batch_norm_add_relu_op(x, identity, mean, var_or_rstd, weight, bias, training, eps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hardware fit
+# ---------------------------------------------------------------------------------------------------------------
+
+# (layout, N, C, H, W): the size classes the launcher meets; each config the prune keeps for one is compiled.
+_SIZE_CLASSES = [
+    ("nchw", 64, 256, 56, 56),
+    ("nchw", 64, 2048, 7, 7),
+    ("nchw", 64, 256, 4, 4),
+    ("channels_last", 64, 64, 56, 56),
+    ("channels_last", 64, 1024, 14, 14),
+]
+
+
+def kernel_specs() -> list[KernelSpec]:
+    """Every (kernel, config, specialisation) this module can launch on a GPU, for ``fastattn.hwfit``.
+
+    Each kernel is compiled in its heaviest specialisation (identity, weight, bias, running statistics with the
+    cumulative factor, didentity and, for the backward reduction, the inference-mode dx store), per activation
+    dtype and per layout class that selects the config. Built from the GPU config lists even in an interpreter
+    process, so the list is the same wherever it is made (``hwfit.check`` counts the specs in the calling process
+    and compiles them by index in clean workers).
+    """
+    meta = torch.device("meta")
+    picks: dict[tuple[int, int, str], tuple] = {}  # (BLOCK_B, BLOCK_C, layout) -> (config, size class)
+    for layout, N, C, H, W in _SIZE_CLASSES:
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.empty((N, C, H, W), device=meta).to(memory_format=fmt)
+        _, _, B, (sx,) = _layout(x.shape, x)
+        for cfg in K.tile_prune(K.gpu_tile_configs(), {"B": B, "C": C, "C_INNER": _channels_inner(sx, B)}):
+            picks.setdefault((cfg.kwargs["BLOCK_B"], cfg.kwargs["BLOCK_C"], layout), (cfg, fmt, N, C, H, W))
+    specs: list[KernelSpec] = []
+    stat = torch.empty((4096,), device=meta, dtype=torch.float32)
+    stat64 = torch.empty((4096,), device=meta, dtype=torch.float64)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        dname = _name_dtype(dtype)
+        for (_, _, layout), (cfg, fmt, N, C, H, W) in picks.items():
+            x = torch.empty((N, C, H, W), device=meta, dtype=dtype).to(memory_format=fmt)
+            A, A2, B, (sx,) = _layout(x.shape, x)
+            common = {"A": A, "A2": A2, "B": B, "C": C, "S": 132, "M": N * H * W, "B_BUCKET": _bucket(B),
+                      "C_BUCKET": _bucket(C), "C_INNER": _channels_inner(sx, B), "eps": 1e-5, "ACC": tl.float32}
+            for p in ("x", "i", "o", "dy", "di", "dx", "g"):
+                common.update({f"stride_{p}{d}": v for d, v in zip(("a1", "a2", "c", "b"), sx)})
+            variant = f"{dname} {layout}"
+            for kern, args, v in (
+                (K._bn_fwd_reduce, {"X": x, "Partial": stat64, "Shift": stat}, variant),
+                (K._bn_fwd_apply, {"X": x, "Id": x, "Out": x, "Mean": stat, "Var": stat, "W": stat, "Bias": stat,
+                                   "IS_EVAL": True}, variant + " eval +identity"),
+                (K._bn_bwd_reduce, {"DY": x, "Out": x, "X": x, "Mean": stat, "Var": stat, "W": stat, "DId": x,
+                                    "DX": x, "Partial": stat64, "IS_EVAL": True}, variant + " eval +didentity +dx"),
+                (K._bn_bwd_dx, {"DY": x, "Out": x, "X": x, "G": x, "Mean": stat, "Coef": stat, "DX": x},
+                 variant + " g from didentity"),
+            ):
+                specs.append(KernelSpec("batch_norm", kern, {**common, **args}, cfg, v))
+    comb = {"Partial": stat64, "Shift": stat, "Mean": stat, "Rstd": stat, "RunningMean": stat, "RunningVar": stat,
+            "NumBatches": torch.empty((), device=meta, dtype=torch.int64), "C": 256, "S": 132, "M": 64 * 3136,
+            "C_BUCKET": 256, "momentum": 0.1, "eps": 1e-5, "HAS_RUNNING": True, "CUMULATIVE": True,
+            "BLOCK_S": K.GPU_BLOCK_S}
+    bcomb = {"Partial": stat64, "Var": stat, "W": stat, "Coef": stat, "DW": stat, "DB": stat, "C": 256, "S": 132,
+             "M": 64 * 3136, "C_BUCKET": 256, "eps": 1e-5, "IS_EVAL": True, "BLOCK_S": K.GPU_BLOCK_S}
+    for cfg in K.gpu_combine_configs():  # they read and write fp32 statistics only: one dtype covers them
+        specs.append(KernelSpec("batch_norm", K._bn_fwd_combine, comb, cfg, "fp32 statistics, running+cumulative"))
+        specs.append(KernelSpec("batch_norm", K._bn_bwd_combine, bcomb, cfg, "fp32 statistics, all outputs"))
+    return specs
