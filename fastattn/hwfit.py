@@ -201,35 +201,38 @@ def _compile_indexed(job: tuple[str, int, int, str | None]) -> FitReport:
     return compile_spec(spec, arch, dump_dir)
 
 
+def _count_specs(op: str) -> int:
+    import importlib
+
+    return len(importlib.import_module(f"fastattn.ops.{op}").kernel_specs())
+
+
 def check(ops: Iterable[str] | None = None, archs: Iterable[int] = (80, 90), workers: int | None = None,
           dump_dir: str | None = None, progress=None) -> list[FitReport]:
     """Compile every spec of ``ops`` for every arch in ``workers`` fresh processes (default: all cores).
 
-    The workers start without ``TRITON_INTERPRET`` so that they build real ``JITFunction`` kernels even when this
-    process (a test run) uses the interpreter.
+    The workers run without ``TRITON_INTERPRET``, so they build real ``JITFunction`` kernels and list the GPU
+    configs even when this process (a test run) uses the interpreter; the specs are also counted there.
     """
     import concurrent.futures
-    import importlib
     import multiprocessing
 
     from fastattn.ops import OPS
 
-    jobs = []
-    for op in ops or OPS:
-        n = len(importlib.import_module(f"fastattn.ops.{op}").kernel_specs())
-        jobs += [(op, i, arch, dump_dir) for i in range(n) for arch in archs]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    saved = os.environ.pop("TRITON_INTERPRET", None)
+    ops = list(ops or OPS)
+    archs = list(archs)
+    workers = max(1, workers or os.cpu_count() or 1)
+    saved = os.environ.pop("TRITON_INTERPRET", None)  # workers may be spawned at any submit: keep it out till done
     try:
-        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        futures = [pool.submit(_compile_indexed, job) for job in jobs]  # spawns the workers now, env cleaned
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            counts = list(pool.map(_count_specs, ops))
+            jobs = [(op, i, arch, dump_dir) for op, n in zip(ops, counts) for i in range(n) for arch in archs]
+            results = []
+            for report in pool.map(_compile_indexed, jobs, chunksize=2):
+                results.append(report)
+                if progress:
+                    progress(len(results), len(jobs), report)
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved
-    results = []
-    with pool:
-        for future in futures:
-            results.append(future.result())
-            if progress:
-                progress(len(results), len(jobs), results[-1])
     return results

@@ -104,6 +104,26 @@ def _arg(named_args, kwargs, name):
     return kwargs[name] if name in kwargs else named_args[name]
 
 
+@triton.jit
+def _masked_scores(s, m_idx, n_idx, M, N, mask_base, stride_mm, stride_mn, causal_offset,
+                   IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
+    """Scores ``s`` (base 2) with the bounds, the causal rule and the mask applied: -inf where a key is excluded.
+
+    ``m_idx``/``n_idx`` are the query/key indices broadcast to the block's shape in either orientation, so the
+    forward and dQ kernels (queries on rows) and the dK/dV kernel (keys on rows) share this code."""
+    inside = (m_idx < M) & (n_idx < N)
+    valid = inside
+    if IS_CAUSAL:
+        valid = valid & (n_idx <= m_idx + causal_offset)
+    if MASK_KIND != 0:
+        mv = tl.load(mask_base + m_idx * stride_mm + n_idx * stride_mn, mask=inside, other=0)
+        if MASK_KIND == 1:
+            valid = valid & (mv != 0)
+        else:
+            s = s + mv.to(s.dtype) * 1.4426950408889634
+    return tl.where(valid, s, float("-inf"))
+
+
 # -- forward -------------------------------------------------------------------------------------------------------
 
 
@@ -112,7 +132,7 @@ def _arg(named_args, kwargs, name):
                  prune_configs_by={"early_config_prune": _prune("_attn_fwd")})
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Mask, Out, Lse,  # (Z, H, M, D), (Z, HKV, N, D), (Z, HKV, N, DV), broadcast (Z, H, M, N), (Z, H, M, DV), (Z*H, M)
+    Q, K, V, Mask, Out, Lse,  # (Z,H,M,D), (Z,HKV,N,D), (Z,HKV,N,DV), broadcast (Z,H,M,N), (Z,H,M,DV), (Z*H,M)
     stride_qz, stride_qh, stride_qm, stride_qd,
     stride_kz, stride_kh, stride_kn, stride_kd,
     stride_vz, stride_vh, stride_vn, stride_vd,
@@ -155,17 +175,8 @@ def _attn_fwd(
         kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
         s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION) * qk_scale
-        valid = n_ok[None, :]
-        if IS_CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-        if MASK_KIND != 0:
-            mv = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
-                         mask=m_ok[:, None] & n_ok[None, :], other=0)
-            if MASK_KIND == 1:
-                valid = valid & (mv != 0)
-            else:
-                s = s + mv.to(ACC) * 1.4426950408889634
-        s = tl.where(valid, s, float("-inf"))
+        s = _masked_scores(s, offs_m[:, None], offs_n[None, :], M, N, mask_base, stride_mm, stride_mn, causal_offset,
+                           IS_CAUSAL, MASK_KIND)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all-masked so far: avoid (-inf) - (-inf)
         p = tl.math.exp2(s - m_use[:, None])
@@ -271,17 +282,9 @@ def _attn_bwd_dkdv(
             lse = tl.load(Lse + zh * M + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0, not NaN
             st = mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], ACC), UPCAST, PRECISION) * qk_scale
-            valid = n_ok[:, None] & m_ok[None, :]
-            if IS_CAUSAL:
-                valid = valid & (offs_n[:, None] <= offs_m[None, :] + causal_offset)
-            if MASK_KIND != 0:
-                mv = tl.load(mask_base + offs_m[None, :] * stride_mm + offs_n[:, None] * stride_mn,
-                             mask=n_ok[:, None] & m_ok[None, :], other=0)
-                if MASK_KIND == 1:
-                    valid = valid & (mv != 0)
-                else:
-                    st = st + mv.to(ACC) * 1.4426950408889634
-            pt = tl.where(valid, tl.math.exp2(st - lse[None, :]), 0.0)  # (BLOCK_N, BLOCK_M) = P^T
+            st = _masked_scores(st, offs_m[None, :], offs_n[:, None], M, N, mask_base, stride_mm, stride_mn,
+                                causal_offset, IS_CAUSAL, MASK_KIND)
+            pt = tl.math.exp2(st - lse[None, :])  # (BLOCK_N, BLOCK_M) = P^T; 0 where excluded
             do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
                          mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
             dpt = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], ACC), UPCAST, PRECISION)
@@ -357,17 +360,9 @@ def _attn_bwd_dq(
         kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                      mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
         s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION) * qk_scale
-        valid = n_ok[None, :] & m_ok[:, None]
-        if IS_CAUSAL:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-        if MASK_KIND != 0:
-            mv = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
-                         mask=m_ok[:, None] & n_ok[None, :], other=0)
-            if MASK_KIND == 1:
-                valid = valid & (mv != 0)
-            else:
-                s = s + mv.to(ACC) * 1.4426950408889634
-        p = tl.where(valid, tl.math.exp2(s - lse[:, None]), 0.0)
+        s = _masked_scores(s, offs_m[:, None], offs_n[None, :], M, N, mask_base, stride_mm, stride_mn, causal_offset,
+                           IS_CAUSAL, MASK_KIND)
+        p = tl.math.exp2(s - lse[:, None])  # 0 where excluded
         vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
                      mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
         dp = mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION)
