@@ -6,14 +6,21 @@ Public ops keep torch's signatures so that swapping is a one-word change::
     out = scaled_dot_product_attention(q, k, v, is_causal=True)
 """
 
+from fastattn import nn
 from fastattn._runtime import FallbackWarning, record_launches
 from fastattn.ops.attention import attention, scaled_dot_product_attention
+from fastattn.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FallbackWarning",
+    "add_layer_norm",
+    "add_rms_norm",
     "attention",
+    "layer_norm",
+    "nn",
     "record_launches",
+    "rms_norm",
     "scaled_dot_product_attention",
 ]
