@@ -24,18 +24,20 @@ import triton.language as tl
 # -- configs -------------------------------------------------------------------------------------------------------
 # Memory-bound kernels: no autotuning. The config is a function of N alone, so the rows each backward program sums
 # (and therefore dweight/dbias bit for bit) never depend on timing noise. A tile holds BLOCK_M rows of BLOCK_N
-# columns; num_warps keeps it at 8 values per thread per live array (16 for the widest forward tile), which is
-# what fits without spilling (see fastattn.hwfit).
+# columns; num_warps gives each thread 8 values of a row-sized array in the forward and 4 in the backward, which
+# keeps more arrays live (dz, xhat, w * dout, the dweight/dbias accumulators, the regenerated dropout mask). Tiles
+# needing 16 warps (at most 128 registers per thread) are used only where they compile without spilling with
+# margin on sm_80 and sm_90 (fastattn.hwfit, with triton 3.6 and 3.9); longer rows loop over chunks.
 
 MIN_BLOCK_N = 16
 MAX_TILE_N_FWD = 8192  # longer rows take the looped forward (16384 in one tile spills on sm_90)
-MAX_TILE_N_BWD = 4096  # the backward keeps more row-sized arrays live: 8192 in one tile spills
-LOOP_FWD = (1, 4096)  # (BLOCK_M, BLOCK_N) of the looped paths
-LOOP_BWD = (4, 1024)  # 4 rows per step amortise the read-modify-write of the partial (dw, db) rows
+MAX_TILE_N_BWD = 1024  # longer rows take the looped backward (2048 with 16 warps sits at the 128-register cap)
+LOOP_FWD = (1, 2048)  # (BLOCK_M, BLOCK_N) of the looped paths: 8 warps
+LOOP_BWD = (4, 256)  # 4 rows per step amortise the read-modify-write of the partial (dw, db) rows
 
 
-def _config(block_m: int, block_n: int, looped: bool) -> triton.Config:
-    warps = min(16, max(4, block_m * block_n // 256))
+def _config(block_m: int, block_n: int, looped: bool, per_thread: int = 8) -> triton.Config:
+    warps = min(16, max(4, block_m * block_n // (32 * per_thread)))
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "LOOPED": looped}, num_warps=warps, num_stages=1)
 
 
@@ -53,8 +55,8 @@ def fwd_config(n: int) -> triton.Config:
 def bwd_config(n: int) -> triton.Config:
     block_n = tile_block_n(n)
     if block_n > MAX_TILE_N_BWD:
-        return _config(*LOOP_BWD, True)
-    return _config(max(1, 1024 // block_n), block_n, False)
+        return _config(*LOOP_BWD, True, 4)
+    return _config(max(1, 1024 // block_n), block_n, False, 4)
 
 
 def all_fwd_configs() -> list:
@@ -77,9 +79,12 @@ MASK_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 256}, num_warps=4, num_st
 
 @triton.jit
 def _row_offsets(rows, M_INNER, stride_outer, stride_inner):
-    # Leading dims come in as two strided levels, so views like x[:, 1:] of a (B, L, N) tensor need no copy.
-    rows = rows.to(tl.int64)
-    return (rows // M_INNER) * stride_outer + (rows % M_INNER) * stride_inner
+    # Leading dims come in as two strided levels, so views like x[:, 1:] of a (B, L, N) tensor need no copy. The
+    # split is in int32 (row counts stay below 2^31; an int64 division costs dozens of registers), the offsets in
+    # int64.
+    outer = rows // M_INNER
+    inner = rows - outer * M_INNER
+    return outer.to(tl.int64) * stride_outer + inner.to(tl.int64) * stride_inner
 
 
 @triton.jit

@@ -95,15 +95,16 @@ def check_case(x, residual=None, weight=None, bias=None, *, dtype, rms=False, ep
     return results
 
 
-# -- hidden sizes (the last one takes the looped paths of both kernels) ---------------------------------------------
+# -- hidden sizes -----------------------------------------------------------------------------------------------------
 
 SIZES = [(1, (3, 37)), (65, (2, 53)), (768, (2, 9)), (1000, (17,)), (1536, (9,)), (4099, (5,)), (8192, (3,)),
-         (10007, (2,))]
+         (10007, (2,)), (65536, (1,))]
 
 
 @pytest.mark.parametrize("N,lead", SIZES, ids=[f"N{n}" for n, _ in SIZES])
 def test_hidden_sizes_fp16(N, lead):
-    assert (N > K.MAX_TILE_N_FWD) == (N == 10007)
+    assert K.fwd_config(N).kwargs["LOOPED"] == (N > 8192)  # the last two take the looped paths of both kernels
+    assert K.bwd_config(N).kwargs["LOOPED"] == (N > 1024)
     check_case(randn(*lead, N), randn(*lead, N), randn(N), randn(N), dtype=torch.float16)
 
 
@@ -156,12 +157,15 @@ def small_loops(monkeypatch):
     monkeypatch.setattr(K, "MAX_TILE_N_FWD", 64)
     monkeypatch.setattr(K, "MAX_TILE_N_BWD", 64)
     monkeypatch.setattr(K, "LOOP_FWD", (2, 64))
-    monkeypatch.setattr(K, "LOOP_BWD", (4, 128))
+    monkeypatch.setattr(K, "LOOP_BWD", (2, 128))
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
 def test_looped_path_small_chunks(small_loops, rms):
-    assert K.fwd_config(300).kwargs["LOOPED"] and K.bwd_config(300).kwargs["LOOPED"]
+    cfg = K.bwd_config(300)
+    assert K.fwd_config(300).kwargs["LOOPED"] and cfg.kwargs["LOOPED"]
+    _, per = ln_ops.backward_programs(math.ceil(23 / cfg.kwargs["BLOCK_M"]), cfg.num_warps, torch.device("cpu"))
+    assert per > 1  # programs accumulate several row blocks into their partial (dweight, dbias) rows
     x = randn(23, 300) * 0.5 + 3.0
     check_case(x, randn(23, 300), randn(300), randn(300), dtype=torch.float16, rms=rms, dropout_p=0.2)
 
