@@ -251,26 +251,27 @@ def _bwd_store(dz, keep, DZ, DX, DR, z_rows_dz, o_rows, cols, mask, stride_dzn, 
 def _layer_norm_bwd(
     Z, DY, DZ, W, Mean, Rstd, DX, DR, DWp, DBp,
     # Z: the normalised input (residual_out, or x itself), DY: d out, DZ: d residual_out -- (M, N) through strides;
-    # W: (N,); Mean, Rstd: (M,); DX, DR: (M, N) contiguous; DWp, DBp: (programs, N) partial sums in ACC
+    # W: (N,); Mean, Rstd: (M,); DX, DR: (M, N) contiguous; DWp, DBp: (programs, >= N) partial sums in ACC
     stride_zo, stride_zi, stride_zn,
     stride_dyo, stride_dyi, stride_dyn,
     stride_dzo, stride_dzi, stride_dzn,
+    stride_p,  # row stride of DWp, DBp: BLOCK_N on the tile path (stored unmasked), N on the looped path
     M, N, M_INNER, BLOCKS_PER_PROG,
     seed, dropout_p,
     IS_RMS: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, RTNE_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOPED: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    first = pid * BLOCKS_PER_PROG
-    last = tl.minimum(first + BLOCKS_PER_PROG, tl.cdiv(M, BLOCK_M))
+    # This program's row blocks: pid * BLOCKS_PER_PROG + [0, BLOCKS_PER_PROG); past the last row everything is
+    # masked (the last program only).
     offs = tl.arange(0, BLOCK_N)
-    part = pid.to(tl.int64) * N
+    part = pid.to(tl.int64) * stride_p
     if not LOOPED:
         col_ok = offs < N
         dw = tl.zeros([BLOCK_M, BLOCK_N], ACC)
         db = tl.zeros([BLOCK_M, BLOCK_N], ACC)
-        for blk in range(first, last):
-            rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        for i in range(BLOCKS_PER_PROG):
+            rows = (pid * BLOCKS_PER_PROG + i) * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < M
             mask = row_ok[:, None] & col_ok[None, :]
             keep = 0
@@ -292,13 +293,15 @@ def _layer_norm_bwd(
                 dz = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
             _bwd_store(dz, keep, DZ, DX, DR, _row_offsets(rows, M_INNER, stride_dzo, stride_dzi),
                        rows.to(tl.int64) * N, offs, mask, stride_dzn, dropout_p, HAS_DROPOUT, ACC, RTNE_BF16)
+        # Whole padded rows (zero past N): no column mask has to stay live across the loop, which ptxas would
+        # spill on sm_90.
         if DWp is not None:
-            tl.store(DWp + part + offs, tl.sum(dw, 0), mask=col_ok)
+            tl.store(DWp + part + offs, tl.sum(dw, 0))
         if DBp is not None:
-            tl.store(DBp + part + offs, tl.sum(db, 0), mask=col_ok)
+            tl.store(DBp + part + offs, tl.sum(db, 0))
     else:
-        for blk in range(first, last):
-            rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        for i in range(BLOCKS_PER_PROG):
+            rows = (pid * BLOCKS_PER_PROG + i) * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < M
             z_rows = _row_offsets(rows, M_INNER, stride_zo, stride_zi)
             dy_rows = _row_offsets(rows, M_INNER, stride_dyo, stride_dyi)
@@ -343,8 +346,8 @@ def _layer_norm_bwd(
 
 @triton.jit
 def _layer_norm_bwd_reduce(
-    DWp, DBp, DW, DB,  # DWp, DBp: (G, N) partial sums in ACC; DW, DB: (N,) in the parameters' dtypes
-    G, N,
+    DWp, DBp, DW, DB,  # DWp, DBp: (G, >= N) partial sums in ACC with row stride stride_p; DW, DB: (N,)
+    stride_p, G, N,
     ACC: tl.constexpr, RTNE_BF16: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -354,14 +357,14 @@ def _layer_norm_bwd_reduce(
         acc = tl.zeros([BLOCK_G, BLOCK_N], ACC)
         for start in range(0, G, BLOCK_G):
             g = start + offs_g
-            acc += tl.load(DWp + g.to(tl.int64)[:, None] * N + cols[None, :],
+            acc += tl.load(DWp + g.to(tl.int64)[:, None] * stride_p + cols[None, :],
                            mask=(g < G)[:, None] & col_ok[None, :], other=0.0)
         tl.store(DW + cols, _cast(tl.sum(acc, 0), DW.dtype.element_ty, RTNE_BF16), mask=col_ok)
     if DBp is not None:
         acc = tl.zeros([BLOCK_G, BLOCK_N], ACC)
         for start in range(0, G, BLOCK_G):
             g = start + offs_g
-            acc += tl.load(DBp + g.to(tl.int64)[:, None] * N + cols[None, :],
+            acc += tl.load(DBp + g.to(tl.int64)[:, None] * stride_p + cols[None, :],
                            mask=(g < G)[:, None] & col_ok[None, :], other=0.0)
         tl.store(DB + cols, _cast(tl.sum(acc, 0), DB.dtype.element_ty, RTNE_BF16), mask=col_ok)
 

@@ -549,7 +549,7 @@ BAD = [
     ("dropout_negative", lambda: ((_t(3, 8),), {"dropout_p": -0.1}), ValueError, "dropout_p"),
     ("int_input", lambda: ((torch.ones(3, 8, dtype=torch.int64),), {}), TypeError, "x must be a floating-point"),
     ("not_a_tensor", lambda: (([1.0, 2.0],), {}), TypeError, "x must be a Tensor"),
-    ("scalar_input", lambda: ((torch.tensor(1.0),), {}), ValueError, "normalized_shape"),
+    ("scalar_input", lambda: ((torch.tensor(1.0),), {}), ValueError, "x must have at least one dim"),
     ("fp32_flag_type", lambda: ((_t(3, 8),), {"residual_in_fp32": 1}), TypeError, "residual_in_fp32 must be a bool"),
 ]
 

@@ -31,6 +31,7 @@ from fastattn.kernels import layer_norm as K
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_ROWS = 2**31 - 2**16  # row indices are int32 in the kernels (element offsets are int64)
 
 
 def _rtne_bf16() -> bool:
@@ -57,7 +58,7 @@ def residual_dtype(x_dtype: torch.dtype, residual_in_fp32: bool) -> torch.dtype:
 
 def _collapse(sizes: Sequence[int], strides: Sequence[int]) -> int | None:
     """The single stride that walks ``sizes`` (row-major) in ``strides``, or None if there is none."""
-    dims = [(s, st) for s, st in zip(sizes, strides) if s != 1]
+    dims = [(s, st) for s, st in zip(sizes, strides, strict=True) if s != 1]
     for (_, outer), (size, inner) in itertools.pairwise(dims):
         if outer != inner * size:
             return None
@@ -70,7 +71,7 @@ def _split_rows(lead: Sequence[int], tensors: list[Tensor | None]):
     Row ``r`` of a tensor lives at ``(r // M_INNER) * outer + (r % M_INNER) * inner``. Tensors whose leading dims
     fit no common split are copied to contiguous memory (never for up to two irregular levels).
     """
-    for attempt in range(2):
+    for _ in range(2):
         for p in range(len(lead) + 1):
             strides = []
             for t in tensors:
@@ -164,16 +165,18 @@ def _backward(dy: Tensor, dz: Tensor | None, z: Tensor, weight: Tensor | None, m
     cfg = K.bwd_config(N)
     num_blocks = triton.cdiv(M, cfg.kwargs["BLOCK_M"])
     programs, per = backward_programs(num_blocks, cfg.num_warps, z.device)
-    alloc = torch.zeros if cfg.kwargs["LOOPED"] else torch.empty  # the looped path accumulates into its rows
-    dwp = alloc((programs, N), device=z.device, dtype=stat) if need_dweight else None
-    dbp = alloc((programs, N), device=z.device, dtype=stat) if dbias_dtype else None
+    looped = cfg.kwargs["LOOPED"]
+    # Partial-sum rows: the looped path accumulates into zeroed rows of N, the tile path writes whole BLOCK_N rows.
+    alloc, width = (torch.zeros, N) if looped else (torch.empty, cfg.kwargs["BLOCK_N"])
+    dwp = alloc((programs, width), device=z.device, dtype=stat) if need_dweight else None
+    dbp = alloc((programs, width), device=z.device, dtype=stat) if dbias_dtype else None
     (z, dy, dz), m_inner, strides = _split_rows(lead, [z, dy, dz])
     (szo, szi), (syo, syi), (sdo, sdi) = strides
     _runtime.launch(
         K._layer_norm_bwd, (programs,),
         z, dy, dz, _param(weight), None if is_rms else mean, rstd, dx if dx_dtype else None,
         dres if dres_dtype else None, dwp, dbp,
-        szo, szi, z.stride(-1), syo, syi, dy.stride(-1), sdo, sdi, dz.stride(-1) if dz is not None else 0,
+        szo, szi, z.stride(-1), syo, syi, dy.stride(-1), sdo, sdi, dz.stride(-1) if dz is not None else 0, width,
         M, N, m_inner, per, seed, float(dropout_p),
         IS_RMS=is_rms, HAS_DROPOUT=dropout_p > 0.0, ACC=_TL[stat], RTNE_BF16=_rtne_bf16(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs,
@@ -181,8 +184,8 @@ def _backward(dy: Tensor, dz: Tensor | None, z: Tensor, weight: Tensor | None, m
     if dwp is not None or dbp is not None:
         rc = K.REDUCE_CONFIG
         _runtime.launch(K._layer_norm_bwd_reduce, (triton.cdiv(N, rc.kwargs["BLOCK_N"]),), dwp, dbp,
-                        dw if need_dweight else None, db if dbias_dtype else None, programs, N, ACC=_TL[stat], RTNE_BF16=_rtne_bf16(),
-                        num_warps=rc.num_warps, **rc.kwargs)
+                        dw if need_dweight else None, db if dbias_dtype else None, width, programs, N, ACC=_TL[stat],
+                        RTNE_BF16=_rtne_bf16(), num_warps=rc.num_warps, **rc.kwargs)
     return dx, dres, dw, db
 
 
@@ -306,6 +309,8 @@ def _check(op: str, x, residual, weight, bias, eps, dropout_p, residual_in_fp32,
         raise TypeError(f"fastattn.{op}: x must be a Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"fastattn.{op}: x must be a floating-point tensor; got {_dtype_name(x.dtype)}")
+    if x.dim() == 0:
+        raise ValueError(f"fastattn.{op}: x must have at least one dim (the normalised one); got a 0-dim tensor")
     if x.dim() < len(norm_shape) or tuple(x.shape[x.dim() - len(norm_shape):]) != norm_shape:
         raise ValueError(f"fastattn.{op}: normalized_shape {norm_shape} must equal the trailing dims of x; "
                          f"got x of shape {tuple(x.shape)}")
@@ -343,6 +348,8 @@ def _check(op: str, x, residual, weight, bias, eps, dropout_p, residual_in_fp32,
 def _fallback_reason(x: Tensor) -> str | None:
     if not _runtime.triton_device_ok(x.device):
         return _runtime.device_fallback_reason(x.device)
+    if math.prod(x.shape[:-1]) >= MAX_ROWS:
+        return f"{math.prod(x.shape[:-1])} rows exceed the kernels' int32 row index (at most {MAX_ROWS - 1})"
     if x.dtype == torch.float64 and x.device.type == "cuda":
         return "float64 runs the Triton kernels only in the interpreter"
     if x.dtype not in KERNEL_DTYPES:
@@ -495,18 +502,19 @@ def kernel_specs() -> list[KernelSpec]:
             specs.append(KernelSpec("layer_norm", K._layer_norm_fwd, args, cfg, f"{dname} all features"))
         for cfg in K.all_bwd_configs():
             n = cfg.kwargs["BLOCK_N"] * (3 if cfg.kwargs["LOOPED"] else 1) - 3
-            part = torch.empty((264, n), device=meta, dtype=torch.float32)
+            width = n if cfg.kwargs["LOOPED"] else cfg.kwargs["BLOCK_N"]
+            part = torch.empty((264, width), device=meta, dtype=torch.float32)
             args = {"Z": t(n, rdtype), "DY": t(n, dtype), "DZ": t(n, rdtype), "W": t(n, dtype)[0], "Mean": stat,
                     "Rstd": stat, "DX": t(n, dtype), "DR": t(n, rdtype), "DWp": part, "DBp": part, "stride_zo": 0,
                     "stride_zi": n, "stride_zn": 1, "stride_dyo": 0, "stride_dyi": n, "stride_dyn": 1,
-                    "stride_dzo": 0, "stride_dzi": n, "stride_dzn": 1, "M": M, "N": n, "M_INNER": M,
+                    "stride_dzo": 0, "stride_dzi": n, "stride_dzn": 1, "stride_p": width, "M": M, "N": n, "M_INNER": M,
                     "BLOCKS_PER_PROG": 4, "seed": 1234, "dropout_p": 0.1, "IS_RMS": False, "HAS_DROPOUT": True,
                     "ACC": tl.float32, "RTNE_BF16": False}
             specs.append(KernelSpec("layer_norm", K._layer_norm_bwd, args, cfg, f"{dname} all features"))
         part = torch.empty((264, 4093), device=meta, dtype=torch.float32)
         vec = torch.empty((4093,), device=meta, dtype=dtype)
-        args = {"DWp": part, "DBp": part, "DW": vec, "DB": vec, "G": 264, "N": 4093, "ACC": tl.float32,
-                "RTNE_BF16": False}
+        args = {"DWp": part, "DBp": part, "DW": vec, "DB": vec, "stride_p": 4093, "G": 264, "N": 4093,
+                "ACC": tl.float32, "RTNE_BF16": False}
         specs.append(KernelSpec("layer_norm", K._layer_norm_bwd_reduce, args, K.REDUCE_CONFIG,
                                 f"{_dtype_name(dtype)} dweight+dbias"))
     keep = torch.empty((M, 4093), device=meta, dtype=torch.bool)
