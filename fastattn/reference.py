@@ -128,3 +128,71 @@ def batch_norm_add_relu(
     if identity is not None:
         y = y + identity
     return F.relu(y)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# add + layer_norm / rms_norm
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _add_dropout_residual(x: Tensor, residual: Tensor | None, dropout_p: float, residual_in_fp32: bool,
+                          dropout_mask: Tensor | None) -> Tensor:
+    """``dropout(x) + residual`` in the residual stream's dtype (x's, or fp32 for fp16/bf16 x with
+    ``residual_in_fp32``); ``x`` itself when there is nothing to add, drop or cast."""
+    z_dtype = torch.float32 if residual_in_fp32 and x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    h = x
+    if dropout_mask is not None:
+        h = x * dropout_mask / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        h = F.dropout(x, dropout_p)
+    h = h.to(z_dtype)
+    return h + residual.to(z_dtype) if residual is not None else h
+
+
+def _compute_dtype(z: Tensor, *params: Tensor | None) -> torch.dtype:
+    dtype = z.dtype
+    for p in params:
+        if p is not None:
+            dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
+
+
+def add_layer_norm(
+    x: Tensor,
+    residual: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    dropout_p: float = 0.0,
+    *,
+    residual_in_fp32: bool = False,
+    dropout_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``residual_out = dropout(x) + residual``, ``out = layer_norm(residual_out)`` over the last dim, both returned.
+
+    ``residual_out`` is computed in the residual stream's dtype; the norm runs in the promoted dtype of
+    ``residual_out`` and the parameters and ``out`` is cast to ``x``'s dtype. ``dropout_mask`` (bool, True = keep,
+    shaped like ``x``) replays a kernel's mask.
+    """
+    z = _add_dropout_residual(x, residual, dropout_p, residual_in_fp32, dropout_mask)
+    ct = _compute_dtype(z, weight, bias)
+    out = F.layer_norm(z.to(ct), (z.size(-1),), weight.to(ct) if weight is not None else None,
+                       bias.to(ct) if bias is not None else None, eps)
+    return out.to(x.dtype), z
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor | None = None,
+    weight: Tensor | None = None,
+    eps: float = 1e-6,
+    dropout_p: float = 0.0,
+    *,
+    residual_in_fp32: bool = False,
+    dropout_mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """RMSNorm twin of :func:`add_layer_norm`: ``out = residual_out * rsqrt(mean(residual_out^2) + eps) * weight``."""
+    z = _add_dropout_residual(x, residual, dropout_p, residual_in_fp32, dropout_mask)
+    ct = _compute_dtype(z, weight)
+    out = F.rms_norm(z.to(ct), (z.size(-1),), weight.to(ct) if weight is not None else None, eps)
+    return out.to(x.dtype), z
