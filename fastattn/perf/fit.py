@@ -132,9 +132,24 @@ def run(ops: Iterable[str], archs: Sequence[int], *, filters: Sequence[str] = ()
     return results
 
 
+def status(r: hwfit.FitReport) -> str:
+    """``OK`` or the problems in a few words (the full sentences are in ``FitReport.problems``)."""
+    if r.ok:
+        return "OK"
+    out = []
+    if r.spill_stores or r.local_bytes:
+        out.append(f"SPILLS ({r.spill_stores} STL)")
+    limit = hwfit.ARCH_LIMITS[r.arch]["smem_per_block"]
+    if r.shared_bytes > limit:
+        out.append(f"SMEM {r.shared_bytes / 1024:.0f} > {limit / 1024:.0f} KB")
+    if r.needs_tensor_cores and r.hmma + r.hgmma == 0:
+        out.append("NO MMA")
+    return ", ".join(out) or "; ".join(r.problems)
+
+
 def table(reports: Sequence[hwfit.FitReport]) -> str:
     rows = [(r.kernel, r.variant, r.config, f"sm_{r.arch}", r.registers, r.spill_stores, f"{r.shared_bytes / 1024:.1f}",
-             r.hmma, r.hgmma, f"{100 * r.occupancy:.0f}%", "OK" if r.ok else "; ".join(r.problems)) for r in reports]
+             r.hmma, r.hgmma, f"{100 * r.occupancy:.0f}%", status(r)) for r in reports]
     return format_table(("kernel", "variant", "config", "arch", "regs", "spills", "smem KB", "HMMA", "HGMMA",
                          "occupancy", "status"), rows, align="llllrrrrrrl")
 

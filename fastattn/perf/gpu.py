@@ -67,7 +67,13 @@ class _LazyCompile:
         if self.compiled is None:
             torch._dynamo.reset()
             self.compiled = torch.compile(self.fn)
-        return self.compiled(*args, **kwargs)
+        config = torch._functorch.config
+        if not hasattr(config, "donated_buffer"):
+            return self.compiled(*args, **kwargs)
+        # The backward is timed on a retained graph; a backward compiled with donated buffers refuses
+        # retain_graph=True (torch names this switch in its error).
+        with config.patch(donated_buffer=False):
+            return self.compiled(*args, **kwargs)
 
 
 def measure_impl(case: Case, fn: Callable, dtype: torch.dtype, modes: Sequence[str] = MODES,
@@ -205,8 +211,8 @@ def run_end_to_end(dtype: torch.dtype, quick: bool = False, progress: Progress |
                 eager_ms = timing.ms
             rows.append({
                 "op": "end-to-end", "case": w.label, "shape": w.shape, "dtype": str(dtype).replace("torch.", ""),
-                "impl": name, "mode": "train step", "ms": timing.ms if timing else None, "ms_p20": timing.p20 if timing else None,
-                "ms_p80": timing.p80 if timing else None,
+                "impl": name, "mode": "train step", "ms": timing.ms if timing else None,
+                "ms_p20": timing.p20 if timing else None, "ms_p80": timing.p80 if timing else None,
                 "throughput": w.batch / (timing.ms * 1e-3) if timing else None, "unit": "images/s",
                 "speedup_vs_eager": eager_ms / timing.ms if (timing and eager_ms) else None,
                 "peak_mib": peak / 2**20 if peak is not None else None,
