@@ -34,7 +34,8 @@ def _archs(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fastattn", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="fastattn", description="bench: GPU timings, or the measured CPU report where "
+                                "there is no GPU; inspect: the hardware-fit report of every kernel config.")
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="benchmarks on a GPU; the measured CPU report where there is none",
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-e2e", action="store_true", help="GPU: skip the end-to-end training steps")
     b.add_argument("--cpu-report", action="store_true", help="the CPU report even where a GPU exists")
     b.add_argument("--skip-inspect", action="store_true", help="CPU: skip the hardware-fit section")
-    b.add_argument("--skip", type=_ops, default=[], help="CPU: skip sections (memory, agreement)")
+    b.add_argument("--skip", type=_ops, default=[], help="CPU: skip sections: memory (sections 2-3), agreement (4)")
     b.add_argument("--arch", type=_archs, default=[80, 90], help="CPU: architectures to compile for (default 80,90)")
     b.add_argument("--workers", type=int, default=None, help="compile processes (default: all cores)")
 
