@@ -120,6 +120,14 @@ def _signature(spec: KernelSpec) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
+def cubin_name(spec: KernelSpec, arch: int) -> str:
+    """``<kernel function name>-<config>-<arch>.cubin``; the config part starts with the variant, so every spec
+    has its own file, and holds no ``-``, so the name splits into exactly three fields on ``-``."""
+    variant = re.sub(r"[^A-Za-z0-9_.=+]+", "_", spec.variant.replace("<=", "le"))
+    config = spec.config_label.replace("-", ".")
+    return f"{spec.name}-{variant}.{config}-sm_{arch}.cubin"
+
+
 def _bin(tool: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
@@ -170,9 +178,7 @@ def compile_spec(spec: KernelSpec, arch: int, dump_dir: str | None = None) -> Fi
         problems.append("no tensor-core instruction (HMMA/HGMMA) in the SASS")
     if dump_dir is not None:
         os.makedirs(dump_dir, exist_ok=True)
-        variant = re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec.variant)
-        out = os.path.join(dump_dir, f"{spec.name}-{variant}-{spec.config_label}-sm{arch}.cubin")
-        with open(out, "wb") as f:
+        with open(os.path.join(dump_dir, cubin_name(spec, arch)), "wb") as f:
             f.write(cubin)
     return FitReport(op=spec.op, kernel=spec.name, variant=spec.variant, config=spec.config_label, arch=arch,
                      registers=regs, local_bytes=local, spill_stores=spill_stores, shared_bytes=shared, hmma=hmma,
@@ -193,6 +199,24 @@ def all_specs(ops: Iterable[str] | None = None) -> list[KernelSpec]:
     return specs
 
 
+@dataclasses.dataclass(frozen=True)
+class SpecInfo:
+    """What :func:`check`'s ``select`` sees of a spec (listed in a clean worker, like the compiles)."""
+
+    op: str
+    index: int
+    name: str
+    variant: str
+    config_label: str
+
+
+def _list_specs(op: str) -> list[SpecInfo]:
+    import importlib
+
+    specs = importlib.import_module(f"fastattn.ops.{op}").kernel_specs()
+    return [SpecInfo(op, i, s.name, s.variant, s.config_label) for i, s in enumerate(specs)]
+
+
 def _compile_indexed(job: tuple[str, int, int, str | None]) -> FitReport:
     op, index, arch, dump_dir = job
     import importlib
@@ -201,18 +225,14 @@ def _compile_indexed(job: tuple[str, int, int, str | None]) -> FitReport:
     return compile_spec(spec, arch, dump_dir)
 
 
-def _count_specs(op: str) -> int:
-    import importlib
-
-    return len(importlib.import_module(f"fastattn.ops.{op}").kernel_specs())
-
-
 def check(ops: Iterable[str] | None = None, archs: Iterable[int] = (80, 90), workers: int | None = None,
-          dump_dir: str | None = None, progress=None) -> list[FitReport]:
+          dump_dir: str | None = None, progress=None, select=None) -> list[FitReport]:
     """Compile every spec of ``ops`` for every arch in ``workers`` fresh processes (default: all cores).
 
-    The workers run without ``TRITON_INTERPRET``, so they build real ``JITFunction`` kernels and list the GPU
-    configs even when this process (a test run) uses the interpreter; the specs are also counted there.
+    ``select(info: SpecInfo) -> bool`` keeps a subset; ``progress(done, total, report)`` is called as compiles
+    finish. The workers start without ``TRITON_INTERPRET`` so that they build real ``JITFunction`` kernels even
+    when this process (a test run) uses the interpreter; the specs are listed there too, since config lists
+    depend on the interpreter switch (``kernels._common.pick_configs``).
     """
     import concurrent.futures
     import multiprocessing
@@ -222,16 +242,19 @@ def check(ops: Iterable[str] | None = None, archs: Iterable[int] = (80, 90), wor
     ops = list(ops or OPS)
     archs = list(archs)
     workers = max(1, workers or os.cpu_count() or 1)
-    saved = os.environ.pop("TRITON_INTERPRET", None)  # workers may be spawned at any submit: keep it out till done
+    # Workers are spawned as work is submitted, so the variable stays unset until the last job is queued.
+    saved = os.environ.pop("TRITON_INTERPRET", None)
     try:
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            counts = list(pool.map(_count_specs, ops))
-            jobs = [(op, i, arch, dump_dir) for op, n in zip(ops, counts) for i in range(n) for arch in archs]
+        pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        with pool:
+            infos = [info for listing in pool.map(_list_specs, ops) for info in listing]
+            jobs = [(i.op, i.index, arch, dump_dir) for i in infos if select is None or select(i) for arch in archs]
+            futures = [pool.submit(_compile_indexed, job) for job in jobs]
             results = []
-            for report in pool.map(_compile_indexed, jobs, chunksize=2):
-                results.append(report)
+            for future in futures:
+                results.append(future.result())
                 if progress:
-                    progress(len(results), len(jobs), report)
+                    progress(len(results), len(jobs), results[-1])
     finally:
         if saved is not None:
             os.environ["TRITON_INTERPRET"] = saved

@@ -8,6 +8,9 @@ import pytest
 from fastattn import hwfit
 from fastattn.ops import OPS
 
+# Ops whose kernels are GEMMs: their specs must ask for tensor cores, and get them.
+TENSOR_CORE_OPS = {"attention", "patch_embed"}
+
 
 @pytest.mark.parametrize("op", OPS)
 def test_every_config_fits_sm80_and_sm90(op):
@@ -19,4 +22,6 @@ def test_every_config_fits_sm80_and_sm90(op):
            for r in reports if not r.ok]
     assert not bad, "configs that do not fit:\n" + "\n".join(bad)
     gemm = [r for r in reports if r.needs_tensor_cores]
+    if op in TENSOR_CORE_OPS:
+        assert gemm, f"{op} is a GEMM op but marks no kernel spec needs_tensor_cores"
     assert all(r.hmma + r.hgmma > 0 for r in gemm)

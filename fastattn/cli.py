@@ -1,0 +1,150 @@
+"""The ``fastattn`` command: ``bench`` (GPU timings, or the measured CPU report where there is no GPU) and
+``inspect`` (the hardware-fit report of every kernel config, compiled for sm_80 / sm_89 / sm_90 without a GPU).
+
+    fastattn bench [--ops attention] [--dtype fp16] [--quick] [--out DIR]
+    fastattn inspect [--ops attention] [--arch 80,90] [--json] [--dump DIR] [--filter TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is its current default
+
+ARCHS = (80, 89, 90)
+
+
+def _ops(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _archs(text: str) -> list[int]:
+    try:
+        archs = [int(t.strip().removeprefix("sm_").removeprefix("sm")) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--arch takes a comma list of {', '.join(map(str, ARCHS))}; got {text!r}")
+    bad = [a for a in archs if a not in ARCHS]
+    if bad or not archs:
+        raise argparse.ArgumentTypeError(f"--arch takes a comma list of {', '.join(map(str, ARCHS))}; got {text!r}")
+    return archs
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastattn", description="bench: GPU timings, or the measured CPU report where "
+                                "there is no GPU; inspect: the hardware-fit report of every kernel config.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="benchmarks on a GPU; the measured CPU report where there is none",
+                       description="On a CUDA device: every op forward, backward and forward+backward against eager "
+                       "PyTorch, torch's alternatives and torch.compile, at model shapes, plus end-to-end training "
+                       "steps; a table, a CSV and PNG plots. Without one: the hardware-fit report, measured memory "
+                       "and traffic, and the interpreter agreement check.")
+    b.add_argument("--ops", type=_ops, default=None, help="comma list of ops (default: all)")
+    b.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16", help="default fp16")
+    b.add_argument("--out", default=None,
+                   help="results directory (default bench/results/<device>, e.g. bench/results/cpu)")
+    b.add_argument("--quick", action="store_true", help="a few shapes, first config of each kernel: a smoke run")
+    b.add_argument("--no-compile", action="store_true", help="GPU: skip the torch.compile baseline")
+    b.add_argument("--no-e2e", action="store_true", help="GPU: skip the end-to-end training steps")
+    b.add_argument("--cpu-report", action="store_true", help="the CPU report even where a GPU exists")
+    b.add_argument("--skip-inspect", action="store_true", help="CPU: skip the hardware-fit section")
+    b.add_argument("--skip", type=_ops, default=[], help="CPU: skip sections: memory (sections 2-3), agreement (4)")
+    b.add_argument("--arch", type=_archs, default=[80, 90], help="CPU: architectures to compile for (default 80,90)")
+    b.add_argument("--workers", type=int, default=None, help="compile processes (default: all cores)")
+
+    i = sub.add_parser("inspect", help="registers, spills, shared memory, tensor-core use, occupancy per config",
+                       description="Compile every kernel config fastattn can launch for real GPU targets (no GPU "
+                       "needed) and read the cubins with cuobjdump.")
+    i.add_argument("--ops", type=_ops, default=None, help="comma list of ops (default: all)")
+    i.add_argument("--arch", type=_archs, default=[80, 90], help="comma list of 80, 89, 90 (default 80,90)")
+    i.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    i.add_argument("--dump", metavar="DIR", default=None,
+                   help="write each cubin as DIR/<kernel function name>-<config>-<arch>.cubin (for cuobjdump)")
+    i.add_argument("--filter", action="append", default=[], metavar="TEXT",
+                   help="keep specs whose '<kernel> <variant> <config>' contains TEXT (repeat: all must match)")
+    i.add_argument("--no-cache", action="store_true", help="compile even where a cached report exists")
+    i.add_argument("--workers", type=int, default=None, help="compile processes (default: all cores)")
+    return p
+
+
+def _check_ops(ops: Sequence[str] | None, known: Sequence[str]) -> list[str]:
+    if not ops:
+        return list(known)
+    unknown = [op for op in ops if op not in known]
+    if unknown:
+        raise SystemExit(f"fastattn: unknown op(s) {', '.join(unknown)}; available: {', '.join(known)}")
+    return list(ops)
+
+
+def _bench(a: argparse.Namespace) -> int:
+    import torch
+
+    from fastattn.perf import cases, report
+
+    ops = _check_ops(a.ops, cases.available_ops())
+    if not torch.cuda.is_available() or a.cpu_report:
+        from fastattn.perf import cpu
+
+        if not torch.cuda.is_available():
+            report.say("no CUDA GPU found: writing the CPU report (hardware fit, measured memory and traffic, "
+                       "interpreter agreement); no timings")
+        return cpu.run(ops, dtype=a.dtype, out_dir=a.out or os.path.join("bench", "results", "cpu"), quick=a.quick,
+                       skip_inspect=a.skip_inspect, archs=a.arch, workers=a.workers, skip=a.skip,
+                       gpu_present=torch.cuda.is_available())
+
+    from fastattn.perf import gpu, plots
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype]
+    env = report.environment()
+    out_dir = a.out or os.path.join("bench", "results", report.device_slug(env["device"]))
+    report.say(f"benchmarking on {env['device']} (torch {env['torch']}, triton {env['triton']}); results -> {out_dir}")
+    rows = gpu.run(ops, dtype, suite="quick" if a.quick else "gpu", with_compile=not a.no_compile,
+                   end_to_end=not a.no_e2e)
+    os.makedirs(out_dir, exist_ok=True)
+    note = (f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}, dtype {a.dtype}. "
+            "Times: median of triton.testing.do_bench (CSV: 20/80 quantiles); throughput in TFLOP/s (attention: "
+            "forward 4*B*H*L*L*D, halved when causal, backward 2.5x) or GB/s of the bytes the op must move, "
+            "images/s end to end; x eager = eager time / this time, same run.")
+    text = [f"# fastattn bench on {env['device']}", "", note, "", gpu.table(rows)]
+    print("\n".join(text), flush=True)
+    csv_path = report.write_csv(os.path.join(out_dir, "bench.csv"), rows, env)
+    pngs = plots.gpu(rows, out_dir, env["device"])
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(text) + "\n")
+    print(f"\nFiles: {csv_path}" + "".join(f", {p}" for p in pngs) + f", {os.path.join(out_dir, 'report.md')}")
+    bad = gpu.failures(rows)
+    if bad:
+        print("\nfastattn measurements that failed:\n" + "\n".join(f"- {b}" for b in bad))
+    return 1 if bad else 0
+
+
+def _inspect(a: argparse.Namespace) -> int:
+    from fastattn.ops import OPS
+    from fastattn.perf import fit
+
+    ops = _check_ops(a.ops, OPS)
+    reports = fit.run(ops, a.arch, filters=a.filter, dump_dir=a.dump, use_cache=not a.no_cache, workers=a.workers)
+    if a.json:
+        print(json.dumps([fit.as_dict(r) for r in reports], indent=1))
+    else:
+        print(fit.table(reports))
+        print()
+        print(fit.summary(reports))
+        bad = fit.problems(reports)
+        print(f"\n{len(reports)} compiles, {len(bad)} with problems" + (":\n" + "\n".join(bad) if bad else "."))
+    if a.dump:
+        print(f"cubins written to {a.dump} (check with: cuobjdump -res-usage / -sass <file>)", file=sys.stderr)
+    return 1 if fit.problems(reports) else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    return _bench(a) if a.command == "bench" else _inspect(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""A ViT-B/16 and a ResNet-50 written against an *op table*, for block-level memory and end-to-end timing.
+
+Each model calls the fusable patterns through ``self.ops[<pattern>]`` (a dict of callables), so the same module
+runs eager PyTorch (:data:`EAGER_OPS`), torch's SDPA (:data:`TORCH_SDPA_OPS`) or fastattn's kernels
+(:data:`FUSED_OPS`) with identical parameters. Patterns and their eager meaning:
+
+- ``attention(q, k, v)``: softmax(q k^T / sqrt(d)) v on (B, H, L, D); eager = ``fastattn.reference`` (the math
+  path that materialises the scores, as a plain PyTorch model does).
+- ``layer_norm(norm, x)``: ``norm(x)`` for an ``nn.LayerNorm``.
+- ``patch_embed(conv, x)``: ``conv(x).flatten(2).transpose(1, 2)``: (B, C, H, W) -> (B, L, dim).
+- ``bn_relu(bn, x)`` and ``bn_add_relu(bn, x, identity)``: ``relu(bn(x))`` and ``relu(bn(x) + identity)``.
+
+:data:`FUSED_OPS` replaces the patterns a fastattn op exists for; the others stay eager, and
+:func:`fused_patterns` says which are fused, so reports never claim a fusion that did not run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fastattn
+from fastattn import reference
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return reference.scaled_dot_product_attention(q, k, v)
+
+
+def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    return norm(x)
+
+
+def _patch_embed(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    return conv(x).flatten(2).transpose(1, 2)
+
+
+def _bn_relu(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
+    return F.relu(bn(x))
+
+
+def _bn_add_relu(bn: nn.BatchNorm2d, x: Tensor, identity: Tensor) -> Tensor:
+    return F.relu(bn(x) + identity)
+
+
+EAGER_OPS: dict[str, Callable] = {
+    "attention": _attention,
+    "layer_norm": _layer_norm,
+    "patch_embed": _patch_embed,
+    "bn_relu": _bn_relu,
+    "bn_add_relu": _bn_add_relu,
+}
+
+TORCH_SDPA_OPS: dict[str, Callable] = {**EAGER_OPS, "attention": F.scaled_dot_product_attention}
+
+# One line per fastattn op that serves a pattern.
+FUSED_OPS: dict[str, Callable] = {
+    **EAGER_OPS,
+    "attention": fastattn.scaled_dot_product_attention,
+}
+
+
+def fused_patterns(patterns: tuple[str, ...], ops: dict[str, Callable] = FUSED_OPS) -> list[str]:
+    """The patterns among ``patterns`` that ``ops`` serves with something other than the eager code."""
+    return [p for p in patterns if ops[p] is not EAGER_OPS[p]]
+
+
+# -- ViT -------------------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, ops: dict[str, Callable]):
+        super().__init__()
+        self.heads, self.ops = heads, ops
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, L, C)
+        B, L, C = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, L, D)
+        x = self.ops["attention"](q, k, v)  # (B, H, L, D)
+        return self.proj(x.transpose(1, 2).reshape(B, L, C))
+
+
+class ViTBlock(nn.Module):
+    patterns = ("layer_norm", "attention")
+
+    def __init__(self, dim: int, heads: int, ops: dict[str, Callable], mlp_ratio: float = 4.0):
+        super().__init__()
+        self.ops = ops
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, ops)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1 = nn.Linear(dim, int(dim * mlp_ratio))
+        self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, L, C)
+        x = x + self.attn(self.ops["layer_norm"](self.norm1, x))
+        return x + self.fc2(F.gelu(self.fc1(self.ops["layer_norm"](self.norm2, x))))
+
+
+class ViT(nn.Module):
+    """ViT-B/16 by default: 224 px, 16 px patches (196 + 1 tokens), width 768, 12 blocks of 12 heads."""
+
+    patterns = ("patch_embed", "layer_norm", "attention")
+
+    def __init__(self, ops: dict[str, Callable], image: int = 224, patch: int = 16, dim: int = 768, depth: int = 12,
+                 heads: int = 12, classes: int = 1000):
+        super().__init__()
+        self.ops = ops
+        self.patch = nn.Conv2d(3, dim, patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(0.02 * torch.randn(1, (image // patch) ** 2 + 1, dim))
+        self.blocks = nn.Sequential(*(ViTBlock(dim, heads, ops) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W)
+        x = self.ops["patch_embed"](self.patch, x)  # (B, L, dim)
+        x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], dim=1) + self.pos
+        x = self.blocks(x)
+        return self.head(self.ops["layer_norm"](self.norm, x)[:, 0])
+
+
+# -- ResNet-50 -------------------------------------------------------------------------------------------------
+
+
+class Bottleneck(nn.Module):
+    patterns = ("bn_relu", "bn_add_relu")
+
+    def __init__(self, cin: int, mid: int, stride: int, ops: dict[str, Callable]):
+        super().__init__()
+        self.ops = ops
+        self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, 4 * mid, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4 * mid)
+        self.downsample = None
+        if stride != 1 or cin != 4 * mid:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, 4 * mid, 1, stride, bias=False), nn.BatchNorm2d(4 * mid))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W)
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.ops["bn_relu"](self.bn1, self.conv1(x))
+        out = self.ops["bn_relu"](self.bn2, self.conv2(out))
+        return self.ops["bn_add_relu"](self.bn3, self.conv3(out), identity)
+
+
+class ResNet50(nn.Module):
+    patterns = ("bn_relu", "bn_add_relu")
+
+    def __init__(self, ops: dict[str, Callable], classes: int = 1000):
+        super().__init__()
+        self.ops = ops
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, cin = [], 64
+        for mid, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            for i in range(blocks):
+                layers.append(Bottleneck(cin, mid, stride if i == 0 else 1, ops))
+                cin = 4 * mid
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(cin, classes)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W)
+        x = F.max_pool2d(self.ops["bn_relu"](self.bn1, self.conv1(x)), 3, 2, 1)
+        x = self.layers(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# -- what the reports run --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Workload:
+    """A module and its input at a real shape: ``build(ops, device, dtype) -> (module, input)``."""
+
+    label: str
+    shape: str
+    patterns: tuple[str, ...]
+    build: Callable[[dict[str, Callable], torch.device, torch.dtype], tuple[nn.Module, Tensor]]
+    batch: int = 0  # images per step (end-to-end workloads)
+    classes: int = 1000  # labels of the end-to-end loss
+
+
+def construct(ctor: Callable[[], nn.Module], device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """``ctor()`` with parameters created on ``device`` in ``dtype`` (no ``.to()``: FakeTensor parameters cannot
+    be swapped by ``Module.to``)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return ctor()
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _vit_block(ops, device, dtype):
+    block = construct(lambda: ViTBlock(768, 12, ops), device, dtype)
+    return block, torch.randn(64, 197, 768, device=device, dtype=dtype)
+
+
+def _bottleneck(ops, device, dtype):
+    block = construct(lambda: Bottleneck(256, 64, 1, ops), device, dtype)
+    return block, torch.randn(64, 256, 56, 56, device=device, dtype=dtype)
+
+
+BLOCKS = [
+    Workload("ViT-B/16 block", "B=64 L=197 C=768 H=12", ViTBlock.patterns, _vit_block),
+    Workload("ResNet-50 bottleneck", "B=64 256x56x56 (mid 64)", Bottleneck.patterns, _bottleneck),
+]
+
+
+def end_to_end(batch_vit: int = 64, batch_resnet: int = 64) -> list[Workload]:
+    """ViT-B/16 and ResNet-50 at 224 px (parameters in fp32; the step runs under autocast)."""
+
+    def vit(ops, device, dtype):
+        return construct(lambda: ViT(ops), device, torch.float32), torch.randn(batch_vit, 3, 224, 224, device=device)
+
+    def resnet(ops, device, dtype):
+        return (construct(lambda: ResNet50(ops), device, torch.float32),
+                torch.randn(batch_resnet, 3, 224, 224, device=device))
+
+    return [Workload("ViT-B/16 train step", f"B={batch_vit} 224px", ViT.patterns, vit, batch_vit),
+            Workload("ResNet-50 train step", f"B={batch_resnet} 224px", ResNet50.patterns, resnet, batch_resnet)]
