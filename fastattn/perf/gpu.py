@@ -281,7 +281,7 @@ def pytest_benchmark(benchmark: Any, case: Case, impl: str, mode: str, dtype: to
     import pytest
 
     fn = implementations(case)[impl]
-    benchmark.group = f"{case.op} {case.label} {mode}"
+    benchmark.group = f"{case.op} {case.label} {mode} {str(dtype).replace('torch.', '')}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
