@@ -322,9 +322,12 @@ def _layer_norm_programs(num_blocks: int, num_warps: int, sms: int) -> int:
     return _cdiv(num_blocks, per)
 
 
-def _layer_norm_backward_scratch(args: tuple, kwargs: dict, sms: int = SCRATCH_SMS) -> int:
-    # _backward allocates one fp32 partial-sum row per program for dweight and for dbias, summed by a second kernel.
+def _layer_norm_backward_scratch(args: tuple, kwargs: dict, programs: Callable[[int, int], int] | None = None) -> int:
+    """One fp32 partial-sum row per program for dweight and one for dbias, summed by a second kernel.
+    ``programs(row_blocks, num_warps)`` defaults to a GPU with :data:`SCRATCH_SMS` SMs."""
     from fastattn.kernels import layer_norm as K
+
+    programs = programs or (lambda blocks, warps: _layer_norm_programs(blocks, warps, SCRATCH_SMS))
 
     z, weight, need_dweight, dbias_dtype = args[2], args[3], args[11], args[12]
     N, M = z.shape[-1], math.prod(z.shape[:-1])
@@ -332,9 +335,9 @@ def _layer_norm_backward_scratch(args: tuple, kwargs: dict, sms: int = SCRATCH_S
     if M == 0 or N == 0 or not buffers:
         return 0
     cfg = K.bwd_config(N)
-    programs = _layer_norm_programs(_cdiv(M, cfg.kwargs["BLOCK_M"]), cfg.num_warps, sms)
     width = N if cfg.kwargs["LOOPED"] else cfg.kwargs["BLOCK_N"]
-    return buffers * programs * width * (8 if z.dtype == torch.float64 else 4)
+    rows = programs(_cdiv(M, cfg.kwargs["BLOCK_M"]), cfg.num_warps)
+    return buffers * rows * width * (8 if z.dtype == torch.float64 else 4)
 
 
 SCRATCH["fastattn::add_layer_norm_backward"] = _layer_norm_backward_scratch
@@ -424,9 +427,12 @@ def _patch_embed_dw_splits(M: int, K: int, D: int, sms: int, min_rows: int = 102
     return _cdiv(M, rows)
 
 
-def _patch_embed_backward_scratch(args: tuple, kwargs: dict, sms: int = SCRATCH_SMS) -> int:
-    # _backward sums dW (and dbias) over split-K ranges of tokens into fp32 partials, added by a second kernel;
-    # dbias alone still allocates dW, since it comes out of the dW GEMM.
+def _patch_embed_backward_scratch(args: tuple, kwargs: dict, splits: Callable[[int, int, int], int] | None = None
+                                  ) -> int:
+    """fp32 partials of dW (and dbias) over split-K ranges of tokens, added by a second kernel; dbias alone still
+    allocates dW, since it comes out of the dW GEMM. ``splits(M, K, D)`` defaults to a GPU with
+    :data:`SCRATCH_SMS` SMs."""
+    splits = splits or (lambda M, K, D: _patch_embed_dw_splits(M, K, D, SCRATCH_SMS))
     images, weight, need_dw, need_dbias = args[1], args[2], args[7], args[8]
     if not (need_dw or need_dbias):
         return 0
@@ -436,7 +442,7 @@ def _patch_embed_backward_scratch(args: tuple, kwargs: dict, sms: int = SCRATCH_
     if M == 0 or D == 0:
         return 0
     nbytes = 0 if need_dw else weight.numel() * weight.element_size()
-    split = _patch_embed_dw_splits(M, K, D, sms)
+    split = splits(M, K, D)
     if split > 1:
         nbytes += split * (D * K + (D if need_dbias else 0)) * (8 if images.dtype == torch.float64 else 4)
     return nbytes
@@ -553,24 +559,28 @@ def _batch_norm_partials(M: int, C: int, sms: int) -> int:
     return max(1, min(_cdiv(8 * sms * 32, C), _cdiv(M, 256), 4096))
 
 
-def _batch_norm_stats_scratch(args: tuple, kwargs: dict, sms: int = SCRATCH_SMS) -> int:
-    # _stats allocates fp64 partial sums (2, S, C) and the per-channel shift.
+def _batch_norm_stats_scratch(args: tuple, kwargs: dict, partials: Callable[[int, int], int] | None = None) -> int:
+    """fp64 partial sums (2, S, C) and the per-channel shift. ``partials(M, C)`` (S) defaults to a GPU with
+    :data:`SCRATCH_SMS` SMs."""
+    partials = partials or (lambda M, C: _batch_norm_partials(M, C, SCRATCH_SMS))
     x = args[0]
     N, C, H, W = x.shape
     if N * H * W == 0 or C == 0:
         return 0
     stat = 8 if x.dtype == torch.float64 else 4
-    return 2 * _batch_norm_partials(N * H * W, C, sms) * C * 8 + C * stat
+    return 2 * partials(N * H * W, C) * C * 8 + C * stat
 
 
-def _batch_norm_backward_scratch(args: tuple, kwargs: dict, sms: int = SCRATCH_SMS) -> int:
-    # _backward allocates fp64 partial sums (2, S, C) and, training with dx, dx's coefficients (3, C).
+def _batch_norm_backward_scratch(args: tuple, kwargs: dict, partials: Callable[[int, int], int] | None = None
+                                 ) -> int:
+    """fp64 partial sums (2, S, C) and, training with dx, dx's coefficients (3, C)."""
+    partials = partials or (lambda M, C: _batch_norm_partials(M, C, SCRATCH_SMS))
     x, training, need_dx, need_dw, need_db = args[1], args[7], args[9], args[11], args[12]
     N, C, H, W = x.shape
     if N * H * W == 0 or C == 0 or not (need_dw or need_db or (training and need_dx)):
         return 0
     stat = 8 if x.dtype == torch.float64 else 4
-    return 2 * _batch_norm_partials(N * H * W, C, sms) * C * 8 + (3 * C * stat if training and need_dx else 0)
+    return 2 * partials(N * H * W, C) * C * 8 + (3 * C * stat if training and need_dx else 0)
 
 
 SCRATCH["fastattn::batch_norm_stats"] = _batch_norm_stats_scratch
