@@ -102,34 +102,39 @@ def run(ops: Iterable[str], archs: Sequence[int], *, filters: Sequence[str] = ()
     runs use and fill the cache.
     """
     whole = not filters and not first_per_kernel and dump_dir is None
-    results: list[hwfit.FitReport] = []
+    ops = list(ops)
+    found: dict[tuple[str, int], list[hwfit.FitReport]] = {}
+    groups: dict[tuple[int, ...], list[str]] = {}  # archs to compile -> ops missing exactly those
     for op in ops:
         todo = []
         for arch in archs:
             cached = _load(_cache_path(op, arch)) if (use_cache and whole) else None
             if cached is not None:
                 say(f"hardware fit: {op} sm_{arch}: {len(cached)} configs from the cache ({cache_dir()})")
-                results += cached
+                found[(op, arch)] = cached
             else:
                 todo.append(arch)
-        if not todo:
-            continue
-        label = f"hardware fit: compiling {op} for {', '.join(f'sm_{a}' for a in todo)}"
+        if todo:
+            groups.setdefault(tuple(todo), []).append(op)
+    # One pool of workers per group: starting the spawned workers costs seconds each time, so not once per op.
+    for todo, group in groups.items():
+        label = f"hardware fit: compiling {', '.join(group)} for {', '.join(f'sm_{a}' for a in todo)}"
         progress: list[Progress] = []
 
         def report(done: int, total: int, r: hwfit.FitReport, label=label, progress=progress) -> None:
             if not progress:
                 progress.append(Progress(label, total))
-            progress[0].update(done, f"{r.kernel} {r.config}")
+            progress[0].update(done, f"{r.op} {r.kernel} {r.config}")
 
         say(f"{label} (listing the configs)")
-        reports = hwfit.check([op], archs=todo, workers=workers, dump_dir=dump_dir,
+        reports = hwfit.check(group, archs=todo, workers=workers, dump_dir=dump_dir,
                               select=_selector(filters, first_per_kernel), progress=report)
-        if whole:
+        for op in group:
             for arch in todo:
-                _store(_cache_path(op, arch), [r for r in reports if r.arch == arch])
-        results += reports
-    return results
+                found[(op, arch)] = [r for r in reports if r.op == op and r.arch == arch]
+                if whole:
+                    _store(_cache_path(op, arch), found[(op, arch)])
+    return [r for op in ops for arch in archs for r in found.get((op, arch), [])]
 
 
 def status(r: hwfit.FitReport) -> str:
