@@ -359,7 +359,7 @@ class _EagerBlockTail(torch.nn.BatchNorm2d):
 
 
 def test_module_is_a_batchnorm2d_with_the_same_state_dict():
-    ours = fastattn.BatchNormAddReLU(32, eps=1e-3, momentum=0.2)
+    ours = fastattn.nn.BatchNormAddReLU(32, eps=1e-3, momentum=0.2)
     theirs = torch.nn.BatchNorm2d(32, eps=1e-3, momentum=0.2)
     assert isinstance(ours, torch.nn.BatchNorm2d)
     assert list(ours.state_dict()) == list(theirs.state_dict())
@@ -375,7 +375,7 @@ def test_module_is_a_batchnorm2d_with_the_same_state_dict():
 def test_module_training_steps_then_eval(momentum, channels_last):
     torch.manual_seed(1)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    ours, theirs = fastattn.BatchNormAddReLU(6, momentum=momentum), _EagerBlockTail(6, momentum=momentum)
+    ours, theirs = fastattn.nn.BatchNormAddReLU(6, momentum=momentum), _EagerBlockTail(6, momentum=momentum)
     theirs.weight.data.normal_()
     theirs.bias.data.normal_()
     ours.load_state_dict(theirs.state_dict())
@@ -400,7 +400,7 @@ def test_module_training_steps_then_eval(momentum, channels_last):
 
 
 def test_module_without_running_stats_uses_batch_stats_in_eval():
-    ours, theirs = fastattn.BatchNormAddReLU(5, track_running_stats=False), _EagerBlockTail(5,
+    ours, theirs = fastattn.nn.BatchNormAddReLU(5, track_running_stats=False), _EagerBlockTail(5,
                                                                                           track_running_stats=False)
     assert ours.running_mean is None and ours.num_batches_tracked is None
     for mode in ("train", "eval"):
@@ -414,7 +414,7 @@ def test_module_without_running_stats_uses_batch_stats_in_eval():
 
 
 def test_module_torch_compile_fullgraph_cumulative_momentum():
-    ours, theirs = fastattn.BatchNormAddReLU(6, momentum=None), _EagerBlockTail(6, momentum=None)
+    ours, theirs = fastattn.nn.BatchNormAddReLU(6, momentum=None), _EagerBlockTail(6, momentum=None)
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     for _ in range(2):
         x, identity = torch.randn(4, 6, 3, 3), torch.randn(4, 6, 3, 3)

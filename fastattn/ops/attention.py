@@ -186,6 +186,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, mask, seed)
     ctx.args = (dropout_p, is_causal, causal_offset, scale)
     ctx.mask_grad = mask is not None and mask.requires_grad
+    ctx.set_materialize_grads(False)  # an unused lse then arrives as None instead of a zero tensor to read
 
 
 def _backward_autograd(ctx, dout, dlse):
