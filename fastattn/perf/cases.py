@@ -253,10 +253,7 @@ def _layer_norm_case(label: str, lead: tuple[int, ...], N: int, rms: bool) -> Ca
 
     def make(device: torch.device, dtype: torch.dtype) -> Inputs:
         x = torch.randn(*lead, N, device=device, dtype=dtype, requires_grad=True)
-        # The residual's gradient is dx itself (one tensor, in eager's add as in the fused op), so asking for it adds
-        # no work, but as a second leaf it would make autograd copy that tensor into residual.grad, a copy no
-        # model makes (there the gradient flows on into the layers that produced the residual).
-        residual = torch.randn(*lead, N, device=device, dtype=dtype)
+        residual = torch.randn(*lead, N, device=device, dtype=dtype, requires_grad=True)
         weight = torch.empty(N, device=device, dtype=dtype).normal_(1.0, 0.1).requires_grad_()
         if rms:
             return Inputs((x, residual, weight), {"eps": 1e-6}, ("x", "residual", "weight"))
