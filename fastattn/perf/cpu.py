@@ -283,9 +283,12 @@ def run(ops: Sequence[str], *, dtype: str = "fp16", out_dir: str, quick: bool = 
             "weight-like inputs are inputs here). *Peak live*: largest sum of live storages over forward + "
             "backward, seen op by op by a TorchDispatchMode, including inputs, parameters, gradients and the kernel "
             f"scratch that fake implementations do not allocate, added while its op runs ({scratch}; sized for a "
-            f"GPU with {cases.SCRATCH_SMS} SMs where it depends on the SM count). Blocks run with parameters in the "
-            "dtype, train mode. The CPU trace runs the ops torch picks for CPU tensors (e.g. native_batch_norm, "
-            "not cuDNN's), whose saved buffers can differ slightly from a GPU's. torch's own fused SDPA backends "
+            f"GPU with {cases.SCRATCH_SMS} SMs where it depends on the SM count). Gradients come from "
+            "torch.autograd.grad for the inputs and parameters that require them. Blocks and models run with "
+            "parameters in the dtype, train mode; a block's input is an activation (it gets a gradient), a model's "
+            "input is images (none). The CPU trace runs the ops torch picks for CPU tensors (e.g. native_batch_norm, "
+            "not cuDNN's; torch.rms_norm's fp32 composite, not CUDA's fused _fused_rms_norm), whose saved buffers "
+            "can differ from a GPU's (see each eager row's note). torch's own fused SDPA backends "
             "(flash, mem-efficient) also keep O(L) statistics instead of the scores; they are compared in the GPU "
             "benchmark.")
         write_csv(os.path.join(out_dir, "memory.csv"), mem, env)
@@ -309,9 +312,10 @@ def run(ops: Sequence[str], *, dtype: str = "fp16", out_dir: str, quick: bool = 
             "written = its outputs; views (outputs aliasing an input: view, transpose, expand, _unsafe_view) move "
             "nothing; `empty*` writes nothing. *Fused min*: the op's inputs read once and outputs written once (a "
             "formula per op). *Fused traced*: the same counter on the fused path, where the custom op counts as one "
-            "op; any excess over the minimum is work outside the kernel (e.g. autograd materialising a zero "
-            "gradient for an unused output). Both are lower bounds for what a kernel really moves (tiles are "
-            "re-read; caches help).")
+            "op; any excess over the minimum is a second pass (batch_norm in training: a statistics op reads x "
+            "before the normalising op) or work outside the kernels (autograd materialising a zero gradient for an "
+            "unused output; inputs a backward op receives but does not read). Both are lower bounds for what a "
+            "kernel really moves (tiles are re-read; caches help).")
         write_csv(os.path.join(out_dir, "traffic.csv"), data["traffic"], env)
 
     # 4. interpreter agreement
