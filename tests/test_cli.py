@@ -55,33 +55,28 @@ def test_every_op_has_benchmark_cases():
 
 
 def test_inspect_json_and_dump(tmp_path):
-    # The first plain fp16 forward tile, whatever the tile table holds today: --filter picks specs by their text.
-    # (Listed here, under the interpreter: attention's tile table does not depend on it; the CLI lists in clean
-    # workers, and a difference would show as a count mismatch below.)
-    listing = [(i.name, i.variant, i.config_label) for i in hwfit._list_specs("attention")]
-    kernel, variant, config = next(s for s in listing if s[0] == "_attn_fwd" and s[1].startswith("float16 ")
-                                   and s[1].endswith(" plain"))
-    filters = [f"{kernel} {variant}", config]
-    expected = [s for s in listing if all(f in " ".join(s) for f in filters)]
+    from fastattn.kernels import attention as attn_kernels
+
     dump = tmp_path / "cubins"
-    res = _cli(["inspect", "--json", "--ops", "attention", "--arch", "80", "--filter", filters[0],
-                "--filter", filters[1], "--dump", str(dump), "--workers", "1"], tmp_path)
+    res = _cli(["inspect", "--json", "--ops", "attention", "--arch", "80", "--filter", "_attn_fwd float16 D<=64 plain",
+                "--dump", str(dump), "--workers", "1"], tmp_path)
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)
-    assert len(rows) == len(expected) >= 1, (rows, expected)
+    tiles = attn_kernels.TILES["_attn_fwd"]["16"][64]  # the forward's fp16 tiles for head dims 33..64
+    assert len(rows) == len(tiles) >= 1, rows
     for r in rows:
         assert FIT_FIELDS <= set(r), set(r) ^ FIT_FIELDS
-        assert (r["kernel"], r["variant"], r["config"], r["arch"]) == (kernel, variant, config, 80)
+        assert (r["kernel"], r["variant"], r["arch"]) == ("_attn_fwd", "float16 D<=64 plain", 80)
         assert r["ok"] and r["problems"] == [] and r["spill_stores"] == 0 and r["local_bytes"] == 0
         assert r["registers"] > 0 and 0 < r["occupancy"] <= 1 and r["shared_bytes"] > 0
         assert r["needs_tensor_cores"] and r["hmma"] > 0 and r["hgmma"] == 0
+    assert sorted(r["config"] for r in rows) == sorted(f"BLOCK_M{m}-BLOCK_N{n}-w{w}-s{s}" for m, n, w, s in tiles)
     # <kernel function name>-<config>-<arch>.cubin, the config part led by the variant
     names = sorted(os.listdir(dump))
     fields = [n[: -len(".cubin")].split("-") for n in names]
     assert all(len(f) == 3 for f in fields), names
     assert {f[0] for f in fields} == {"_attn_fwd"} and {f[2] for f in fields} == {"sm_80"}
-    safe_variant = re.sub(r"[^A-Za-z0-9_.=+]+", "_", variant.replace("<=", "le"))
-    assert {f[1] for f in fields} == {f"{safe_variant}.{r['config'].replace('-', '.')}" for r in rows}
+    assert {f[1] for f in fields} == {"float16_Dle64_plain." + r["config"].replace("-", ".") for r in rows}
     usage = subprocess.run([hwfit._bin("cuobjdump"), "-res-usage", str(dump / names[0])], capture_output=True,
                            text=True, check=True).stdout
     assert "Function _attn_fwd" in usage
