@@ -283,7 +283,7 @@ def _layer_norm_case(label: str, lead: tuple[int, ...], N: int, rms: bool) -> Ca
         make=make, fused=fastattn.add_rms_norm if rms else fastattn.add_layer_norm,
         eager=reference.add_rms_norm if rms else reference.add_layer_norm,
         min_bytes=min_bytes, check_saved=check_saved,
-        saved_note="saves only residual_out and per-row statistics (as eager F.layer_norm does)",
+        saved_note="saves only residual_out and per-row statistics" + ("" if rms else ", as eager F.layer_norm does"),
         eager_note=("CPU trace: torch.rms_norm's composite (fp32 upcast); CUDA torch runs its fused _fused_rms_norm, "
                     "which keeps only the input and rstd" if rms else ""),
         kernels=("_layer_norm_fwd", "_layer_norm_bwd", "_layer_norm_bwd_reduce"), outputs=("out", "residual_out"),
