@@ -103,6 +103,19 @@ def _arg(named_args, kwargs, name):
 
 
 @triton.jit
+def _load_tile(base, rows, cols, stride_r, stride_c, R, C):
+    """The ``rows x cols`` tile of a strided 2-D view, zero outside ``R x C`` (swap the arguments for its transpose)."""
+    return tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c,
+                   mask=(rows[:, None] < R) & (cols[None, :] < C), other=0.0)
+
+
+@triton.jit
+def _store_tile(base, rows, cols, stride_r, stride_c, R, C, value):
+    tl.store(base + rows[:, None] * stride_r + cols[None, :] * stride_c, value,
+             mask=(rows[:, None] < R) & (cols[None, :] < C))
+
+
+@triton.jit
 def _masked_scores(s, m_idx, n_idx, M, N, mask_base, stride_mm, stride_mn, causal_offset,
                    IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr):
     """Scores ``s`` (base 2) with the bounds, the causal rule and the mask applied: -inf where a key is excluded.
@@ -153,8 +166,7 @@ def _attn_fwd(
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < M
 
-    q = tl.load(Q + z * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _load_tile(Q + z * stride_qz + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, M, D)
     k_base = K + z * stride_kz + hk * stride_kh
     v_base = V + z * stride_vz + hk * stride_vh
     mask_base = Mask + z * stride_mz + h * stride_mh
@@ -169,9 +181,7 @@ def _attn_fwd(
         hi = tl.maximum(tl.minimum(N, (pid_m + 1) * BLOCK_M + causal_offset), 0)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        kt = _load_tile(k_base, offs_d, offs_n, stride_kd, stride_kn, D, N)
         s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION) * qk_scale
         s = _masked_scores(s, offs_m[:, None], offs_n[None, :], M, N, mask_base, stride_mm, stride_mn, causal_offset,
                            IS_CAUSAL, MASK_KIND)
@@ -183,8 +193,7 @@ def _attn_fwd(
         if HAS_DROPOUT:
             keep = dropout_keep(seed, offs_n[None, :], offs_m[:, None], pid_zh, dropout_p)
             p = tl.where(keep, p, 0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                    mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        v = _load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, N, DV)
         acc = mma(cast(p, v.dtype, RTNE), v, acc * alpha[:, None], UPCAST, PRECISION)
         m_i = m_new
 
@@ -195,8 +204,8 @@ def _attn_fwd(
     out = acc * inv[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
     tl.store(Lse + pid_zh.to(tl.int64) * M + offs_m, lse, mask=m_ok)
-    tl.store(Out + z * stride_oz + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-             cast(out, Out.dtype.element_ty, RTNE), mask=m_ok[:, None] & (offs_dv[None, :] < DV))
+    _store_tile(Out + z * stride_oz + h * stride_oh, offs_m, offs_dv, stride_om, stride_od, M, DV,
+                cast(out, Out.dtype.element_ty, RTNE))
 
 
 # -- backward ------------------------------------------------------------------------------------------------------
@@ -216,11 +225,10 @@ def _attn_bwd_preprocess(
     h = (pid_zh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    ok = (offs_m[:, None] < M) & (offs_dv[None, :] < DV)
-    o = tl.load(Out + z * stride_oz + h * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od,
-                mask=ok, other=0.0).to(Delta.dtype.element_ty)
-    do = tl.load(DO + z * stride_doz + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                 mask=ok, other=0.0).to(Delta.dtype.element_ty)
+    o = _load_tile(Out + z * stride_oz + h * stride_oh, offs_m, offs_dv, stride_om, stride_od, M, DV)
+    do = _load_tile(DO + z * stride_doz + h * stride_doh, offs_m, offs_dv, stride_dom, stride_dod, M, DV)
+    o = o.to(Delta.dtype.element_ty)
+    do = do.to(Delta.dtype.element_ty)
     delta = tl.sum(o * do, 1)
     if DLse is not None:  # d(lse)/d(s) = p, so a gradient flowing into lse folds into delta
         delta -= tl.load(DLse + pid_zh.to(tl.int64) * M + offs_m, mask=offs_m < M, other=0.0)
@@ -255,10 +263,8 @@ def _attn_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     n_ok = offs_n < N
-    k = tl.load(K + z * stride_kz + hk * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + z * stride_vz + hk * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = _load_tile(K + z * stride_kz + hk * stride_kh, offs_n, offs_d, stride_kn, stride_kd, N, D)
+    v = _load_tile(V + z * stride_vz + hk * stride_vh, offs_n, offs_dv, stride_vn, stride_vd, N, DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
     qk_scale = sm_scale * 1.4426950408889634
@@ -275,16 +281,14 @@ def _attn_bwd_dkdv(
         for start_m in range(lo, M, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_ok = offs_m < M
-            qt = tl.load(q_base + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd,
-                         mask=m_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+            qt = _load_tile(q_base, offs_d, offs_m, stride_qd, stride_qm, D, M)
             lse = tl.load(Lse + zh * M + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0, not NaN
             st = mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], ACC), UPCAST, PRECISION) * qk_scale
             st = _masked_scores(st, offs_m[None, :], offs_n[:, None], M, N, mask_base, stride_mm, stride_mn,
                                 causal_offset, IS_CAUSAL, MASK_KIND)
             pt = tl.math.exp2(st - lse[None, :])  # (BLOCK_N, BLOCK_M) = P^T; 0 where excluded
-            do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                         mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            do = _load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dod, M, DV)
             dpt = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], ACC), UPCAST, PRECISION)
             if HAS_DROPOUT:
                 keep = dropout_keep(seed, offs_n[:, None], offs_m[None, :], zh.to(tl.int32), dropout_p)
@@ -301,10 +305,10 @@ def _attn_bwd_dkdv(
                 tl.store(DMask + zh * M * N + offs_m[None, :] * N + offs_n[:, None], dst,
                          mask=n_ok[:, None] & m_ok[None, :])
     dk = dk * sm_scale
-    tl.store(DK + z * stride_dkz + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             cast(dk, DK.dtype.element_ty, RTNE), mask=n_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_ + z * stride_dvz + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,
-             cast(dv, DV_.dtype.element_ty, RTNE), mask=n_ok[:, None] & (offs_dv[None, :] < DV))
+    _store_tile(DK + z * stride_dkz + hk * stride_dkh, offs_n, offs_d, stride_dkn, stride_dkd, N, D,
+                cast(dk, DK.dtype.element_ty, RTNE))
+    _store_tile(DV_ + z * stride_dvz + hk * stride_dvh, offs_n, offs_dv, stride_dvn, stride_dvd, N, DV,
+                cast(dv, DV_.dtype.element_ty, RTNE))
 
 
 @triton.autotune(configs=configs("_attn_bwd_dq"), key=["M_BUCKET", "N_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL",
@@ -336,10 +340,8 @@ def _attn_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < M
-    q = tl.load(Q + z * stride_qz + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + z * stride_doz + h * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,
-                 mask=m_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q = _load_tile(Q + z * stride_qz + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, M, D)
+    do = _load_tile(DO + z * stride_doz + h * stride_doh, offs_m, offs_dv, stride_dom, stride_dod, M, DV)
     lse = tl.load(Lse + pid_zh.to(tl.int64) * M + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(Delta + pid_zh.to(tl.int64) * M + offs_m, mask=m_ok, other=0.0)
@@ -354,15 +356,12 @@ def _attn_bwd_dq(
         hi = tl.maximum(tl.minimum(N, (pid_m + 1) * BLOCK_M + causal_offset), 0)
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=n_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+        kt = _load_tile(k_base, offs_d, offs_n, stride_kd, stride_kn, D, N)
         s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION) * qk_scale
         s = _masked_scores(s, offs_m[:, None], offs_n[None, :], M, N, mask_base, stride_mm, stride_mn, causal_offset,
                            IS_CAUSAL, MASK_KIND)
         p = tl.math.exp2(s - lse[:, None])  # 0 where excluded
-        vt = tl.load(v_base + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-                     mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
+        vt = _load_tile(v_base, offs_dv, offs_n, stride_vd, stride_vn, DV, N)
         dp = mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, offs_n[None, :], offs_m[:, None], pid_zh, dropout_p)
@@ -370,8 +369,8 @@ def _attn_bwd_dq(
         ds = p * (dp - delta[:, None])
         dq = mma(cast(ds, kt.dtype, RTNE), tl.trans(kt), dq, UPCAST, PRECISION)
     dq = dq * sm_scale
-    tl.store(DQ + z * stride_dqz + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             cast(dq, DQ.dtype.element_ty, RTNE), mask=m_ok[:, None] & (offs_d[None, :] < D))
+    _store_tile(DQ + z * stride_dqz + h * stride_dqh, offs_m, offs_d, stride_dqm, stride_dqd, M, D,
+                cast(dq, DQ.dtype.element_ty, RTNE))
 
 
 @triton.jit
