@@ -2,8 +2,8 @@
 
 Compiling every spec for two or three architectures takes minutes on a small machine, so finished reports are
 cached per (op, arch) in ``$FASTATTN_CACHE_DIR`` (default ``~/.cache/fastattn``), keyed by the Triton version and
-a hash of the kernel sources, the op module and ``hwfit.py``: any change to what is compiled, or how, misses the
-cache. ``--dump`` always compiles (the cubins are written by the compile).
+a hash of the op's kernel sources (with the shared ``_common.py``), the op module and ``hwfit.py``: any change to
+what is compiled, or how, misses that op's cache. ``--dump`` always compiles (the cubins are written by the compile).
 """
 
 from __future__ import annotations
@@ -27,12 +27,20 @@ def cache_dir() -> str:
 
 
 def _source_key(op: str, arch: int) -> str:
+    """Hash of what an op's compiles depend on: the Triton version, the arch, the kernel modules its op module
+    imports and the shared ``_``-prefixed ones (``_common.py``, which kernel modules import), the op module and
+    ``hwfit.py``. Another op's kernels are not in it, so changing one op's kernels recompiles that op only."""
+    import types
+
     import fastattn.kernels as kernels_pkg
 
     h = hashlib.sha256(f"triton {triton.__version__} arch {arch}".encode())
     kdir = os.path.dirname(kernels_pkg.__file__)
-    files = sorted(os.path.join(kdir, f) for f in os.listdir(kdir) if f.endswith(".py"))
-    files += [importlib.import_module(f"fastattn.ops.{op}").__file__, hwfit.__file__]
+    module = importlib.import_module(f"fastattn.ops.{op}")
+    own = {os.path.abspath(m.__file__) for m in vars(module).values() if isinstance(m, types.ModuleType)
+           and m.__name__.startswith(kernels_pkg.__name__ + ".")}
+    shared = {os.path.abspath(os.path.join(kdir, f)) for f in os.listdir(kdir) if f.endswith(".py") and f[0] == "_"}
+    files = sorted(own | shared) + [module.__file__, hwfit.__file__]
     for path in files:
         with open(path, "rb") as f:
             h.update(os.path.basename(path).encode() + b"\0" + f.read())
