@@ -1,104 +1,27 @@
-"""Fused add + LayerNorm / RMSNorm against eager ``x + residual`` then ``F.layer_norm`` / ``F.rms_norm`` on a GPU.
+"""Fused residual add + LayerNorm / RMSNorm at model shapes (fastattn.perf.cases: ViT-B/16 and ViT-L/16 at 224 px
+with batch 64, i.e. 64 x 197 = 12608 token rows of 768 / 1024, one ViT-B/16 image of 197 rows, and an LLM layer of
+4096 tokens x 4096, LayerNorm and RMSNorm): forward, backward and forward+backward of
+``fastattn.add_layer_norm`` / ``add_rms_norm`` (both outputs, ``out`` and ``residual_out``, used downstream as in a
+pre-norm block) against the eager reference (``x + residual`` then ``F.layer_norm`` / ``F.rms_norm``) and
+torch.compile of it.
 
-Pre-norm residual stream (``out, residual_out = add_layer_norm(x, residual, w, b)``, both used downstream), timed
-with ``triton.testing.do_bench`` (median, 20/80 quantiles) for forward, backward and forward+backward. Reported in
-GB/s of the bytes the fused op must move (forward: read x, residual, write out, residual_out; backward: read dout,
-d residual_out, residual_out, write dx = dresidual), the same numerator for both implementations, so the ratio is
-the speed-up. Also the peak memory of one forward+backward. Run: ``pytest bench/bench_layer_norm.py``.
+    pytest bench/bench_layer_norm.py --benchmark-only [--bench-dtypes fp16,bf16]
+
+Reported in GB/s of the bytes the fused op must move (forward: read x, residual, weight, bias, write out,
+residual_out and the fp32 per-row statistics; backward: read dout, d residual_out, residual_out, weight and the
+statistics, write dx = dresidual, dweight, dbias), the same numerator for every implementation, so the ratio of
+two GB/s figures is the speed-up. Timing is ``triton.testing.do_bench`` (median, 20/80 quantiles in ``extra_info``
+with GB/s, the ratio to eager and the peak memory); pytest-benchmark's own columns time synchronised rounds.
 """
 
-from __future__ import annotations
-
 import pytest
-import torch
-import torch.nn.functional as F
-import triton
 
-import fastattn
+from fastattn.perf import cases, gpu
 
-if not torch.cuda.is_available():
-    pytest.skip("the layer-norm benchmarks need a CUDA GPU", allow_module_level=True)
-
-SHAPES = {  # (rows, hidden)
-    "vit_b_197x768_b64": (64 * 197, 768),
-    "vit_l_197x1024_b64": (64 * 197, 1024),
-    "vit_b_197x768_b1": (197, 768),
-    "llm_4096x4096": (4096, 4096),
-}
-PASSES = ("fwd", "bwd", "fwd+bwd")
+PARAMS = [pytest.param(case, impl, mode, id=f"{case.label}-{impl}-{mode}".replace(" ", "_"))
+          for case in cases.get("layer_norm", "gpu") for impl in gpu.implementations(case) for mode in gpu.MODES]
 
 
-def _eager(x, r, w, b, rms):
-    z = x + r
-    out = F.rms_norm(z, (z.size(-1),), w, 1e-6) if rms else F.layer_norm(z, (z.size(-1),), w, b, 1e-5)
-    return out, z
-
-
-def _fused(x, r, w, b, rms):
-    if rms:
-        return fastattn.add_rms_norm(x, r, w, 1e-6)
-    return fastattn.add_layer_norm(x, r, w, b, 1e-5)
-
-
-def _bytes(rows: int, n: int, dtype: torch.dtype, which: str) -> int:
-    e = torch.empty((), dtype=dtype).element_size()
-    fwd, bwd = 4 * rows * n * e, 4 * rows * n * e
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[which]
-
-
-def _runner(fn, inputs, which):
-    x, r, w, b = inputs
-    params = [t for t in (x, r, w, b) if t is not None]
-    gy, gz = torch.randn_like(x), torch.randn_like(x)
-
-    def fwd():
-        return fn(x, r, w, b)
-
-    def grad(out, res):
-        return torch.autograd.grad([out, res], params, [gy, gz], retain_graph=True)
-
-    if which == "fwd":
-        return fwd
-    if which == "bwd":
-        out, res = fwd()
-        return lambda: grad(out, res)
-    return lambda: grad(*fwd())
-
-
-def _peak_bytes(fn) -> int:
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
-
-
-@pytest.mark.parametrize("which", PASSES)
-@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_add_norm(benchmark, shape, dtype, rms, which):
-    rows, n = SHAPES[shape]
-    dev = torch.device("cuda")
-    x = torch.randn(rows, n, device=dev, dtype=dtype, requires_grad=True)
-    r = torch.randn(rows, n, device=dev, dtype=dtype, requires_grad=True)
-    w = torch.randn(n, device=dev, dtype=dtype, requires_grad=True)
-    b = None if rms else torch.randn(n, device=dev, dtype=dtype, requires_grad=True)
-    nbytes = _bytes(rows, n, dtype, which)
-    info = {"shape": shape, "rows": rows, "hidden": n, "dtype": str(dtype), "norm": "rms" if rms else "layer",
-            "pass": which, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": triton.__version__}
-    for label, impl in (("eager", _eager), ("fastattn", _fused)):
-        fn = _runner(lambda *a, impl=impl: impl(*a, rms), (x, r, w, b), which)
-        med, lo, hi = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        info[f"{label}_ms"] = med
-        info[f"{label}_ms_q20_q80"] = (lo, hi)
-        info[f"{label}_gbps"] = nbytes / (med * 1e-3) / 1e9
-        info[f"{label}_peak_mb_fwd_bwd"] = _peak_bytes(_runner(lambda *a, impl=impl: impl(*a, rms), (x, r, w, b),
-                                                               "fwd+bwd")) / 2**20
-    info["speedup"] = info["eager_ms"] / info["fastattn_ms"]
-    benchmark.extra_info.update(info)
-    benchmark.group = f"{shape} {info['dtype']} {info['norm']} {which}"
-    fused = _runner(lambda *a: _fused(*a, rms), (x, r, w, b), which)
-    benchmark.pedantic(lambda: (fused(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)
+@pytest.mark.parametrize("case, impl, mode", PARAMS)
+def test_layer_norm(benchmark, case, impl, mode, dtype):
+    gpu.pytest_benchmark(benchmark, case, impl, mode, dtype)

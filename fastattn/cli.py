@@ -107,8 +107,9 @@ def _bench(a: argparse.Namespace) -> int:
     os.makedirs(out_dir, exist_ok=True)
     note = (f"torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['date']}, dtype {a.dtype}. "
             "Times: median of triton.testing.do_bench (CSV: 20/80 quantiles); throughput in TFLOP/s (attention: "
-            "forward 4*B*H*L*L*D, halved when causal, backward 2.5x) or GB/s of the bytes the op must move, "
-            "images/s end to end; x eager = eager time / this time, same run.")
+            "forward 4*B*H*L*L*D, halved when causal, backward 2.5x; patch_embed: forward 2*B*N*K*D, backward the "
+            "dW GEMM of that size, twice that with dimages) or GB/s of the bytes the op must move (layer_norm, "
+            "batch_norm), images/s end to end; x eager = eager time / this time, same run.")
     text = [f"# fastattn bench on {env['device']}", "", note, "", gpu.table(rows)]
     print("\n".join(text), flush=True)
     csv_path = report.write_csv(os.path.join(out_dir, "bench.csv"), rows, env)

@@ -17,6 +17,7 @@ import time
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastattn
 from fastattn import hwfit
@@ -41,7 +42,16 @@ def test_every_op_has_benchmark_cases():
     assert not missing, f"ops without a @register function in fastattn/perf/cases.py: {missing}"
     for op in OPS:
         for suite in cases.SUITES:
-            assert cases.get(op, suite), f"{op} has no {suite!r} cases"
+            got = cases.get(op, suite)
+            assert got, f"{op} has no {suite!r} cases"
+            assert len({c.label for c in got}) == len(got), f"{op} {suite}: labels repeat"
+            for c in got:
+                assert c.op == op and c.kernels and c.min_bytes is not None, c.name
+                fwd, bwd = c.min_bytes(torch.float16)
+                assert 0 < fwd and 0 < bwd and c.work("fwd", torch.float16)[1] in ("TFLOP/s", "GB/s"), c.name
+    # the units the issue asks for: GEMMs in TFLOP/s, memory-bound ops in GB/s
+    assert {op: cases.get(op, "gpu")[0].work("fwd", torch.float16)[1] for op in OPS} == {
+        "attention": "TFLOP/s", "patch_embed": "TFLOP/s", "layer_norm": "GB/s", "batch_norm": "GB/s"}
 
 
 def test_inspect_json_and_dump(tmp_path):
@@ -90,9 +100,14 @@ def test_bench_cpu_report_quick(tmp_path):
     assert {"device", "torch", "triton", "date"} <= set(mem[0])
     attn = {r["impl"]: r for r in mem if r["case"].startswith("attention ViT-B/16")}
     assert int(attn["fastattn"]["saved_bytes"]) * 3 < int(attn["eager"]["saved_bytes"])
+    # quick: the first model case of every op, and the first block with every pattern fused
+    assert {r["case"].split()[0] for r in mem if r["kind"] == "op"} == set(OPS)
+    block = {r["impl"]: r for r in mem if r["kind"] == "block"}
+    assert block["fastattn"]["note"].startswith("fused: layer_norm, add_layer_norm, attention"), block
     with open(out / "agreement.csv") as f:
         agreement = list(csv.DictReader(f))
     assert agreement and all(r["ok"] == "True" and r["kernels_ran"] == "True" for r in agreement)
+    assert {r["case"].split()[0] for r in agreement} == set(OPS)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -162,6 +177,29 @@ def test_gpu_runner_rows_ratios_and_failures(monkeypatch, tmp_path):
     assert sorted(os.path.basename(p) for p in pngs) == ["attention_lm_tflops.png", "attention_speedup.png"]
 
 
+@pytest.mark.parametrize("op", ["layer_norm", "patch_embed", "batch_norm"])
+def test_gpu_runner_on_every_op(monkeypatch, op):
+    _cpu_standin(monkeypatch)
+    case = cases.get(op, "small")[0]
+    with fastattn.record_launches() as launches:
+        rows = gpu.run_case(case, torch.float32, with_compile=False)
+    missing = [k for k in case.kernels if launches[k] == 0]
+    assert not missing, f"kernels that did not run: {missing} ({dict(launches)})"
+    impls = {"eager", "fastattn", *case.baselines}
+    assert {(r["impl"], r["mode"]) for r in rows} == {(i, m) for i in impls for m in gpu.MODES}
+    assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
+    for r in rows:
+        work, unit = case.work(r["mode"], torch.float32)
+        scale = 1e12 if unit == "TFLOP/s" else 1e9
+        assert r["unit"] == unit == ("TFLOP/s" if op == "patch_embed" else "GB/s")
+        assert r["throughput"] == pytest.approx(work / (r["ms"] * 1e-3) / scale)
+    if op == "patch_embed":  # forward 2*B*N*K*D; backward the dW GEMM (dimages not asked for here)
+        d = case.dims
+        gemm = 2.0 * d["B"] * d["N"] * 3 * d["P"] ** 2 * d["D"]
+        assert not d["dimages"] and case.work("fwd", torch.float32)[0] == gemm == case.work("bwd", torch.float32)[0]
+        assert "unfold + linear" in impls
+
+
 def test_end_to_end_step_on_tiny_models(monkeypatch):
     _cpu_standin(monkeypatch)
 
@@ -171,26 +209,43 @@ def test_end_to_end_step_on_tiny_models(monkeypatch):
         return model, torch.randn(2, 3, 32, 32, device=device)
 
     tiny = blocks.Workload("tiny ViT", "B=2 32px", blocks.ViT.patterns, tiny_vit, batch=2, classes=10)
-    rows = gpu.run_end_to_end(torch.float32, workloads=[tiny])
+    rows = gpu.run_end_to_end(torch.bfloat16, workloads=[tiny])  # under autocast, as on a GPU
     by = {r["impl"]: r for r in rows}
     assert set(by) == {"eager", "torch sdpa", "fastattn"}
     assert all(r["status"].startswith("ok") and r["unit"] == "images/s" for r in rows), rows
-    assert "fused: attention" in by["fastattn"]["status"]
+    assert "fused: patch_embed, layer_norm, add_layer_norm, attention" in by["fastattn"]["status"]
     assert by["fastattn"]["throughput"] == pytest.approx(2 / (by["fastattn"]["ms"] * 1e-3))
 
 
-def test_blocks_fused_and_eager_agree():
+def _fused_and_eager(make, x):
     torch.manual_seed(0)
-    eager = blocks.ViT(blocks.EAGER_OPS, image=32, patch=8, dim=48, depth=2, heads=3, classes=7)
-    fused = blocks.ViT(blocks.FUSED_OPS, image=32, patch=8, dim=48, depth=2, heads=3, classes=7)
+    eager, fused = make(blocks.EAGER_OPS), make(blocks.FUSED_OPS)
     fused.load_state_dict(eager.state_dict())
-    x = torch.randn(2, 3, 32, 32)
-    with fastattn.record_launches() as launches:
-        out = fused(x)
-    assert launches["_attn_fwd"] == 2
-    torch.testing.assert_close(out, eager(x), atol=1e-4, rtol=1e-4)
-    assert blocks.fused_patterns(blocks.ViT.patterns) == ["attention"]
-    assert blocks.fused_patterns(blocks.Bottleneck.patterns) == []
+    outs = []
+    for model in (eager, fused):
+        with fastattn.record_launches() as launches:
+            out = model(x)
+            out.backward(torch.ones_like(out))
+        outs.append(out)
+    for (name, a), b in zip(eager.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, msg=name)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+    return eager, fused, launches
+
+
+def test_blocks_fused_and_eager_agree():
+    assert blocks.fused_patterns(blocks.ViT.patterns) == ["patch_embed", "layer_norm", "add_layer_norm", "attention"]
+    assert blocks.fused_patterns(blocks.Bottleneck.patterns) == ["bn_relu", "bn_add_relu"]
+    assert blocks.fused_patterns(blocks.ViT.patterns, blocks.TORCH_SDPA_OPS) == ["attention"]
+    _, _, launches = _fused_and_eager(
+        lambda ops: blocks.ViT(ops, image=32, patch=8, dim=48, depth=2, heads=3, classes=7), torch.randn(2, 3, 32, 32))
+    # 2 blocks: ln1 and the add + ln2 junction each; the final norm; one patch embedding
+    assert (launches["_pe_fwd"], launches["_attn_fwd"], launches["_layer_norm_fwd"]) == (1, 2, 5), dict(launches)
+    assert launches["_pe_bwd_dw"] == 1 and launches["_attn_bwd_dq"] == 2 and launches["_layer_norm_bwd"] == 5
+    eager, fused, launches = _fused_and_eager(lambda ops: blocks.Bottleneck(8, 4, 2, ops), torch.randn(2, 8, 6, 5))
+    assert launches["_bn_fwd_apply"] == 3 and launches["_bn_bwd_dx"] == 3, dict(launches)  # bn1, bn2, bn3
+    for name, buf in eager.named_buffers():  # running statistics and batch counts, downsample's BN included
+        torch.testing.assert_close(dict(fused.named_buffers())[name], buf, atol=1e-5, rtol=1e-5, msg=name)
     assert blocks.ResNet50(blocks.EAGER_OPS, classes=5)(torch.randn(1, 3, 64, 64)).shape == (1, 5)
 
 
@@ -256,3 +311,119 @@ def test_cli_rejects_unknown_ops_and_archs(capsys):
     with pytest.raises(SystemExit):
         cli.main(["inspect", "--arch", "75"])
     assert "--arch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "patch_embed", "batch_norm"])
+def test_fused_ops_measured_at_model_shapes(op):
+    case = cases.get(op, "model")[0]
+    fused = memory.measure_call(case.make, case.fused, torch.float16)
+    eager = memory.measure_call(case.make, case.eager, torch.float16)
+    assert case.check_saved(case, fused.saved) is None
+    fwd_min, bwd_min = case.min_bytes(torch.float16)
+    inputs = case.make(torch.device("meta"), torch.float16)
+    x = inputs.args[0]
+    x_bytes = x.numel() * x.element_size()
+    if op == "batch_norm":  # the statistics pass reads x once more than the minimum
+        assert case.dims["train"] and fused.traffic["fwd"] == fwd_min + x_bytes
+    else:
+        assert fused.traffic["fwd"] == fwd_min
+    assert eager.traffic["fwd"] + eager.traffic["bwd"] > fwd_min + bwd_min
+    # the kernel scratch the fake implementations leave out is counted in the peak
+    expected = {"layer_norm": "fastattn::add_layer_norm_backward", "patch_embed": "fastattn::patch_embed_backward",
+                "batch_norm": "fastattn::batch_norm_stats"}[op]
+    assert fused.scratch_bytes > 0 and expected in cases.SCRATCH
+    if op == "layer_norm":  # residual_out, the weight and fp32 mean and rstd per row; eager keeps as much
+        assert {s.role for s in fused.saved} == {"output", "input weight", "intermediate"}
+        assert fused.saved_bytes == x_bytes + 2 * case.dims["N"] + 2 * 4 * case.dims["rows"]
+        assert abs(fused.saved_bytes - eager.saved_bytes) < 0.01 * x_bytes
+    elif op == "patch_embed":  # its inputs, nothing else
+        assert all(s.role.startswith("input") for s in fused.saved)
+    else:  # x, out, the fp32 weight and bias and per-channel mean and rstd
+        assert fused.saved_bytes == 2 * x_bytes + 4 * 4 * case.dims["C"]
+
+
+class _Allocations(TorchDispatchMode):
+    """Storages created by factory ops (empty, zeros, ...) while a launcher runs."""
+
+    FACTORIES = ("aten::empty", "aten::zeros", "aten::empty_like", "aten::zeros_like", "aten::new_empty",
+                 "aten::new_zeros", "aten::empty_strided", "aten::new_empty_strided")
+
+    def __init__(self):
+        super().__init__()
+        self.made = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._schema.name in self.FACTORIES:
+            s = out.untyped_storage()
+            self.made[s.data_ptr()] = s.nbytes()
+        return out
+
+
+def _scratch_of(launcher, *args) -> tuple[int, tuple]:
+    """Bytes a launcher allocates beyond the tensors it returns, and what it returned."""
+    with _Allocations() as rec:
+        outs = launcher(*args)
+    returned = {t.untyped_storage().data_ptr() for t in outs}
+    return sum(n for ptr, n in rec.made.items() if ptr not in returned), outs
+
+
+def test_scratch_matches_the_launchers():
+    """SCRATCH's formulas against what each launcher really allocates (the interpreter, with the launchers' own CPU
+    choice of programs / splits / partials plugged in), and their GPU programs against the launchers' CUDA branch."""
+    from fastattn.ops import batch_norm as bn_ops
+    from fastattn.ops import layer_norm as ln_ops
+    from fastattn.ops import patch_embed as pe_ops
+
+    cpu = torch.device("cpu")
+    for rows, n in ((37, 200), (10, 1500)):  # the tile path and the looped path
+        z, dy = torch.randn(rows, n), torch.randn(rows, n)
+        w, stat = torch.randn(n), torch.rand(rows) + 0.5
+        args = (dy, None, z, w, stat, stat, 0.0, None, False, torch.float32, None, True, torch.float32)
+        got, _ = _scratch_of(ln_ops._backward, dy, None, z, w, stat, stat, 0.0, 0, False, torch.float32, None, True,
+                             torch.float32)
+        assert got == cases._layer_norm_backward_scratch(
+            args, {}, programs=lambda blocks, warps: ln_ops.backward_programs(blocks, warps, cpu)[0]) > 0
+
+    images, weight, bias = torch.randn(3, 3, 32, 48), torch.randn(40, 3, 8, 8), torch.randn(40)
+    pos, cls = torch.randn(25, 40), torch.randn(40)
+    for need_dw in (True, False):  # 72 tokens: two split-K ranges on the interpreter's pretend device
+        args = (torch.randn(3, 25, 40), images, weight, bias, pos, cls, False, need_dw, True, True, True)
+        got, _ = _scratch_of(pe_ops._backward, *args)
+        assert got == cases._patch_embed_backward_scratch(
+            args, {}, splits=lambda M, K, D: pe_ops._dw_splits(M, K, D, cpu)[0]) > 0
+
+    x, identity = torch.randn(3, 5, 7, 9), torch.randn(3, 5, 7, 9)
+    rm, rv, w, b = torch.zeros(5), torch.ones(5), torch.rand(5) + 0.5, torch.randn(5)
+    partials = lambda M, C: bn_ops._num_partials(M, C, cpu)
+    got, (mean, rstd) = _scratch_of(bn_ops._stats, x, rm, rv, None, 0.1, 1e-5)
+    assert got == cases._batch_norm_stats_scratch((x, rm, rv, None, 0.1, 1e-5), {}, partials=partials) > 0
+    out = bn_ops._apply(x, identity, mean, rstd, w, b, True, 1e-5)
+    args = (torch.randn_like(x), x, out, mean, rstd, w, b, True, 1e-5, True, True, True, True)
+    got, _ = _scratch_of(bn_ops._backward, *args)
+    assert got == cases._batch_norm_backward_scratch(args, {}, partials=partials) > 0
+
+
+def test_scratch_programs_match_the_cuda_launchers(monkeypatch):
+    """The GPU sizes of SCRATCH (programs, dW splits, partial sums) equal the launchers' CUDA branch on a device
+    that reports cases.SCRATCH_SMS SMs."""
+    from fastattn.ops import batch_norm as bn_ops
+    from fastattn.ops import layer_norm as ln_ops
+    from fastattn.ops import patch_embed as pe_ops
+
+    class Props:
+        multi_processor_count = cases.SCRATCH_SMS
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a, **k: Props())
+    cuda = torch.device("cuda")
+    ln_ops._sm_count.cache_clear()
+    try:
+        for blocks_, warps in ((1, 4), (197, 4), (12608, 8), (4096, 16), (10**6, 4)):
+            assert ln_ops.backward_programs(blocks_, warps, cuda)[0] == cases._layer_norm_programs(
+                blocks_, warps, cases.SCRATCH_SMS)
+    finally:
+        ln_ops._sm_count.cache_clear()
+    for M, K, D in ((64 * 196, 768, 768), (256 * 576, 768, 768), (3, 768, 40), (197, 588, 1024)):
+        assert pe_ops._dw_splits(M, K, D, cuda)[0] == cases._patch_embed_dw_splits(M, K, D, cases.SCRATCH_SMS)
+    for M, C in ((64 * 3136, 256), (256 * 49, 2048), (10, 3), (2**22, 64)):
+        assert bn_ops._num_partials(M, C, cuda) == cases._batch_norm_partials(M, C, cases.SCRATCH_SMS)

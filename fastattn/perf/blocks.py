@@ -7,11 +7,15 @@ runs eager PyTorch (:data:`EAGER_OPS`), torch's SDPA (:data:`TORCH_SDPA_OPS`) or
 - ``attention(q, k, v)``: softmax(q k^T / sqrt(d)) v on (B, H, L, D); eager = ``fastattn.reference`` (the math
   path that materialises the scores, as a plain PyTorch model does).
 - ``layer_norm(norm, x)``: ``norm(x)`` for an ``nn.LayerNorm``.
-- ``patch_embed(conv, x)``: ``conv(x).flatten(2).transpose(1, 2)``: (B, C, H, W) -> (B, L, dim).
+- ``add_layer_norm(norm, x, residual)``: ``(norm(x + residual), x + residual)``, the pre-norm junction
+  ``x = x + attn(ln1(x))`` followed by ``ln2(x)``: one op gives both the new residual stream and ln2's output.
+- ``patch_embed(conv, x, pos, cls)``: ``cat([cls, conv(x).flatten(2).transpose(1, 2)], 1) + pos``:
+  (B, C, H, W) -> (B, 1 + L, dim).
 - ``bn_relu(bn, x)`` and ``bn_add_relu(bn, x, identity)``: ``relu(bn(x))`` and ``relu(bn(x) + identity)``.
 
-:data:`FUSED_OPS` replaces the patterns a fastattn op exists for; the others stay eager, and
-:func:`fused_patterns` says which are fused, so reports never claim a fusion that did not run.
+:data:`FUSED_OPS` replaces every pattern with its fastattn op (under autocast with the casts autocast would have
+applied to the eager ops it replaces); :func:`fused_patterns` says which patterns a table fuses, so reports never
+claim a fusion that did not run.
 """
 
 from __future__ import annotations
@@ -35,8 +39,14 @@ def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
     return norm(x)
 
 
-def _patch_embed(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    return conv(x).flatten(2).transpose(1, 2)
+def _add_layer_norm(norm: nn.LayerNorm, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+    z = x + residual
+    return norm(z), z
+
+
+def _patch_embed(conv: nn.Conv2d, x: Tensor, pos: Tensor, cls: Tensor) -> Tensor:
+    t = conv(x).flatten(2).transpose(1, 2)  # (B, L, dim)
+    return torch.cat([cls.expand(t.size(0), -1, -1), t], dim=1) + pos
 
 
 def _bn_relu(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
@@ -50,6 +60,7 @@ def _bn_add_relu(bn: nn.BatchNorm2d, x: Tensor, identity: Tensor) -> Tensor:
 EAGER_OPS: dict[str, Callable] = {
     "attention": _attention,
     "layer_norm": _layer_norm,
+    "add_layer_norm": _add_layer_norm,
     "patch_embed": _patch_embed,
     "bn_relu": _bn_relu,
     "bn_add_relu": _bn_add_relu,
@@ -57,10 +68,48 @@ EAGER_OPS: dict[str, Callable] = {
 
 TORCH_SDPA_OPS: dict[str, Callable] = {**EAGER_OPS, "attention": F.scaled_dot_product_attention}
 
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def _fused_layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    return fastattn.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _fused_add_layer_norm(norm: nn.LayerNorm, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+    # Under autocast x (a Linear's output) is half precision and the residual stream float32, as eager's type
+    # promotion keeps it: the fused op then keeps the stream in float32 too.
+    fp32_stream = residual.dtype == torch.float32 and x.dtype != torch.float32
+    return fastattn.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, residual_in_fp32=fp32_stream)
+
+
+def _fused_patch_embed(conv: nn.Conv2d, x: Tensor, pos: Tensor, cls: Tensor) -> Tensor:
+    weight, bias = conv.weight, conv.bias
+    dtype = _autocast_dtype(x.device)
+    if dtype is not None:  # autocast runs the conv it replaces in half precision; pos and cls stay float32
+        x, weight, bias = x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+    return fastattn.patch_embed(x, weight, bias, pos, cls)
+
+
+def _fused_bn_add_relu(bn: nn.BatchNorm2d, x: Tensor, identity: Tensor | None = None) -> Tensor:
+    """relu(bn(x) + identity) with ``nn.BatchNorm2d.forward``'s bookkeeping (running statistics tracked)."""
+    if bn.training and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    return fastattn.batch_norm_add_relu(x, identity, bn.running_mean, bn.running_var, bn.weight, bn.bias,
+                                        bn.training, bn.momentum, bn.eps,
+                                        num_batches_tracked=bn.num_batches_tracked if bn.momentum is None else None)
+
+
 # One line per fastattn op that serves a pattern.
 FUSED_OPS: dict[str, Callable] = {
     **EAGER_OPS,
     "attention": fastattn.scaled_dot_product_attention,
+    "layer_norm": _fused_layer_norm,
+    "add_layer_norm": _fused_add_layer_norm,
+    "patch_embed": _fused_patch_embed,
+    "bn_relu": _fused_bn_add_relu,
+    "bn_add_relu": _fused_bn_add_relu,
 }
 
 
@@ -87,7 +136,7 @@ class Attention(nn.Module):
 
 
 class ViTBlock(nn.Module):
-    patterns = ("layer_norm", "attention")
+    patterns = ("layer_norm", "add_layer_norm", "attention")
 
     def __init__(self, dim: int, heads: int, ops: dict[str, Callable], mlp_ratio: float = 4.0):
         super().__init__()
@@ -99,14 +148,15 @@ class ViTBlock(nn.Module):
         self.fc2 = nn.Linear(int(dim * mlp_ratio), dim)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, L, C)
-        x = x + self.attn(self.ops["layer_norm"](self.norm1, x))
-        return x + self.fc2(F.gelu(self.fc1(self.ops["layer_norm"](self.norm2, x))))
+        # x + attn(norm1(x)) is the new residual stream x, and h = norm2(x): one add_layer_norm
+        h, x = self.ops["add_layer_norm"](self.norm2, self.attn(self.ops["layer_norm"](self.norm1, x)), x)
+        return x + self.fc2(F.gelu(self.fc1(h)))
 
 
 class ViT(nn.Module):
     """ViT-B/16 by default: 224 px, 16 px patches (196 + 1 tokens), width 768, 12 blocks of 12 heads."""
 
-    patterns = ("patch_embed", "layer_norm", "attention")
+    patterns = ("patch_embed", "layer_norm", "add_layer_norm", "attention")
 
     def __init__(self, ops: dict[str, Callable], image: int = 224, patch: int = 16, dim: int = 768, depth: int = 12,
                  heads: int = 12, classes: int = 1000):
@@ -120,8 +170,7 @@ class ViT(nn.Module):
         self.head = nn.Linear(dim, classes)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, 3, H, W)
-        x = self.ops["patch_embed"](self.patch, x)  # (B, L, dim)
-        x = torch.cat([self.cls.expand(x.size(0), -1, -1), x], dim=1) + self.pos
+        x = self.ops["patch_embed"](self.patch, x, self.pos, self.cls)  # (B, 1 + L, dim)
         x = self.blocks(x)
         return self.head(self.ops["layer_norm"](self.norm, x)[:, 0])
 
@@ -187,6 +236,7 @@ class Workload:
     build: Callable[[dict[str, Callable], torch.device, torch.dtype], tuple[nn.Module, Tensor]]
     batch: int = 0  # images per step (end-to-end workloads)
     classes: int = 1000  # labels of the end-to-end loss
+    input_grad: bool = True  # memory report: the input is an activation (a block) rather than data (a model)
 
 
 def construct(ctor: Callable[[], nn.Module], device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -211,9 +261,20 @@ def _bottleneck(ops, device, dtype):
     return block, torch.randn(64, 256, 56, 56, device=device, dtype=dtype)
 
 
+def _vit_model(ops, device, dtype):
+    return construct(lambda: ViT(ops), device, dtype), torch.randn(64, 3, 224, 224, device=device, dtype=dtype)
+
+
+def _resnet_model(ops, device, dtype):
+    return construct(lambda: ResNet50(ops), device, dtype), torch.randn(64, 3, 224, 224, device=device, dtype=dtype)
+
+
+# The memory report's workloads: a block at a time (input: an activation) and whole models (input: images).
 BLOCKS = [
     Workload("ViT-B/16 block", "B=64 L=197 C=768 H=12", ViTBlock.patterns, _vit_block),
     Workload("ResNet-50 bottleneck", "B=64 256x56x56 (mid 64)", Bottleneck.patterns, _bottleneck),
+    Workload("ViT-B/16 model", "B=64 224px, 12 blocks", ViT.patterns, _vit_model, input_grad=False),
+    Workload("ResNet-50 model", "B=64 224px", ResNet50.patterns, _resnet_model, input_grad=False),
 ]
 
 

@@ -49,9 +49,7 @@ def _memory_and_traffic(ops: Sequence[str], dtype: torch.dtype, quick: bool) -> 
     from fastattn.perf import blocks, cases, memory
     from fastattn.perf.report import Progress
 
-    op_cases = [c for op in ops for c in cases.get(op, "model")]
-    if quick:
-        op_cases = op_cases[:1]
+    op_cases = [c for op in ops for c in cases.get(op, "model")[:1 if quick else None]]
     workloads = blocks.BLOCKS[:1] if quick else blocks.BLOCKS
     progress = Progress("memory and traffic (FakeTensors)", len(op_cases) + len(workloads))
     mem, traffic = [], []
@@ -59,10 +57,11 @@ def _memory_and_traffic(ops: Sequence[str], dtype: torch.dtype, quick: bool) -> 
         eager = memory.measure_call(case.make, case.eager, dtype)
         fused = memory.measure_call(case.make, case.fused, dtype)
         problem = case.check_saved(case, fused.saved) if case.check_saved else None
-        mem.append(_memory_row("op", case.name, case.shape, "eager", eager))
-        mem.append(_memory_row("op", case.name, case.shape, "fastattn", fused,
-                               note=problem or ("saves only q, k, v, out and O(L) statistics"
-                                                if case.op == "attention" else "")))
+        mem.append(_memory_row("op", case.name, case.shape, "eager", eager, note=case.eager_note))
+        note = problem or case.saved_note
+        if fused.scratch_bytes:
+            note += f"{'; ' if note else ''}peak includes {fused.scratch_bytes / 2**20:,.1f} MiB kernel scratch"
+        mem.append(_memory_row("op", case.name, case.shape, "fastattn", fused, note=note))
         mem[-1]["problem"] = problem
         fwd_min, bwd_min = case.min_bytes(dtype)
         traffic.append({"case": case.name, "shape": case.shape, "eager_fwd": eager.traffic["fwd"],
@@ -81,11 +80,13 @@ def _memory_and_traffic(ops: Sequence[str], dtype: torch.dtype, quick: bool) -> 
 
             def setup(w=w, table=table):
                 module, x = w.build(table, torch.device("cpu"), dtype)
-                x.requires_grad_()  # an activation: its gradient flows to the layer before
+                x.requires_grad_(w.input_grad)  # an activation's gradient flows to the layer before
                 return (lambda: module(x)), {"x": x}, list(module.parameters())
 
             m = memory.measure(setup)
             note = f"fused: {', '.join(fused_here)}" if impl == "fastattn" else ""
+            if impl == "fastattn" and m.scratch_bytes:
+                note += f"; peak includes {m.scratch_bytes / 2**20:,.1f} MiB kernel scratch"
             mem.append(_memory_row("block", w.label, w.shape, impl, m, note))
         progress.update(note=w.label)
     return mem, traffic
@@ -111,9 +112,10 @@ def _agreement(ops: Sequence[str], dtypes: Sequence[torch.dtype], quick: bool) -
     from fastattn.perf.gpu import _grad_outputs
     from fastattn.perf.report import Progress
 
-    work = [(c, d) for op in ops for c in cases.get(op, "small") for d in dtypes]
-    if quick:
-        work = work[:1]
+    if quick:  # one case of each op in the first dtype
+        work = [(cases.get(op, "small")[0], dtypes[0]) for op in ops]
+    else:
+        work = [(c, d) for op in ops for c in cases.get(op, "small") for d in dtypes]
     progress = Progress("interpreter agreement (TRITON_INTERPRET=1)", len(work))
     rows = []
     for case, dtype in work:
@@ -134,7 +136,9 @@ def _agreement(ops: Sequence[str], dtypes: Sequence[torch.dtype], quick: bool) -
         seconds = time.monotonic() - t0
         grad_names = [f"d{n}" for n, a in zip(master.names, master.args) if isinstance(a, torch.Tensor)
                       and a.requires_grad]
-        names = (["out"] if len(grad_out) == 1 else [f"out{i}" for i in range(len(grad_out))]) + grad_names
+        out_names = (list(case.outputs) if len(case.outputs) == len(grad_out)
+                     else [f"out{i}" for i in range(len(grad_out))])
+        names = out_names + grad_names
         for i, name in enumerate(names):
             ref, eager, ours = results["ref"][i], results["eager"][i], results["fastattn"][i]
             e_ours, e_eager = _max_err(ours, ref), _max_err(eager, ref)
@@ -208,7 +212,7 @@ def run(ops: Sequence[str], *, dtype: str = "fp16", out_dir: str, quick: bool = 
         archs: Sequence[int] = (80, 90), workers: int | None = None, skip: Sequence[str] = (),
         gpu_present: bool = False) -> int:
     """The CPU report; returns the exit status (1 if any check failed)."""
-    from fastattn.perf import fit
+    from fastattn.perf import cases, fit
     from fastattn.perf.report import environment, format_table, mib, ratio, say, write_csv
 
     env = environment()
@@ -273,13 +277,18 @@ def run(ops: Sequence[str], *, dtype: str = "fp16", out_dir: str, quick: bool = 
         out(format_table(("case", "shape", "impl", "saved for bwd MiB", "peak live MiB", "eager/fused saved / peak",
                           "saved tensors", "note"), rows, align="lllrrrll"))
         out()
+        scratch = "; ".join(note for name, note in cases.SCRATCH_NOTES.items() if any(op in name for op in ops))
         out(f"dtype {dtype}. *Saved for bwd*: distinct storages autograd keeps for the backward "
-            "(saved_tensors_hooks; a saved view counts its whole buffer once; parameters excluded). *Peak live*: "
-            "largest sum of live storages over forward + backward, seen op by op by a TorchDispatchMode, including "
-            "inputs, parameters, gradients and kernel scratch that fake implementations do not allocate "
-            "(attention backward's fp32 `delta`, added while its op runs). Blocks run with parameters in the "
-            "dtype, train mode. The CPU trace runs the ops torch picks for CPU tensors (e.g. native_batch_norm, "
-            "not cuDNN's), whose saved buffers can differ slightly from a GPU's. torch's own fused SDPA backends "
+            "(saved_tensors_hooks; a saved view counts its whole buffer once; parameters excluded; an op's "
+            "weight-like inputs are inputs here). *Peak live*: largest sum of live storages over forward + "
+            "backward, seen op by op by a TorchDispatchMode, including inputs, parameters, gradients and the kernel "
+            f"scratch that fake implementations do not allocate, added while its op runs ({scratch}; sized for a "
+            f"GPU with {cases.SCRATCH_SMS} SMs where it depends on the SM count). Gradients come from "
+            "torch.autograd.grad for the inputs and parameters that require them. Blocks and models run with "
+            "parameters in the dtype, train mode; a block's input is an activation (it gets a gradient), a model's "
+            "input is images (none). The CPU trace runs the ops torch picks for CPU tensors (e.g. native_batch_norm, "
+            "not cuDNN's; torch.rms_norm's fp32 composite, not CUDA's fused _fused_rms_norm), whose saved buffers "
+            "can differ from a GPU's (see each eager row's note). torch's own fused SDPA backends "
             "(flash, mem-efficient) also keep O(L) statistics instead of the scores; they are compared in the GPU "
             "benchmark.")
         write_csv(os.path.join(out_dir, "memory.csv"), mem, env)
@@ -297,14 +306,16 @@ def run(ops: Sequence[str], *, dtype: str = "fp16", out_dir: str, quick: bool = 
                           "fused traced fwd / bwd", "eager / min", "eager's biggest movers (MiB)"), rows,
                          align="llrrrrrrl"))
         out()
-        out("*Eager*: the reference (`fastattn.reference`: the math path that materialises the scores), every aten "
+        out("*Eager*: the reference (`fastattn.reference`; for attention the math path that materialises the "
+            "scores; add + `F.layer_norm`; conv2d + flatten + cat + add; `F.batch_norm` + add + relu), every aten "
             "op counted: bytes read = each tensor input's distinct elements (a stride-0 broadcast dim once), bytes "
             "written = its outputs; views (outputs aliasing an input: view, transpose, expand, _unsafe_view) move "
             "nothing; `empty*` writes nothing. *Fused min*: the op's inputs read once and outputs written once (a "
             "formula per op). *Fused traced*: the same counter on the fused path, where the custom op counts as one "
-            "op; any excess over the minimum is work outside the kernel (e.g. autograd materialising a zero "
-            "gradient for an unused output). Both are lower bounds for what a kernel really moves (tiles are "
-            "re-read; caches help).")
+            "op; any excess over the minimum is a second pass (batch_norm in training: a statistics op reads x "
+            "before the normalising op) or work outside the kernels (autograd materialising a zero gradient for an "
+            "unused output; inputs a backward op receives but does not read). Both are lower bounds for what a "
+            "kernel really moves (tiles are re-read; caches help).")
         write_csv(os.path.join(out_dir, "traffic.csv"), data["traffic"], env)
 
     # 4. interpreter agreement

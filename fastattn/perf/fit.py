@@ -2,8 +2,8 @@
 
 Compiling every spec for two or three architectures takes minutes on a small machine, so finished reports are
 cached per (op, arch) in ``$FASTATTN_CACHE_DIR`` (default ``~/.cache/fastattn``), keyed by the Triton version and
-a hash of the kernel sources, the op module and ``hwfit.py``: any change to what is compiled, or how, misses the
-cache. ``--dump`` always compiles (the cubins are written by the compile).
+a hash of the op's kernel sources (with the shared ``_common.py``), the op module and ``hwfit.py``: any change to
+what is compiled, or how, misses that op's cache. ``--dump`` always compiles (the cubins are written by the compile).
 """
 
 from __future__ import annotations
@@ -27,12 +27,20 @@ def cache_dir() -> str:
 
 
 def _source_key(op: str, arch: int) -> str:
+    """Hash of what an op's compiles depend on: the Triton version, the arch, the kernel modules its op module
+    imports and the shared ``_``-prefixed ones (``_common.py``, which kernel modules import), the op module and
+    ``hwfit.py``. Another op's kernels are not in it, so changing one op's kernels recompiles that op only."""
+    import types
+
     import fastattn.kernels as kernels_pkg
 
     h = hashlib.sha256(f"triton {triton.__version__} arch {arch}".encode())
     kdir = os.path.dirname(kernels_pkg.__file__)
-    files = sorted(os.path.join(kdir, f) for f in os.listdir(kdir) if f.endswith(".py"))
-    files += [importlib.import_module(f"fastattn.ops.{op}").__file__, hwfit.__file__]
+    module = importlib.import_module(f"fastattn.ops.{op}")
+    own = {os.path.abspath(m.__file__) for m in vars(module).values() if isinstance(m, types.ModuleType)
+           and m.__name__.startswith(kernels_pkg.__name__ + ".")}
+    shared = {os.path.abspath(os.path.join(kdir, f)) for f in os.listdir(kdir) if f.endswith(".py") and f[0] == "_"}
+    files = sorted(own | shared) + [module.__file__, hwfit.__file__]
     for path in files:
         with open(path, "rb") as f:
             h.update(os.path.basename(path).encode() + b"\0" + f.read())
@@ -102,34 +110,39 @@ def run(ops: Iterable[str], archs: Sequence[int], *, filters: Sequence[str] = ()
     runs use and fill the cache.
     """
     whole = not filters and not first_per_kernel and dump_dir is None
-    results: list[hwfit.FitReport] = []
+    ops = list(ops)
+    found: dict[tuple[str, int], list[hwfit.FitReport]] = {}
+    groups: dict[tuple[int, ...], list[str]] = {}  # archs to compile -> ops missing exactly those
     for op in ops:
         todo = []
         for arch in archs:
             cached = _load(_cache_path(op, arch)) if (use_cache and whole) else None
             if cached is not None:
                 say(f"hardware fit: {op} sm_{arch}: {len(cached)} configs from the cache ({cache_dir()})")
-                results += cached
+                found[(op, arch)] = cached
             else:
                 todo.append(arch)
-        if not todo:
-            continue
-        label = f"hardware fit: compiling {op} for {', '.join(f'sm_{a}' for a in todo)}"
+        if todo:
+            groups.setdefault(tuple(todo), []).append(op)
+    # One pool of workers per group: starting the spawned workers costs seconds each time, so not once per op.
+    for todo, group in groups.items():
+        label = f"hardware fit: compiling {', '.join(group)} for {', '.join(f'sm_{a}' for a in todo)}"
         progress: list[Progress] = []
 
         def report(done: int, total: int, r: hwfit.FitReport, label=label, progress=progress) -> None:
             if not progress:
                 progress.append(Progress(label, total))
-            progress[0].update(done, f"{r.kernel} {r.config}")
+            progress[0].update(done, f"{r.op} {r.kernel} {r.config}")
 
         say(f"{label} (listing the configs)")
-        reports = hwfit.check([op], archs=todo, workers=workers, dump_dir=dump_dir,
+        reports = hwfit.check(group, archs=todo, workers=workers, dump_dir=dump_dir,
                               select=_selector(filters, first_per_kernel), progress=report)
-        if whole:
+        for op in group:
             for arch in todo:
-                _store(_cache_path(op, arch), [r for r in reports if r.arch == arch])
-        results += reports
-    return results
+                found[(op, arch)] = [r for r in reports if r.op == op and r.arch == arch]
+                if whole:
+                    _store(_cache_path(op, arch), found[(op, arch)])
+    return [r for op in ops for arch in archs for r in found.get((op, arch), [])]
 
 
 def status(r: hwfit.FitReport) -> str:

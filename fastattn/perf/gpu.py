@@ -1,8 +1,9 @@
 """GPU timing: every case forward, backward and forward+backward, fastattn against eager and torch's alternatives.
 
 Times come from ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median with 20/80 quantiles).
-The backward is timed on a retained graph with the inputs' ``.grad`` reset each run; forward+backward re-runs
-both. Peak memory is ``torch.cuda.max_memory_allocated`` over one forward+backward, above what was allocated
+The backward is timed on a retained graph; forward+backward re-runs both. Gradients are computed with
+``torch.autograd.grad`` (returned, not accumulated into ``.grad``), so a gradient that two inputs share (``x + residual``)
+is not copied by autograd's ``.grad`` bookkeeping, which a model's backward would not do either. Peak memory is ``torch.cuda.max_memory_allocated`` over one forward+backward, above what was allocated
 before it (the inputs). Each implementation of each case is measured in its own ``try``: an out-of-memory, an
 SDPA backend that cannot serve a shape or any other error becomes that row's status, never the end of the run.
 """
@@ -50,6 +51,12 @@ def _grad_outputs(out: Any) -> list[Tensor]:
     return [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
 
 
+def _grads(outs: Sequence[Tensor], leaves: Sequence[Tensor], grads: Sequence[Tensor],
+           retain_graph: bool = False) -> tuple[Tensor, ...]:
+    """The backward of ``outs`` seeded with ``grads``: the leaves' gradients, returned."""
+    return torch.autograd.grad(outs, leaves, grads, retain_graph=retain_graph)
+
+
 def implementations(case: Case, with_compile: bool = True) -> dict[str, Callable]:
     """Name -> callable, in measuring order (eager first: every ratio is to eager). torch.compile is built lazily
     (a fresh compile per case, after ``torch._dynamo.reset()``, so no recompile limit is ever hit)."""
@@ -87,17 +94,14 @@ def measure_impl(case: Case, fn: Callable, dtype: torch.dtype, modes: Sequence[s
     outs = _grad_outputs(inputs.call(fn))
     grads = [torch.randn_like(o) for o in outs]
     if "bwd" in modes:
-        out["bwd"] = do_bench(lambda: torch.autograd.backward(outs, grads, retain_graph=True), grad_to_none=leaves)
+        out["bwd"] = do_bench(lambda: _grads(outs, leaves, grads, retain_graph=True))
     outs.clear()  # frees the retained graph
     if "fwd+bwd" in modes:
-        out["fwd+bwd"] = do_bench(lambda: torch.autograd.backward(_grad_outputs(inputs.call(fn)), grads),
-                                  grad_to_none=leaves)
-    for t in leaves:
-        t.grad = None
+        out["fwd+bwd"] = do_bench(lambda: _grads(_grad_outputs(inputs.call(fn)), leaves, grads))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    torch.autograd.backward(_grad_outputs(inputs.call(fn)), grads)
+    _grads(_grad_outputs(inputs.call(fn)), leaves, grads)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     return out, peak
@@ -281,7 +285,7 @@ def pytest_benchmark(benchmark: Any, case: Case, impl: str, mode: str, dtype: to
     import pytest
 
     fn = implementations(case)[impl]
-    benchmark.group = f"{case.op} {case.label} {mode}"
+    benchmark.group = f"{case.op} {case.label} {mode} {str(dtype).replace('torch.', '')}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -319,20 +323,16 @@ def pytest_benchmark(benchmark: Any, case: Case, impl: str, mode: str, dtype: to
         torch.cuda.synchronize()
 
     def setup_backward():
-        for x in leaves:
-            x.grad = None
         outs = _grad_outputs(inputs.call(fn))
         torch.cuda.synchronize()
         return (outs,), {}
 
     def backward(outs):
-        torch.autograd.backward(outs, grads)
+        _grads(outs, leaves, grads)
         torch.cuda.synchronize()
 
     def forward_backward():
-        for x in leaves:
-            x.grad = None
-        torch.autograd.backward(_grad_outputs(inputs.call(fn)), grads)
+        _grads(_grad_outputs(inputs.call(fn)), leaves, grads)
         torch.cuda.synchronize()
 
     if mode == "fwd":

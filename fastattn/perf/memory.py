@@ -137,7 +137,10 @@ def measure(setup: Callable[[], tuple[Callable[[], Any], dict[str, Tensor], Sequ
     ``setup()`` runs inside the fake mode (so its allocations count towards the peak) and returns
     ``(forward, inputs, parameters)``: ``forward()`` computes the outputs, ``inputs`` names the input tensors
     (for the saved-tensor roles), ``parameters`` are listed but not counted among the saved bytes. The backward
-    is seeded with ones for every floating output that requires grad.
+    is seeded with ones for every floating output that requires grad and computes the gradients of the inputs and
+    parameters that require grad with ``torch.autograd.grad`` (returned and kept to the end, as ``.grad`` would
+    be, but without ``.grad``'s bookkeeping: a gradient two leaves share is not copied for the second one, a copy
+    no model makes since there the gradient flows on into the layers before).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -163,10 +166,11 @@ def measure(setup: Callable[[], tuple[Callable[[], Any], dict[str, Tensor], Sequ
         outs = [t for t in _tensors(out) if t.requires_grad and t.is_floating_point()]
         roles.update({_key(t): "output" for t in outs})
         seeds = [torch.ones_like(t) for t in outs]
+        leaves = [t for t in [*inputs.values(), *params] if t.requires_grad]
         tracker.phase = "bwd"
-        torch.autograd.backward(outs, seeds)
+        grads = torch.autograd.grad(outs, leaves, seeds, allow_unused=True)
         tracker.phase = None
-        del out, outs, seeds
+        del out, outs, seeds, grads
     saved = [SavedTensor(roles.get(k, "intermediate"), shape, dtype, n) for k, (_, shape, dtype, n) in packed.items()
              if k in kept]
     return Measurement(

@@ -20,6 +20,14 @@ def _pyplot():
     return plt
 
 
+def _compact(v: float) -> str:
+    """Axis labels that stay narrow on a log axis spanning many decades: 100, 1k, 10k, 1M."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if v >= scale:
+            return f"{v / scale:g}{suffix}"
+    return f"{v:g}"
+
+
 def _hbars(ax, labels: list[str], series: list[tuple[str, str, list[float]]], xlabel: str, title: str) -> None:
     """Grouped horizontal bars on a log axis, each labelled with its value; the second series also with how many
     times smaller it is than the first."""
@@ -37,7 +45,7 @@ def _hbars(ax, labels: list[str], series: list[tuple[str, str, list[float]]], xl
     ax.set_xscale("log")
     if vals:
         ax.set_xlim(min(vals) / 3, max(vals) * 12)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _compact(v)))
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yticks(range(len(labels)), labels)
     ax.invert_yaxis()
