@@ -21,6 +21,8 @@ the backward regenerates the mask, nothing is stored.
 import triton
 import triton.language as tl
 
+from ._common import cast
+
 # -- configs -------------------------------------------------------------------------------------------------------
 # Memory-bound kernels: no autotuning. The config is a function of N alone, so the rows each backward program sums
 # (and therefore dweight/dbias bit for bit) never depend on timing noise. A tile holds BLOCK_M rows of BLOCK_N
@@ -105,17 +107,6 @@ def _keep(seed, rows, start, p, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _cast(x, DT: tl.constexpr, RTNE_BF16: tl.constexpr):
-    # RTNE_BF16 (interpreter only): Triton's interpreter converts float32 to bfloat16 by truncation, so round to
-    # nearest even on the bits there; compiled code converts with cvt.rn and never takes this branch.
-    if RTNE_BF16 and DT == tl.bfloat16:
-        bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return x.to(DT)
-
-
-@triton.jit
 def _load_z(X, R, x_rows, r_rows, rows, start, cols, mask, stride_xn, stride_rn, seed, dropout_p,
             HAS_DROPOUT: tl.constexpr, Z_DT: tl.constexpr, ACC: tl.constexpr, RTNE_BF16: tl.constexpr,
             BLOCK_N: tl.constexpr):
@@ -127,7 +118,7 @@ def _load_z(X, R, x_rows, r_rows, rows, start, cols, mask, stride_xn, stride_rn,
         z += tl.load(R + r_rows[:, None] + cols[None, :] * stride_rn, mask=mask, other=0.0).to(ACC)
     # Round to the residual stream's dtype: the normalised value is exactly the residual_out the caller sees and
     # the backward reads.
-    return _cast(z, Z_DT, RTNE_BF16).to(ACC)
+    return cast(z, Z_DT, RTNE_BF16).to(ACC)
 
 
 @triton.jit
@@ -176,7 +167,7 @@ def _layer_norm_fwd(
             var = tl.sum(zc * zc, 1) / N
         rstd = tl.math.rsqrt(var + eps)
         y = _affine((z - mean[:, None]) * rstd[:, None], W, B, tl.where(offs < N, offs, 0), ACC)
-        tl.store(Out + o_rows[:, None] + offs[None, :], _cast(y, Out.dtype.element_ty, RTNE_BF16), mask=mask)
+        tl.store(Out + o_rows[:, None] + offs[None, :], cast(y, Out.dtype.element_ty, RTNE_BF16), mask=mask)
     else:
         count = tl.zeros([BLOCK_M], ACC)
         mean = tl.zeros([BLOCK_M], ACC)
@@ -206,7 +197,7 @@ def _layer_norm_fwd(
             z = _load_z(X, R, x_rows, r_rows, rows, start, cols, mask, stride_xn, stride_rn, seed, dropout_p,
                         HAS_DROPOUT, Z_DT, ACC, RTNE_BF16, BLOCK_N)
             y = _affine((z - mean[:, None]) * rstd[:, None], W, B, tl.where(cols < N, cols, 0), ACC)
-            tl.store(Out + o_rows[:, None] + cols[None, :], _cast(y, Out.dtype.element_ty, RTNE_BF16), mask=mask)
+            tl.store(Out + o_rows[:, None] + cols[None, :], cast(y, Out.dtype.element_ty, RTNE_BF16), mask=mask)
     if Mean is not None:
         tl.store(Mean + rows, mean, mask=row_ok)
     tl.store(Rstd + rows, rstd, mask=row_ok)
@@ -240,11 +231,11 @@ def _bwd_store(dz, keep, DZ, DX, DR, z_rows_dz, o_rows, cols, mask, stride_dzn, 
     if DZ is not None:  # gradient flowing into residual_out (pre-norm blocks)
         dz += tl.load(DZ + z_rows_dz[:, None] + cols[None, :] * stride_dzn, mask=mask, other=0.0).to(ACC)
     if DR is not None:
-        tl.store(DR + o_rows[:, None] + cols[None, :], _cast(dz, DR.dtype.element_ty, RTNE_BF16), mask=mask)
+        tl.store(DR + o_rows[:, None] + cols[None, :], cast(dz, DR.dtype.element_ty, RTNE_BF16), mask=mask)
     if DX is not None:
         if HAS_DROPOUT:
             dz = tl.where(keep, dz * (1.0 / (1.0 - dropout_p)), 0.0)
-        tl.store(DX + o_rows[:, None] + cols[None, :], _cast(dz, DX.dtype.element_ty, RTNE_BF16), mask=mask)
+        tl.store(DX + o_rows[:, None] + cols[None, :], cast(dz, DX.dtype.element_ty, RTNE_BF16), mask=mask)
 
 
 @triton.jit
@@ -359,14 +350,14 @@ def _layer_norm_bwd_reduce(
             g = start + offs_g
             acc += tl.load(DWp + g.to(tl.int64)[:, None] * stride_p + cols[None, :],
                            mask=(g < G)[:, None] & col_ok[None, :], other=0.0)
-        tl.store(DW + cols, _cast(tl.sum(acc, 0), DW.dtype.element_ty, RTNE_BF16), mask=col_ok)
+        tl.store(DW + cols, cast(tl.sum(acc, 0), DW.dtype.element_ty, RTNE_BF16), mask=col_ok)
     if DBp is not None:
         acc = tl.zeros([BLOCK_G, BLOCK_N], ACC)
         for start in range(0, G, BLOCK_G):
             g = start + offs_g
             acc += tl.load(DBp + g.to(tl.int64)[:, None] * stride_p + cols[None, :],
                            mask=(g < G)[:, None] & col_ok[None, :], other=0.0)
-        tl.store(DB + cols, _cast(tl.sum(acc, 0), DB.dtype.element_ty, RTNE_BF16), mask=col_ok)
+        tl.store(DB + cols, cast(tl.sum(acc, 0), DB.dtype.element_ty, RTNE_BF16), mask=col_ok)
 
 
 @triton.jit

@@ -268,6 +268,7 @@ def _setup_context(ctx, inputs, output):
     ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None,
                   bias.dtype if bias is not None else None)
     ctx.stored = store_residual
+    ctx.set_materialize_grads(False)  # unused outputs (mean, rstd, often residual_out) arrive as None, not zeros
 
 
 def _backward_autograd(ctx, dout, dres_out, _dmean, _drstd):
