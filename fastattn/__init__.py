@@ -13,18 +13,29 @@ from fastattn.ops.batch_norm import batch_norm_add_relu
 from fastattn.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastattn.ops.patch_embed import patch_embed
 
+# After the ops: the models and the patcher build on them. ``fastattn.patch`` is the function; the module is
+# ``sys.modules["fastattn.patch"]`` (``from fastattn.patch import PatchReport`` works as usual).
+from fastattn import models  # noqa: E402
+from fastattn.patch import PatchEntry, PatchReport, patch, patch_report, unpatch  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
     "FallbackWarning",
+    "PatchEntry",
+    "PatchReport",
     "add_layer_norm",
     "add_rms_norm",
     "attention",
     "batch_norm_add_relu",
     "layer_norm",
+    "models",
     "nn",
+    "patch",
     "patch_embed",
+    "patch_report",
     "record_launches",
     "rms_norm",
     "scaled_dot_product_attention",
+    "unpatch",
 ]
