@@ -32,7 +32,7 @@ import inspect
 import re
 import sys
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

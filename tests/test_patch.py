@@ -1,10 +1,8 @@
 """fastattn.patch on torch.nn, torchvision, timm and fastattn models: outputs and every gradient against the
-unpatched model (2x-eager rule of tests/numerics.py, float64 copy of the unpatched model as the reference), the
-Triton kernels launched, state_dict unchanged, unpatch exact, other instances untouched, torch.compile.
+unpatched model (tests/modelcheck.py: float64 copy of the unpatched model as the reference), the Triton kernels
+launched, state_dict unchanged, unpatch exact, other instances untouched, torch.compile.
 
-Gradients and buffers use a factor of 4 instead of 2: at model level each gradient has passed through several
-fused backward kernels (BN -> conv -> BN ...), each of which rounds differently from torch's, so the 2x bound of a
-single op compounds. Tiny configs only (width <= 64, depth 1-2, images <= 32 px, batch 2): every kernel launch goes through Triton's
+Tiny configs only (width <= 64, depth 1-2, images <= 32 px, batch 2): every kernel launch goes through Triton's
 interpreter on a CPU. Dropout is 0 wherever gradients are compared: fused dropout draws its own random stream.
 """
 
@@ -15,100 +13,34 @@ import warnings
 
 import pytest
 import torch
-from numerics import assert_close_rule
+from modelcheck import (
+    ATTN,
+    ATTN_BWD,
+    BN_BWD,
+    BN_EVAL,
+    BN_TRAIN,
+    DEVICE,
+    LN,
+    LN_BWD,
+    PE,
+    PE_BWD,
+    assert_kernels,
+    compare_models,
+    import_or_skip,
+    to_device,
+)
 from torch import nn
 
 import fastattn
 from fastattn.patch import FusedMultiheadAttention, FusedTransformerDecoderLayer, PatchReport
 
-ATTN = ("_attn_fwd",)
-ATTN_BWD = ("_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
-LN = ("_layer_norm_fwd",)
-LN_BWD = ("_layer_norm_bwd",)
-PE = ("_pe_fwd",)
-PE_BWD = ("_pe_bwd_dw",)
-BN_EVAL = ("_bn_fwd_apply",)
-BN_TRAIN = ("_bn_fwd_reduce", "_bn_fwd_combine", "_bn_fwd_apply")
-BN_BWD = ("_bn_bwd_reduce", "_bn_bwd_dx")
-MODEL_FACTOR = 4.0
-
-
-def _import_or_skip(name: str):
-    try:
-        return __import__(name)
-    except Exception as e:  # noqa: BLE001  (torchvision's CUDA wheel can fail to load beside a CPU torch)
-        pytest.skip(f"{name} is not importable here: {e}")
-
-
-def _double(x):
-    if isinstance(x, torch.Tensor) and x.is_floating_point():
-        return x.double()
-    if isinstance(x, dict):
-        return {k: _double(v) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_double(v) for v in x)
-    return x
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _assert_kernels(launches, names, what):
-    missing = [n for n in names if launches[n] == 0]
-    assert not missing, f"{what}: Triton kernels {missing} did not run; launches: {dict(launches)}"
-
-
-def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert list(sa) == list(sb), "state_dict keys differ"
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), f"state_dict[{k!r}] differs"
-
 
 def check_patched(model: nn.Module, inputs: tuple, kwargs: dict | None = None, *, eval_kernels=(),
                   train_kernels=(), train: bool = True, evaluate: bool = True, **patch_kw) -> nn.Module:
-    """fastattn.patch(deepcopy(model)) against ``model`` (fp32) and a float64 copy of it: eval outputs under
-    no_grad, then in training mode the output, every parameter gradient and every buffer (BN statistics)."""
-    kwargs = kwargs or {}
-    ref = copy.deepcopy(model).double()
+    """fastattn.patch(deepcopy(model)) against ``model`` and a float64 copy of it (``compare_models``)."""
     ours = fastattn.patch(copy.deepcopy(model), **patch_kw)
-    _assert_same_state(model, ours)
-    runs = (("ref", ref, _double(inputs), _double(kwargs)), ("eager", model, inputs, kwargs),
-            ("ours", ours, inputs, kwargs))
-    if evaluate:
-        outs = {}
-        for label, m, ins, kw in runs:
-            m.eval()
-            with torch.no_grad(), fastattn.record_launches() as launches:
-                outs[label] = _first(m(*ins, **kw))
-        assert_close_rule("eval output", outs["ours"], outs["eager"], outs["ref"], torch.float32)
-        _assert_kernels(launches, eval_kernels, "eval")
-    if train:
-        grad_out = None
-        res = {}
-        for label, m, ins, kw in runs:
-            m.train()
-            with fastattn.record_launches() as launches:
-                out = _first(m(*ins, **kw))
-                if grad_out is None:
-                    grad_out = torch.randn(out.shape, dtype=torch.float64)
-                out.backward(grad_out.to(out.dtype))
-            res[label] = (out, dict(m.named_parameters()), dict(m.named_buffers()))
-        assert_close_rule("train output", res["ours"][0], res["eager"][0], res["ref"][0], torch.float32)
-        for name, p in res["ref"][1].items():
-            if p.grad is None:
-                assert res["ours"][1][name].grad is None, f"{name}: gradient where the unpatched model has none"
-                continue
-            assert_close_rule(f"grad {name}", res["ours"][1][name].grad, res["eager"][1][name].grad, p.grad,
-                              torch.float32, factor=MODEL_FACTOR)
-        for name, b in res["ref"][2].items():
-            if b.is_floating_point():
-                assert_close_rule(f"buffer {name}", res["ours"][2][name], res["eager"][2][name], b, torch.float32,
-                                  factor=MODEL_FACTOR)
-            else:
-                assert torch.equal(res["ours"][2][name], res["eager"][2][name]), f"buffer {name} differs"
-        _assert_kernels(launches, train_kernels, "training")
+    compare_models(ours, model, inputs, kwargs, eval_kernels=eval_kernels, train_kernels=train_kernels, train=train,
+                   evaluate=evaluate)
     return ours
 
 
@@ -143,12 +75,12 @@ def test_transformer_encoder_layer(batch_first, norm_first, masks):
     check_patched(layer, (x,), kw, eval_kernels=ATTN + LN, train_kernels=ATTN + LN + ATTN_BWD + LN_BWD)
 
 
-def test_encoder_layer_eval_fast_path_still_fused(monkeypatch):
+def test_encoder_layer_eval_fast_path_still_fused(monkeypatch, device):
     """In eval under no_grad torch's own layer calls torch._transformer_encoder_layer_fwd and never
     self_attn.forward; the patched layer runs the fused kernels instead, with the same result."""
-    layer = nn.TransformerEncoderLayer(32, 2, 48, dropout=0.0, batch_first=True).eval()
+    layer = nn.TransformerEncoderLayer(32, 2, 48, dropout=0.0, batch_first=True).eval().to(device)
     ours = fastattn.patch(copy.deepcopy(layer))
-    x = torch.randn(2, 5, 32)
+    x = torch.randn(2, 5, 32, device=device)
     fast_path = []
     torch_fwd = torch._transformer_encoder_layer_fwd
     monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", lambda *a: fast_path.append(1) or torch_fwd(*a))
@@ -158,23 +90,23 @@ def test_encoder_layer_eval_fast_path_still_fused(monkeypatch):
         with fastattn.record_launches() as launches:
             out = ours(x)
     assert fast_path == [1]
-    _assert_kernels(launches, ATTN + LN, "eval under no_grad")
+    assert_kernels(launches, ATTN + LN, "eval under no_grad")
     torch.testing.assert_close(out, torch_out, rtol=1e-5, atol=1e-5)
 
 
-def test_transformer_encoder_nested_fast_path():
+def test_transformer_encoder_nested_fast_path(device):
     """torch's TransformerEncoder in eval turns padded input into a nested tensor and returns zeros at the padded
     positions; the patched encoder never does that conversion but returns the same values."""
     enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 48, dropout=0.0, batch_first=True), 2,
-                                norm=nn.LayerNorm(32)).eval()
-    x = torch.randn(2, 6, 32)
-    pad = _padding(2, 6, [6, 3])
+                                norm=nn.LayerNorm(32)).eval().to(device)
+    x = torch.randn(2, 6, 32, device=device)
+    pad = _padding(2, 6, [6, 3]).to(device)
     ours = fastattn.patch(copy.deepcopy(enc))
     with torch.no_grad(), fastattn.record_launches() as launches:
         out = ours(x, src_key_padding_mask=pad)
         torch_out = enc(x, src_key_padding_mask=pad)
-    _assert_kernels(launches, ATTN + LN, "encoder")
-    ln_of_zero = enc.norm(torch.zeros(32))
+    assert_kernels(launches, ATTN + LN, "encoder")
+    ln_of_zero = enc.norm(torch.zeros(32, device=device))
     torch.testing.assert_close(torch_out[1, 3:], ln_of_zero.expand(3, 32))  # torch did take its nested path
     torch.testing.assert_close(out, torch_out, rtol=1e-5, atol=1e-5)
     # with grad enabled torch takes the regular path (no zeroing); so does ours
@@ -185,9 +117,9 @@ def test_transformer_encoder_decoder():
     model = nn.Transformer(32, 2, 1, 1, 48, dropout=0.0)  # sequence-first
     S, T, B = 6, 5, 2
     src, tgt = torch.randn(S, B, 32), torch.randn(T, B, 32)
-    kw = dict(tgt_mask=nn.Transformer.generate_square_subsequent_mask(T), tgt_is_causal=True,
-              src_key_padding_mask=_padding(B, S, [6, 4]), memory_key_padding_mask=_padding(B, S, [6, 4]),
-              tgt_key_padding_mask=_padding(B, T, [5, 4]))
+    kw = {"tgt_mask": nn.Transformer.generate_square_subsequent_mask(T), "tgt_is_causal": True,
+          "src_key_padding_mask": _padding(B, S, [6, 4]), "memory_key_padding_mask": _padding(B, S, [6, 4]),
+          "tgt_key_padding_mask": _padding(B, T, [5, 4])}
     ours = check_patched(model, (src, tgt), kw, eval_kernels=ATTN + LN, train_kernels=ATTN + LN + ATTN_BWD + LN_BWD)
     assert type(ours.decoder.layers[0]) is FusedTransformerDecoderLayer
 
@@ -220,10 +152,10 @@ def test_multihead_attention(case):
     check_patched(mha, (q, k, v), kw, eval_kernels=ATTN, train_kernels=ATTN + ATTN_BWD)
 
 
-def test_multihead_attention_need_weights_falls_back():
-    mha = nn.MultiheadAttention(32, 2, batch_first=True).eval()
+def test_multihead_attention_need_weights_falls_back(device):
+    mha = nn.MultiheadAttention(32, 2, batch_first=True).eval().to(device)
     ours = fastattn.patch(copy.deepcopy(mha))
-    x = torch.randn(2, 5, 32)
+    x = torch.randn(2, 5, 32, device=device)
     with pytest.warns(fastattn.FallbackWarning, match="need_weights"):
         out, weights = ours(x, x, x)
     ref_out, ref_weights = mha(x, x, x)
@@ -246,7 +178,7 @@ def test_multihead_attention_bias_kv_left_alone():
 
 
 def test_torchvision_vit():
-    tv = _import_or_skip("torchvision")
+    tv = import_or_skip("torchvision")
     vit = tv.models.vision_transformer.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2,
                                                          hidden_dim=32, mlp_dim=64, num_classes=5)
     nn.init.normal_(vit.heads.head.weight)  # torchvision zero-initialises the head: no gradient would flow
@@ -256,7 +188,7 @@ def test_torchvision_vit():
 
 
 def test_torchvision_resnet():
-    tv = _import_or_skip("torchvision")
+    tv = import_or_skip("torchvision")
     model = tv.models.resnet.ResNet(tv.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=5)
     images = torch.randn(2, 3, 32, 32)
     ours = check_patched(model, (images,), eval_kernels=BN_EVAL, train_kernels=BN_TRAIN + BN_BWD)
@@ -266,14 +198,14 @@ def test_torchvision_resnet():
 
 
 def test_torchvision_bottleneck():
-    tv = _import_or_skip("torchvision")
+    tv = import_or_skip("torchvision")
     block = tv.models.resnet.Bottleneck(8, 4, stride=2, downsample=nn.Sequential(
         nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16)))
     check_patched(block, (torch.randn(2, 8, 7, 7),), eval_kernels=BN_EVAL, train_kernels=BN_TRAIN + BN_BWD)
 
 
 def test_timm_vit():
-    timm = _import_or_skip("timm")
+    timm = import_or_skip("timm")
     vit = timm.models.vision_transformer.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=2,
                                                            num_heads=2, mlp_ratio=2.0, num_classes=5,
                                                            init_values=0.5)  # LayerScale on
@@ -284,7 +216,7 @@ def test_timm_vit():
 def test_timm_vit_variants_and_attention_mask():
     """no_embed_class without a class token (mean pooling) is fused; register tokens are not (reported), while its
     blocks still are; a bool attention mask reaches the fused attention."""
-    timm = _import_or_skip("timm")
+    timm = import_or_skip("timm")
     VisionTransformer = timm.models.vision_transformer.VisionTransformer
     vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=3,
                             class_token=False, no_embed_class=True, global_pool="avg")
@@ -299,14 +231,14 @@ def test_timm_vit_variants_and_attention_mask():
 
 
 def test_timm_resnet():
-    timm = _import_or_skip("timm")
+    timm = import_or_skip("timm")
     model = timm.models.resnet.ResNet(timm.models.resnet.Bottleneck, [1, 1, 1, 1], num_classes=5,
                                       channels=(8, 16, 32, 64), zero_init_last=False)
     check_patched(model, (torch.randn(2, 3, 32, 32),), eval_kernels=BN_EVAL, train_kernels=BN_TRAIN + BN_BWD)
 
 
 def test_timm_block_with_se_left_alone():
-    timm = _import_or_skip("timm")
+    import_or_skip("timm")
     from timm.models.resnet import BasicBlock
 
     block = BasicBlock(8, 8, attn_layer="se")
@@ -348,11 +280,11 @@ def _state(model: nn.Module):
     return [(name, type(m), dict(m.__dict__)) for name, m in model.named_modules()]
 
 
-def test_patch_keeps_parameters_unpatch_is_exact():
-    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 48, batch_first=True), 1)
+def test_patch_keeps_parameters_unpatch_is_exact(device):
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 48, batch_first=True), 1).to(device)
     params = [(n, p, p.data_ptr(), p.dtype) for n, p in model.named_parameters()]
     before = _state(model)
-    x = torch.randn(2, 4, 32)
+    x = torch.randn(2, 4, 32, device=device)
     with torch.no_grad():
         ref = model.eval()(x)
     assert fastattn.patch(model) is model
@@ -364,7 +296,7 @@ def test_patch_keeps_parameters_unpatch_is_exact():
     fastattn.patch(model)  # idempotent
     assert [(name, type(m)) for name, m in model.named_modules()] == first
     assert all(e.detail == "already fused" for e in fastattn.patch_report(model).fused)
-    fresh = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 48, batch_first=True), 1)
+    fresh = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 2, 48, batch_first=True), 1).to(device)
     fresh.load_state_dict(model.state_dict())  # checkpoints load either way
     model.load_state_dict(fresh.state_dict())
     assert fastattn.unpatch(model) is model
@@ -407,19 +339,22 @@ def test_verbose_prints_report(capsys):
     assert "fastattn.patch: 1 module(s) fused" in capsys.readouterr().out
 
 
-def test_fused_dropout_trains():
-    """With dropout > 0 the fused add + LayerNorm draws its own mask: the patched layer differs from torch's in
-    training but is deterministic under a seed, and equal in eval."""
-    layer = nn.TransformerEncoderLayer(32, 2, 48, dropout=0.3, batch_first=True)
+def test_fused_dropout(device):
+    """With dropout > 0 the fused add + LayerNorm (and attention) draw their own masks: in training the patched
+    layer differs from torch's but is reproducible under a seed; in eval the two are equal."""
+    layer = nn.TransformerEncoderLayer(32, 2, 48, dropout=0.3, batch_first=True).to(device)
     ours = fastattn.patch(copy.deepcopy(layer))
-    x = torch.randn(2, 5, 32)
+    x = torch.randn(2, 5, 32, device=device)
     torch.manual_seed(1)
-    a = ours(x)
+    with fastattn.record_launches() as launches:
+        a = ours(x)
+    assert_kernels(launches, ATTN + LN, "dropout")
     torch.manual_seed(1)
-    b = ours(x)
-    torch.testing.assert_close(a, b)
-    zeros = (a == 0).float().mean()
-    assert zeros < 0.05  # dropout acts before the norm, never on its output
+    torch.testing.assert_close(ours(x), a)
+    torch.manual_seed(1)
+    assert not torch.allclose(layer(x), a)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), layer.eval()(x), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -428,7 +363,7 @@ def test_fused_dropout_trains():
 
 
 def _compiled_matches(model: nn.Module, inputs: tuple, kwargs: dict | None = None):
-    kwargs = kwargs or {}
+    model, inputs, kwargs = (to_device(t, DEVICE) for t in (model, inputs, kwargs or {}))
     ours = fastattn.patch(copy.deepcopy(model)).train()
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     with fastattn.record_launches() as launches, warnings.catch_warnings():
@@ -439,22 +374,22 @@ def _compiled_matches(model: nn.Module, inputs: tuple, kwargs: dict | None = Non
     ref.sum().backward()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     for (name, p), q in zip(ours.named_parameters(), model.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     return launches
 
 
 def test_compile_encoder_layer():
     layer = nn.TransformerEncoderLayer(32, 2, 48, dropout=0.0, batch_first=True)
     launches = _compiled_matches(layer, (torch.randn(2, 5, 32),), {"src_key_padding_mask": _padding(2, 5, [5, 3])})
-    _assert_kernels(launches, ATTN + LN + ATTN_BWD + LN_BWD, "compiled encoder layer")
+    assert_kernels(launches, ATTN + LN + ATTN_BWD + LN_BWD, "compiled encoder layer")
 
 
 def test_compile_vit_and_basic_block():
     vit = fastattn.models.VisionTransformer(img_size=8, patch_size=4, in_chans=1, num_classes=3, embed_dim=32,
                                             depth=1, num_heads=2, fused=False)
     launches = _compiled_matches(vit, (torch.randn(2, 1, 8, 8),))
-    _assert_kernels(launches, ATTN + LN + PE + ATTN_BWD + LN_BWD + PE_BWD, "compiled ViT")
-    tv = _import_or_skip("torchvision")
+    assert_kernels(launches, ATTN + LN + PE + ATTN_BWD + LN_BWD + PE_BWD, "compiled ViT")
+    tv = import_or_skip("torchvision")
     block = tv.models.resnet.BasicBlock(8, 8)
     launches = _compiled_matches(block, (torch.randn(2, 8, 6, 6),))
-    _assert_kernels(launches, BN_TRAIN + BN_BWD, "compiled BasicBlock")
+    assert_kernels(launches, BN_TRAIN + BN_BWD, "compiled BasicBlock")

@@ -18,7 +18,7 @@ make small test models).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -83,7 +83,7 @@ class ResNet(nn.Module):
     when ``fused``, else ``nn.BatchNorm2d``); the shortcut's BN is ``nn.BatchNorm2d`` whenever ``norm_layer`` is
     ``BatchNormAddReLU`` (it has no ReLU), else ``norm_layer``."""
 
-    def __init__(self, block: type[BasicBlock] | type[Bottleneck], layers: list[int], num_classes: int = 1000,
+    def __init__(self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int = 1000,
                  width: int = 64, in_chans: int = 3, fused: bool = True,
                  norm_layer: Callable[[int], nn.Module] | None = None) -> None:
         super().__init__()

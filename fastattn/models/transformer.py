@@ -19,14 +19,19 @@ paper, with fastattn's fused ops as switchable layers.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 import fastattn.nn as fnn
-from fastattn.models.layers import FeedForward, FusedMultiHeadAttention, MultiHeadAttention, add_norm, \
-    sinusoidal_positions
+from fastattn.models.layers import (
+    FeedForward,
+    FusedMultiHeadAttention,
+    MultiHeadAttention,
+    add_norm,
+    sinusoidal_positions,
+)
 
 
 class EncoderLayer(nn.Module):

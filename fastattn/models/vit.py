@@ -15,8 +15,8 @@ Configs: :func:`vit_tiny` (ViT-Ti/16), :func:`vit_small`, :func:`vit_base`, :fun
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
