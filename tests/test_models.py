@@ -138,6 +138,14 @@ def test_layers_helpers():
         y = layers.bn_relu(fastattn.nn.BatchNormAddReLU(3).eval().to(DEVICE), x.view(2, 3, 2, 4),
                            residual.view(2, 3, 2, 4))
     assert launches["_bn_fwd_apply"] == 1
+    # a plain nn.Dropout in training becomes the fused kernel's dropout on x (not on the output)
+    ones, zeros = torch.ones(4, 64, device=DEVICE), torch.zeros(4, 64, device=DEVICE)
+    norm, drop = fastattn.nn.LayerNorm(64, elementwise_affine=False).to(DEVICE), nn.Dropout(0.5)
+    _, res = layers.add_then_norm(norm, ones, zeros, drop)
+    assert set(res.unique().tolist()) == {0.0, 2.0} and 0.3 < (res == 0).float().mean() < 0.7
+    assert layers.add_norm(norm, ones, zeros, drop).abs().max() > 0.5  # LN of a constant row would be 0
+    norm.eval(), drop.eval()
+    assert layers.add_norm(norm, ones, zeros, drop).abs().max() == 0
     torch.testing.assert_close(y, torch.relu(x.view(2, 3, 2, 4) / (1 + 1e-5) ** 0.5 + residual.view(2, 3, 2, 4)))
 
 

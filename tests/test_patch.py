@@ -357,6 +357,22 @@ def test_fused_dropout(device):
         torch.testing.assert_close(ours.eval()(x), layer.eval()(x), rtol=1e-5, atol=1e-5)
 
 
+def test_autocast():
+    """Under autocast the residual stream stays float32 beside bf16 sublayer outputs (post-norm: the fused norm keeps
+    it, residual_in_fp32) and a ResNet block adds a float32 identity to a bf16 convolution as its in-place add."""
+    tv = import_or_skip("torchvision")
+    for model, x, kernels in ((nn.TransformerEncoderLayer(32, 2, 48, dropout=0.0, batch_first=True),
+                               torch.randn(2, 5, 32), ATTN + LN),
+                              (tv.models.resnet.BasicBlock(8, 8), torch.randn(2, 8, 6, 6), BN_TRAIN)):
+        model, x = model.to(DEVICE), x.to(DEVICE)
+        ours = fastattn.patch(copy.deepcopy(model))
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16), fastattn.record_launches() as launches:
+            out, ref = ours(x), model(x)
+        out.float().sum().backward()
+        assert_kernels(launches, kernels, type(model).__name__)
+        torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------------------------------------

@@ -41,11 +41,23 @@ def _split_dropout(dropout: nn.Module | None, x: Tensor) -> tuple[Tensor, float]
     return dropout(x), 0.0
 
 
+def _residual_dtypes(x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Mixed precision (autocast): a float32 residual stream beside half-precision sublayer outputs is kept in
+    float32 (``residual_in_fp32``); other mixes are brought to their common dtype, as ``x + residual`` would be."""
+    if x.dtype == residual.dtype:
+        return x, residual, False
+    if residual.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16):
+        return x, residual, True
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(dtype), residual.to(dtype), False
+
+
 def add_norm(norm: nn.Module, x: Tensor, residual: Tensor, dropout: nn.Module | None = None) -> Tensor:
     """Post-norm Add & Norm: ``norm(residual + dropout(x))`` ("LayerNorm(x + Sublayer(x))")."""
     if isinstance(norm, FUSED_NORMS):
         x, p = _split_dropout(dropout, x)
-        return norm(x, residual, dropout_p=p, return_residual=False)
+        x, residual, fp32 = _residual_dtypes(x, residual)
+        return norm(x, residual, dropout_p=p, residual_in_fp32=fp32, return_residual=False)
     return norm(residual + (dropout(x) if dropout is not None else x))
 
 
@@ -54,18 +66,21 @@ def add_then_norm(norm: nn.Module, x: Tensor, residual: Tensor,
     """Pre-norm residual step: ``residual = residual + dropout(x)``; returns ``(norm(residual), residual)``."""
     if isinstance(norm, FUSED_NORMS):
         x, p = _split_dropout(dropout, x)
-        return norm(x, residual, dropout_p=p)
+        x, residual, fp32 = _residual_dtypes(x, residual)
+        return norm(x, residual, dropout_p=p, residual_in_fp32=fp32)
     residual = residual + (dropout(x) if dropout is not None else x)
     return norm(residual), residual
 
 
 def bn_relu(bn: nn.Module, x: Tensor, identity: Tensor | None = None) -> Tensor:
     """``relu(bn(x) + identity)``, or ``relu(bn(x))`` without an identity (a ResNet block's tail / inner convs)."""
+    # Under autocast the identity may be float32 beside a half-precision x: the sum keeps x's dtype, as the
+    # in-place ``out += identity`` of torchvision's and timm's blocks does.
     if isinstance(bn, BatchNormAddReLU):
-        return bn(x, identity)
+        return bn(x, None if identity is None else identity.to(x.dtype))
     y = bn(x)
     if identity is not None:
-        y = y + identity
+        y = y + identity.to(y.dtype)
     return F.relu(y)
 
 
