@@ -108,9 +108,9 @@ def _mha_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_caus
         return None, True
     masks = []
     if attn_mask is not None:  # (L, S) or (N * H, L, S)
-        masks.append(attn_mask.view(1, 1, Lq, S) if attn_mask.dim() == 2 else attn_mask.view(N, H, Lq, S))
+        masks.append(attn_mask[None, None] if attn_mask.dim() == 2 else attn_mask.unflatten(0, (N, H)))
     if key_padding_mask is not None:  # (N, S)
-        masks.append(key_padding_mask.view(N, 1, 1, S))
+        masks.append(key_padding_mask[:, None, None, :])
     if not masks:
         return None, False
     if all(m.dtype == torch.bool for m in masks):
@@ -591,7 +591,7 @@ def _rule_decoder_layer(name, m, opts):
 def _rule_encoder(name, m, opts):
     layers_fused = any((type(layer) is nn.TransformerEncoderLayer and (opts.attention or opts.layer_norm))
                        or isinstance(layer, FusedTransformerEncoderLayer) for layer in m.layers)
-    if not layers_fused:
+    if not layers_fused or not getattr(m, "use_nested_tensor", False):  # torch's forward never nests: keep it
         return []
     return [(name, m, FusedTransformerEncoder, "no nested-tensor fast path (its layers run the fused kernels)")]
 

@@ -309,6 +309,24 @@ def test_patch_keeps_parameters_unpatch_is_exact(device):
         torch.testing.assert_close(model(x), ref)
 
 
+def test_save_and_load_whole_patched_model():
+    """torch.save(model) of a patched model: the fused library classes are found (and rebuilt) in fastattn.patch."""
+    import io
+    import sys
+
+    tv = import_or_skip("torchvision")
+    model = fastattn.patch(nn.Sequential(tv.models.resnet.BasicBlock(4, 4), nn.LayerNorm(6)))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    del sys.modules["fastattn.patch"].FusedTorchvisionBasicBlock  # as in a fresh process
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(loaded[0]).__name__ == "FusedTorchvisionBasicBlock" and type(loaded[1]) is fastattn.nn.LayerNorm
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
+    assert type(fastattn.unpatch(loaded)[0]) is tv.models.resnet.BasicBlock
+
+
 def test_report_and_options():
     class MyAttention(nn.Module):  # unknown: reported
         def forward(self, x):
