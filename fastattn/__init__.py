@@ -4,27 +4,37 @@ Public ops keep torch's signatures so that swapping is a one-word change::
 
     from fastattn import scaled_dot_product_attention
     out = scaled_dot_product_attention(q, k, v, is_causal=True)
+
+``fastattn.patch(model)`` swaps them into an existing model (``fastattn.patch`` is that function; its module is
+``sys.modules["fastattn.patch"]``, and ``from fastattn.patch import PatchReport`` works as usual).
 """
 
-from fastattn import nn
+from fastattn import models, nn
 from fastattn._runtime import FallbackWarning, record_launches
 from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.batch_norm import batch_norm_add_relu
 from fastattn.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastattn.ops.patch_embed import patch_embed
+from fastattn.patch import PatchEntry, PatchReport, patch, patch_report, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FallbackWarning",
+    "PatchEntry",
+    "PatchReport",
     "add_layer_norm",
     "add_rms_norm",
     "attention",
     "batch_norm_add_relu",
     "layer_norm",
+    "models",
     "nn",
+    "patch",
     "patch_embed",
+    "patch_report",
     "record_launches",
     "rms_norm",
     "scaled_dot_product_attention",
+    "unpatch",
 ]

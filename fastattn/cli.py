@@ -3,6 +3,7 @@
 
     fastattn bench [--ops attention] [--dtype fp16] [--quick] [--out DIR]
     fastattn inspect [--ops attention] [--arch 80,90] [--json] [--dump DIR] [--filter TEXT]
+    fastattn demo [--task all|vit|transformer] [--steps N]   (= python -m fastattn.demo)
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep specs whose '<kernel> <variant> <config>' contains TEXT (repeat: all must match)")
     i.add_argument("--no-cache", action="store_true", help="compile even where a cached report exists")
     i.add_argument("--workers", type=int, default=None, help="compile processes (default: all cores)")
+    sub.add_parser("demo", add_help=False, help="train a tiny ViT and a tiny Transformer, fused vs eager "
+                   "(python -m fastattn.demo; `fastattn demo --help` for its options)")
     return p
 
 
@@ -143,6 +146,11 @@ def _inspect(a: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own options
+        from fastattn import demo
+
+        return demo.main(argv[1:])
     a = _parser().parse_args(argv)
     return _bench(a) if a.command == "bench" else _inspect(a)
 

@@ -177,7 +177,12 @@ def _(do, q, k, v, out, lse, dlse, mask, dropout_p, seed, is_causal, causal_offs
     Z, H, M, _ = q.shape
     N = k.shape[2]
     dmask = q.new_empty((Z, H, M, N) if mask_grad else (0,), dtype=_stat_dtype(q.dtype))
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+    # Contiguous, as _backward allocates them (empty_like would keep the strides of a permuted q, and a compiled
+    # graph would then view the real gradients with the wrong strides).
+    def grad(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    return grad(q), grad(k), grad(v), dmask
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,177 @@
+"""Layers shared by the reference models and by ``fastattn.patch``.
+
+The fused ops are switchable *layers*. A block is written once, against these helpers, and runs the fused kernels
+when its layers are fastattn's and torch's ops when they are torch's:
+
+- ``add_norm(norm, x, residual, dropout)``: post-norm Add & Norm, ``norm(residual + dropout(x))``; fused when
+  ``norm`` is a ``fastattn.nn.LayerNorm`` / ``RMSNorm`` (one kernel for the dropout, the add and the norm).
+- ``add_then_norm(norm, x, residual, dropout)``: the pre-norm residual step, returns ``norm(residual + dropout(x))``
+  and the new residual ``residual + dropout(x)``; fused likewise.
+- ``bn_relu(bn, x, identity=None)``: ``relu(bn(x) + identity)``; fused when ``bn`` is a
+  ``fastattn.nn.BatchNormAddReLU``.
+- ``MultiHeadAttention`` calls ``torch.nn.functional.scaled_dot_product_attention``; ``FusedMultiHeadAttention``
+  (the same module, same parameters) calls ``fastattn.scaled_dot_product_attention``.
+
+Fused dropout draws its mask inside the kernel from its own random stream, so a fused and an eager model with
+dropout > 0 are equal in distribution, not bit for bit; compare them with dropout 0 or in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
+
+import fastattn
+from fastattn.nn import BatchNormAddReLU, LayerNorm, RMSNorm
+
+FUSED_NORMS = (LayerNorm, RMSNorm)
+
+
+def _split_dropout(dropout: nn.Module | None, x: Tensor) -> tuple[Tensor, float]:
+    """``(x, p)`` where a plain ``nn.Dropout`` becomes the fused kernel's ``dropout_p``; any other module (DropPath,
+    a custom one) is applied here, before the fused add, and ``p`` is 0."""
+    if dropout is None or isinstance(dropout, nn.Identity):
+        return x, 0.0
+    if type(dropout) is nn.Dropout:
+        return x, (float(dropout.p) if dropout.training else 0.0)
+    return dropout(x), 0.0
+
+
+def _residual_dtypes(x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Mixed precision (autocast): a float32 residual stream beside half-precision sublayer outputs is kept in
+    float32 (``residual_in_fp32``); other mixes are brought to their common dtype, as ``x + residual`` would be."""
+    if x.dtype == residual.dtype:
+        return x, residual, False
+    if residual.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16):
+        return x, residual, True
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(dtype), residual.to(dtype), False
+
+
+def add_norm(norm: nn.Module, x: Tensor, residual: Tensor, dropout: nn.Module | None = None) -> Tensor:
+    """Post-norm Add & Norm: ``norm(residual + dropout(x))`` ("LayerNorm(x + Sublayer(x))")."""
+    if isinstance(norm, FUSED_NORMS):
+        x, p = _split_dropout(dropout, x)
+        x, residual, fp32 = _residual_dtypes(x, residual)
+        return norm(x, residual, dropout_p=p, residual_in_fp32=fp32, return_residual=False)
+    return norm(residual + (dropout(x) if dropout is not None else x))
+
+
+def add_then_norm(norm: nn.Module, x: Tensor, residual: Tensor,
+                  dropout: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+    """Pre-norm residual step: ``residual = residual + dropout(x)``; returns ``(norm(residual), residual)``."""
+    if isinstance(norm, FUSED_NORMS):
+        x, p = _split_dropout(dropout, x)
+        x, residual, fp32 = _residual_dtypes(x, residual)
+        return norm(x, residual, dropout_p=p, residual_in_fp32=fp32)
+    residual = residual + (dropout(x) if dropout is not None else x)
+    return norm(residual), residual
+
+
+def bn_relu(bn: nn.Module, x: Tensor, identity: Tensor | None = None) -> Tensor:
+    """``relu(bn(x) + identity)``, or ``relu(bn(x))`` without an identity (a ResNet block's tail / inner convs)."""
+    # Under autocast the identity may be float32 beside a half-precision x: the sum keeps x's dtype, as the
+    # in-place ``out += identity`` of torchvision's and timm's blocks does.
+    if isinstance(bn, BatchNormAddReLU):
+        return bn(x, None if identity is None else identity.to(x.dtype))
+    y = bn(x)
+    if identity is not None:
+        y = y + identity.to(y.dtype)
+    return F.relu(y)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention: ``h`` heads of ``softmax(Q K^T / sqrt(d_k)) V``, concatenated, then ``W^O``.
+
+    ``forward(x)`` is self-attention; ``forward(x, context)`` attends from ``x`` to ``context`` (encoder-decoder
+    attention). ``mask`` is a bool tensor, True = may attend (SDPA's convention), broadcastable to
+    ``(B, heads, Lq, Lk)``; ``is_causal=True`` lets position ``i`` see positions ``<= i``.
+
+    ``cache`` (a dict, for incremental decoding): self-attention appends this call's keys and values to it and
+    attends from the new queries, which are the *last* positions, to all of them (lower-right causal alignment);
+    cross-attention computes the context's keys and values on the first call and reuses them.
+    """
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"MultiHeadAttention: dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, dim, bias=bias)
+        self.v_proj = nn.Linear(dim, dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask, is_causal: bool) -> Tensor:
+        """``(B, H, Lq, D)`` attention output of ``(B, H, Lq, D)`` queries and ``(B, H, Lk, D)`` keys / values."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                              dropout_p=self.dropout if self.training else 0.0)
+
+    def _heads(self, t: Tensor) -> Tensor:
+        return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, L, H*D) -> (B, H, L, D)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None, is_causal: bool = False,
+                cache: dict | None = None) -> Tensor:
+        B, L, _ = x.shape
+        q = self._heads(self.q_proj(x))                                  # (B, H, L, D)
+        if context is None:  # self-attention
+            k, v = self._heads(self.k_proj(x)), self._heads(self.v_proj(x))
+            if cache is not None:
+                if "k" in cache:
+                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                cache["k"], cache["v"] = k, v
+                if is_causal:  # the L new queries are the last L of the k.size(2) positions
+                    if mask is not None:
+                        raise ValueError("MultiHeadAttention: pass either a mask or is_causal=True with a cache")
+                    mask, is_causal = causal_lower_right(L, k.size(2)), False
+        elif cache is not None and "k" in cache:
+            k, v = cache["k"], cache["v"]
+        else:
+            k, v = self._heads(self.k_proj(context)), self._heads(self.v_proj(context))
+            if cache is not None:
+                cache["k"], cache["v"] = k, v
+        out = self.attend(q, k, v, mask, is_causal)                      # (B, H, L, D)
+        return self.out_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, head_dim={self.head_dim}, dropout={self.dropout}"
+
+
+class FusedMultiHeadAttention(MultiHeadAttention):
+    """:class:`MultiHeadAttention` (same constructor, parameters and ``state_dict``) running
+    ``fastattn.scaled_dot_product_attention``."""
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask, is_causal: bool) -> Tensor:
+        return fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                     dropout_p=self.dropout if self.training else 0.0)
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network ``linear2(dropout(activation(linear1(x))))``."""
+
+    def __init__(self, dim: int, hidden: int, activation: type[nn.Module] = nn.ReLU, dropout: float = 0.0,
+                 bias: bool = True) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = activation()
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear2(self.dropout(self.act(self.linear1(x))))
+
+
+def sinusoidal_positions(length: int, dim: int) -> Tensor:
+    """``PE(pos, 2i) = sin(pos / 10000^(2i/d))``, ``PE(pos, 2i+1) = cos(...)``: ``(length, dim)`` float32."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return pe
