@@ -227,19 +227,77 @@ def run_end_to_end(dtype: torch.dtype, quick: bool = False, progress: Progress |
     return rows
 
 
+def run_patched_models(dtype: torch.dtype, quick: bool = False, progress: Progress | None = None,
+                       models: Sequence[tuple[str, Callable[[], torch.nn.Module]]] | None = None,
+                       image: int = 224, classes: int = 1000) -> list[dict]:
+    """Training steps of torchvision's ViT-B/16 and ResNet-50 as users run them, eager vs ``fastattn.patch``.
+
+    Both runs build the model with the same constructor and seed, so the patched one has the very weights of the
+    eager one; rows say "skipped" when torchvision is not importable. ``models``/``image`` replace the defaults
+    (tests use tiny ones)."""
+    import fastattn
+
+    batch = 16 if quick else 64
+    if models is None:
+        try:
+            import torchvision
+        except Exception as err:  # noqa: BLE001
+            return [{"op": "end-to-end", "case": f"torchvision {name} train step", "shape": f"B={batch} {image}px",
+                     "dtype": str(dtype).replace("torch.", ""), "impl": impl, "mode": "train step",
+                     "status": f"skipped: torchvision not importable ({type(err).__name__})"}
+                    for name in ("ViT-B/16", "ResNet-50") for impl in ("eager", "fastattn.patch")]
+        models = [("ViT-B/16", torchvision.models.vit_b_16), ("ResNet-50", torchvision.models.resnet50)]
+
+    def workload(name, ctor):
+        def build(ops, device, _dtype):
+            model = ctor().to(device)
+            if ops.get("patch"):
+                fastattn.patch(model)
+            return model, torch.randn(batch, 3, image, image, device=device)
+        return blocks.Workload(f"torchvision {name} train step", f"B={batch} {image}px", ("patch",), build, batch,
+                               classes)
+
+    tables = {"eager": {}, "fastattn.patch": {"patch": True}}
+    rows = []
+    for w in (workload(name, ctor) for name, ctor in models):
+        eager_ms = None
+        for name, ops in tables.items():
+            status, timing, peak = "ok", None, None
+            try:
+                timing, peak = training_step(w, ops, dtype)
+            except Exception as err:  # noqa: BLE001
+                status = _status(err)
+            finally:
+                _cleanup()
+            if name == "eager" and timing:
+                eager_ms = timing.ms
+            rows.append({
+                "op": "end-to-end", "case": w.label, "shape": w.shape, "dtype": str(dtype).replace("torch.", ""),
+                "impl": name, "mode": "train step", "ms": timing.ms if timing else None,
+                "ms_p20": timing.p20 if timing else None, "ms_p80": timing.p80 if timing else None,
+                "throughput": w.batch / (timing.ms * 1e-3) if timing else None, "unit": "images/s",
+                "speedup_vs_eager": eager_ms / timing.ms if (timing and eager_ms) else None,
+                "peak_mib": peak / 2**20 if peak is not None else None, "status": status,
+            })
+            if progress:
+                progress.update(note=f"{w.label} / {name}: {status}")
+    return rows
+
+
 def run(ops: Sequence[str], dtype: torch.dtype, suite: str = "gpu", with_compile: bool = True,
         end_to_end: bool = True) -> list[dict]:
     from fastattn.perf import cases as cases_mod
 
     all_cases = [c for op in ops for c in cases_mod.get(op, suite)]
     n_impls = sum(len(implementations(c, with_compile)) for c in all_cases)
-    n_e2e = 6 if end_to_end else 0
+    n_e2e = 6 + 4 if end_to_end else 0
     progress = Progress("GPU benchmark", n_impls + n_e2e, every_s=10.0)
     rows = []
     for case in all_cases:
         rows += run_case(case, dtype, with_compile, progress=progress)
     if end_to_end:
         rows += run_end_to_end(dtype, quick=suite == "quick", progress=progress)
+        rows += run_patched_models(dtype, quick=suite == "quick", progress=progress)
     return rows
 
 
