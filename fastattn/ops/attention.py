@@ -222,6 +222,8 @@ def _check_flags(is_causal, scale, enable_gqa) -> None:
             raise TypeError(f"fastattn.{_OP}: {name} must be a bool; got {type(flag).__name__}")
     if scale is not None:
         try:
+            if isinstance(scale, (str, bytes)):  # float("0.5") would accept a string
+                raise TypeError
             value = float(scale)
         except (TypeError, ValueError):
             raise TypeError(f"fastattn.{_OP}: scale must be a float or None; got {type(scale).__name__}") from None
