@@ -46,7 +46,7 @@ def _randn(*shape, dtype=torch.float32, seed=0, device="cpu"):
     return torch.randn(*shape, generator=_gen(seed), dtype=torch.float64).to(device=device, dtype=dtype)
 
 
-# -- one forward + backward per op, from fixed inputs; returns every output and gradient --------------------------------
+# -- one forward + backward per op, from fixed inputs; returns every output and gradient -------------------------------
 
 def _attention(device):
     q = _randn(1, 4, 37, 16, dtype=torch.float16, seed=1, device=device)
