@@ -13,12 +13,13 @@ Backward, g = dy * (out > 0) (mask recomputed from the saved output), xm = x - m
     _bn_bwd_dx       dx = w rstd (g - dbias/M - xhat dweight/M) = k1 g + k2 xm + k3   (training)
 Elementwise math and each lane's running sums are in ACC (fp32, or fp64 for fp64 inputs); tree sums, partials and
 per-channel statistics in fp64, rounded once. No atomics and a fixed S and combination order: bitwise repeatable.
+RTNE (interpreter only): activation outputs are rounded to bf16 on the bits, as a GPU does (see _common.cast).
 """
 
 import triton
 import triton.language as tl
 
-from ._common import interpreting, pick_configs
+from ._common import cast, interpreting, pick_configs
 
 # -- configs -------------------------------------------------------------------------------------------------------
 # Memory-bound tiles of 2048 elements in every shape from B-major (NCHW, long H*W) to C-major (channels_last or
@@ -228,7 +229,7 @@ def _bn_fwd_apply(
     A2, B, C,
     B_BUCKET, C_BUCKET, C_INNER,
     eps,
-    IS_EVAL: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    IS_EVAL: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_cb = tl.cdiv(C, BLOCK_C)
@@ -254,7 +255,7 @@ def _bn_fwd_apply(
                      mask=ok, other=0.0).to(ACC)
     y = tl.where(y <= 0.0, 0.0, y)  # relu that keeps NaN, as torch.relu
     tl.store(_ptrs(Out, a1, a2, b0, c0, offs_b, offs_c, stride_oa1, stride_oa2, stride_oc, stride_ob),
-             y.to(Out.dtype.element_ty), mask=ok)
+             cast(y, Out.dtype.element_ty, RTNE), mask=ok)
 
 
 # -- backward ------------------------------------------------------------------------------------------------------
@@ -276,7 +277,7 @@ def _bn_bwd_reduce(
     A, A2, B, C, S,
     B_BUCKET, C_BUCKET, C_INNER,
     eps,
-    IS_EVAL: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    IS_EVAL: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     s = tl.program_id(1)
@@ -300,11 +301,11 @@ def _bn_bwd_reduce(
         g = tl.where(o <= 0.0, 0.0, dy)  # relu's gradient from its output, exactly as torch's threshold_backward
         if DId is not None:
             tl.store(_ptrs(DId, a1, a2, b0, c0, offs_b, offs_c, stride_dia1, stride_dia2, stride_dic, stride_dib),
-                     g.to(DId.dtype.element_ty), mask=ok)
+                     cast(g, DId.dtype.element_ty, RTNE), mask=ok)
         g = g.to(ACC)
         if IS_EVAL and DX is not None:
             tl.store(_ptrs(DX, a1, a2, b0, c0, offs_b, offs_c, stride_dxa1, stride_dxa2, stride_dxc, stride_dxb),
-                     (g * scale[None, :]).to(DX.dtype.element_ty), mask=ok)
+                     cast(g * scale[None, :], DX.dtype.element_ty, RTNE), mask=ok)
         if Partial is not None:
             x = tl.load(_ptrs(X, a1, a2, b0, c0, offs_b, offs_c, stride_xa1, stride_xa2, stride_xc, stride_xb),
                         mask=ok, other=0.0).to(ACC)
@@ -357,7 +358,7 @@ def _bn_bwd_dx(
     stride_dxa1, stride_dxa2, stride_dxc, stride_dxb,
     A2, B, C,
     B_BUCKET, C_BUCKET, C_INNER,
-    ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, RTNE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_cb = tl.cdiv(C, BLOCK_C)
@@ -386,4 +387,4 @@ def _bn_bwd_dx(
                 other=0.0).to(ACC)
     dx = k1[None, :] * g + k2[None, :] * (x - mean[None, :]) + k3[None, :]
     tl.store(_ptrs(DX, a1, a2, b0, c0, offs_b, offs_c, stride_dxa1, stride_dxa2, stride_dxc, stride_dxb),
-             dx.to(DX.dtype.element_ty), mask=ok)
+             cast(dx, DX.dtype.element_ty, RTNE), mask=ok)

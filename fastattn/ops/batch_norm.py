@@ -135,6 +135,7 @@ def _apply(x: Tensor, identity: Tensor | None, mean: Tensor, var_or_rstd: Tensor
     _runtime.launch(
         K._bn_fwd_apply, grid, x, identity, out, mean, var_or_rstd, weight, bias, *sx, *si, *so, A2, B, C,
         _bucket(B), _bucket(C), _channels_inner(sx, B), float(eps), IS_EVAL=not training, ACC=_acc(x.dtype),
+        RTNE=_runtime.interpreting(),
     )
     return out
 
@@ -167,6 +168,7 @@ def _backward(dy: Tensor, x: Tensor, out: Tensor, mean: Tensor, var_or_rstd: Ten
         K._bn_bwd_reduce, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), S),
         dy, out, x, mean, var_or_rstd, weight, did_t, None if training else dx_t, partial,
         *sdy, *so, *sx, *sdi, *sdx, A, A2, B, C, S, *keys, float(eps), IS_EVAL=not training, ACC=acc,
+        RTNE=_runtime.interpreting(),
     )
     if not need_sums:
         return dx, did, dw, db
@@ -183,7 +185,7 @@ def _backward(dy: Tensor, x: Tensor, out: Tensor, mean: Tensor, var_or_rstd: Ten
         # g was stored as didentity by the reduction: read it back instead of dy and out (one tensor less)
         _runtime.launch(
             K._bn_bwd_dx, grid, dy, out, x, did_t, mean, coef, dx,
-            *sdy, *so, *sx, *sdi, *sdx, A2, B, C, *keys, ACC=acc,
+            *sdy, *so, *sx, *sdi, *sdx, A2, B, C, *keys, ACC=acc, RTNE=_runtime.interpreting(),
         )
     return dx, did, dw, db
 
@@ -418,7 +420,8 @@ def kernel_specs() -> list[KernelSpec]:
             x = torch.empty((N, C, H, W), device=meta, dtype=dtype).to(memory_format=fmt)
             A, A2, B, (sx,) = _layout(x.shape, x)
             common = {"A": A, "A2": A2, "B": B, "C": C, "S": 132, "M": N * H * W, "B_BUCKET": _bucket(B),
-                      "C_BUCKET": _bucket(C), "C_INNER": _channels_inner(sx, B), "eps": 1e-5, "ACC": tl.float32}
+                      "C_BUCKET": _bucket(C), "C_INNER": _channels_inner(sx, B), "eps": 1e-5, "ACC": tl.float32,
+                      "RTNE": False}
             for p in ("x", "i", "o", "dy", "di", "dx", "g"):
                 common.update({f"stride_{p}{d}": v for d, v in zip(("a1", "a2", "c", "b"), sx)})
             variant = f"{dname} {layout}"
