@@ -10,7 +10,7 @@ Public ops keep torch's signatures so that swapping is a one-word change::
 """
 
 from fastattn import models, nn
-from fastattn._runtime import FallbackWarning, record_launches
+from fastattn._runtime import FallbackWarning, deterministic_backward, record_launches
 from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.batch_norm import batch_norm_add_relu
 from fastattn.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
@@ -27,6 +27,7 @@ __all__ = [
     "add_rms_norm",
     "attention",
     "batch_norm_add_relu",
+    "deterministic_backward",
     "layer_norm",
     "models",
     "nn",

@@ -8,6 +8,11 @@ Device policy (README, "Device policy"):
 
 Every kernel launch goes through :func:`launch`, which counts it, so tests (and users) can check that the
 Triton kernel ran and not the eager fallback: ``with fastattn.record_launches() as n: ...; n["_attn_fwd"]``.
+
+Determinism (README, "Determinism"): no kernel uses atomics, so every forward and backward is bitwise repeatable
+for one device and one kernel config. Under ``torch.use_deterministic_algorithms(True)`` :func:`launch` also
+skips autotuning and runs the first config the autotuner's prune keeps, so the bits no longer depend on which
+config a timing run happened to pick.
 """
 
 from __future__ import annotations
@@ -72,12 +77,40 @@ _recorders: list[collections.Counter] = []
 
 
 def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Any:
-    """Launch ``kernel[grid](*args, **kwargs)`` and count it under the kernel's function name."""
+    """Launch ``kernel[grid](*args, **kwargs)`` and count it under the kernel's function name.
+
+    Under ``torch.use_deterministic_algorithms(True)`` an autotuned kernel runs its :func:`fixed_config` instead
+    of the autotuner's timed choice.
+    """
     name = kernel_name(kernel)
     with _lock:
         for counter in _recorders:
             counter[name] += 1
+    if type(kernel).__name__ == "Autotuner" and torch.are_deterministic_algorithms_enabled():
+        config = fixed_config(kernel, args, kwargs)
+        return kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
     return kernel[grid](*args, **kwargs)
+
+
+def fixed_config(tuner: Any, args: Sequence[Any], kwargs: dict) -> Any:
+    """The first of an autotuner's configs that its prune keeps for these arguments: a choice made from the
+    arguments alone (shapes, dtypes, flags), never from timings, so it is the same in every process."""
+    configs = tuner.configs
+    if tuner.early_config_prune is not None:
+        configs = tuner.early_config_prune(configs, dict(zip(tuner.arg_names, args)), **kwargs)
+    return configs[0]
+
+
+def deterministic_backward() -> bool:
+    """Always True: every fastattn op's forward and backward is deterministic.
+
+    No kernel uses atomics; every reduction across programs (attention's dK/dV and dQ, the dweight/dbias and
+    batch-statistics partial sums) is a fixed number of partials added in a fixed order, so repeated passes on the
+    same inputs are bitwise equal on one device and one kernel config. The number of partials may depend on the
+    GPU's SM count (another GPU model may round differently) and, on a GPU, the config on the autotuner's timings;
+    ``torch.use_deterministic_algorithms(True)`` fixes the config too (:func:`fixed_config`).
+    """
+    return True
 
 
 @contextlib.contextmanager

@@ -60,7 +60,10 @@ def scaled_dot_product_attention(
             scores = scores + attn_mask
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
+    if S == 0:  # no keys: amax has nothing to reduce; every row is empty
+        row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+    else:
+        row_max = scores.amax(dim=-1, keepdim=True)
     empty = row_max == float("-inf")
     shifted = (scores - torch.where(empty, torch.zeros_like(row_max), row_max)).exp()
     denom = shifted.sum(dim=-1, keepdim=True)

@@ -198,7 +198,8 @@ def _bn_fwd_combine(
     s1, s2 = _sum_partials(Partial, S, C, offs_c, c_ok, BLOCK_S, BLOCK_C)
     n = M + tl.zeros([], tl.float64)  # scalar args are plain Python numbers in the interpreter: no .to()
     d_mean = s1 / n
-    var = tl.maximum(s2 / n - d_mean * d_mean, 0.0)
+    var = s2 / n - d_mean * d_mean
+    var = tl.where(var < 0.0, 0.0, var)  # clamps rounding below 0 but keeps NaN (tl.maximum drops it), as torch
     mean = tl.load(Shift + offs_c, mask=c_ok, other=0.0).to(tl.float64) + d_mean
     tl.store(Mean + offs_c, mean.to(Mean.dtype.element_ty), mask=c_ok)
     tl.store(Rstd + offs_c, (1.0 / tl.sqrt(var + eps)).to(Rstd.dtype.element_ty), mask=c_ok)

@@ -221,6 +221,22 @@ def _shape_str(t: Tensor) -> str:
     return str(tuple(t.shape))
 
 
+def _check_flags(is_causal, scale, enable_gqa) -> None:
+    """The non-tensor arguments, before anything reads the tensors (torch's own parser rejects the same values)."""
+    for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"fastattn.{_OP}: {name} must be a bool; got {type(flag).__name__}")
+    if scale is not None:
+        try:
+            if isinstance(scale, (str, bytes)):  # float("0.5") would accept a string
+                raise TypeError
+            value = float(scale)
+        except (TypeError, ValueError):
+            raise TypeError(f"fastattn.{_OP}: scale must be a float or None; got {type(scale).__name__}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"fastattn.{_OP}: scale must be finite (or None for 1/sqrt(E)); got {value!r}")
+
+
 def _check(query: Tensor, key: Tensor, value: Tensor, attn_mask, dropout_p: float, enable_gqa: bool) -> None:
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, Tensor):
@@ -319,6 +335,7 @@ def attention(
     The log-sum-exp has shape ``(..., H, Lq)`` in float32 (natural log, -inf for rows with no key) and is
     differentiable.
     """
+    _check_flags(is_causal, scale, enable_gqa)
     causal_offset = 0
     if CausalBias is not None and isinstance(attn_mask, CausalBias):
         if is_causal:
@@ -347,7 +364,8 @@ def attention(
         outer, H = (batch[:-1], batch[-1]) if batch else ((), 1)
         HKV = H
     mask4 = _mask_to4d(attn_mask, outer, H, M, N) if attn_mask is not None else None
-    sm_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    # E = 0: every score is the empty sum 0 whatever the scale, so the rows average v (as torch gives)
+    sm_scale = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)
 
     reason = None
     if not _runtime.triton_device_ok(query.device):

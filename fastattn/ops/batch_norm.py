@@ -274,10 +274,20 @@ def _name_dtype(dtype: torch.dtype) -> str:
 
 
 def _check(x: Tensor, identity: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
-           weight: Tensor | None, bias: Tensor | None, training: bool, momentum: float | None,
+           weight: Tensor | None, bias: Tensor | None, training: bool, momentum: float | None, eps: float,
            num_batches_tracked: Tensor | None) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"fastattn.{_OP}: x must be a Tensor, got {type(x).__name__}")
+    if not isinstance(training, bool):
+        raise TypeError(f"fastattn.{_OP}: training must be a bool, got {type(training).__name__}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"fastattn.{_OP}: eps must be a float, got {type(eps).__name__}")
+    # torch's own rule (F.batch_norm): a NaN eps passes and gives NaN, as there
+    if training and eps <= 0.0:
+        raise ValueError(f"fastattn.{_OP}: eps must be positive during training (as torch's batch_norm requires); "
+                         f"got {eps!r}")
+    if eps < 0.0:
+        raise ValueError(f"fastattn.{_OP}: eps must be non-negative (as torch's batch_norm requires); got {eps!r}")
     if x.dim() != 4:
         raise ValueError(f"fastattn.{_OP}: x must be 4-D (N, C, H, W); got shape {tuple(x.shape)}")
     _runtime.check_float_dtype(_OP, "x", x, DTYPES)
@@ -346,7 +356,7 @@ def batch_norm_add_relu(
     (keyword; the count including this batch, which the caller increments as ``nn.BatchNorm2d`` does).
     ``training=False`` uses the running statistics in a single fused pass.
     """
-    _check(x, identity, running_mean, running_var, weight, bias, training, momentum, num_batches_tracked)
+    _check(x, identity, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked)
     training = bool(training)
     eps = float(eps)
     reason = None

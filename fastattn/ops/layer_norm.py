@@ -312,6 +312,8 @@ def _check(op: str, x, residual, weight, bias, eps, dropout_p, residual_in_fp32,
         raise TypeError(f"fastattn.{op}: x must be a floating-point tensor; got {_dtype_name(x.dtype)}")
     if x.dim() == 0:
         raise ValueError(f"fastattn.{op}: x must have at least one dim (the normalised one); got a 0-dim tensor")
+    if not norm_shape:  # torch raises too; flattening no dims would normalise every element on its own
+        raise ValueError(f"fastattn.{op}: normalized_shape must have at least one dim; got ()")
     if x.dim() < len(norm_shape) or tuple(x.shape[x.dim() - len(norm_shape):]) != norm_shape:
         raise ValueError(f"fastattn.{op}: normalized_shape {norm_shape} must equal the trailing dims of x; "
                          f"got x of shape {tuple(x.shape)}")
@@ -335,8 +337,8 @@ def _check(op: str, x, residual, weight, bias, eps, dropout_p, residual_in_fp32,
             raise ValueError(f"fastattn.{op}: {name} must have shape {norm_shape} (the normalised trailing dims of "
                              f"x); got {tuple(p.shape)}")
         if p.dtype not in (x.dtype, torch.float32):
-            raise TypeError(f"fastattn.{op}: {name} must have x's dtype {_dtype_name(x.dtype)} or float32; got "
-                            f"{_dtype_name(p.dtype)}")
+            allowed = _dtype_name(x.dtype) + (" or float32" if x.dtype != torch.float32 else "")
+            raise TypeError(f"fastattn.{op}: {name} must have x's dtype {allowed}; got {_dtype_name(p.dtype)}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0.0 < float(eps) < math.inf):
         raise ValueError(f"fastattn.{op}: eps must be a positive finite float; got {eps!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not (0.0 <= float(dropout_p) < 1.0):

@@ -298,6 +298,9 @@ def _check(images: Tensor, weight: Tensor, bias: Tensor | None, pos_embed: Tenso
                          f"{tuple(weight.shape)} expects {CW}")
     if P == 0:
         raise ValueError(f"fastattn.{_OP}: weight has patch size 0 (shape {tuple(weight.shape)})")
+    if C == 0:  # torch's conv2d returns (B, N, 0) tokens here, dropping the D features its bias would give
+        raise ValueError(f"fastattn.{_OP}: images have 0 channels (shape {tuple(images.shape)}); patches need at "
+                         f"least one")
     for what, size in (("height", H), ("width", W)):
         if size < P:
             raise ValueError(f"fastattn.{_OP}: image {what} {size} is smaller than patch size {P}")
