@@ -15,9 +15,10 @@ On a GPU it trains 300 steps of batch 64 per model in seconds (eager runs of the
 accuracy on the digits and 98% exact reversals).
 Without a CUDA device the fused models run the real Triton kernels through Triton's interpreter, which costs
 milliseconds per kernel program, so the defaults drop to 30 steps of batch 16 (a few minutes; the models are then
-only partly trained, and the timings say nothing about GPU speed). Triton reads ``TRITON_INTERPRET`` when fastattn's kernels are
-decorated, i.e. on ``import fastattn``, which ``python -m fastattn.demo`` performs before this module runs; so when
-the interpreter is needed and off, the demo starts itself again with ``TRITON_INTERPRET=1`` set.
+only partly trained, and the timings say nothing about GPU speed).
+Triton reads ``TRITON_INTERPRET`` when fastattn's kernels are decorated, i.e. on ``import fastattn``, which
+``python -m fastattn.demo`` performs before this module runs; so when the interpreter is needed and off, the demo
+starts itself again with ``TRITON_INTERPRET=1`` set.
 """
 
 from __future__ import annotations

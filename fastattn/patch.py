@@ -187,9 +187,10 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
 
 
 class FusedTransformerEncoderLayer(nn.TransformerEncoderLayer):
-    """``nn.TransformerEncoderLayer`` that always takes the regular path (never ``torch._transformer_encoder_layer_fwd``,
-    which would bypass its attention module) and fuses dropout + residual add + LayerNorm when its norms are
-    ``fastattn.nn.LayerNorm``. Nested-tensor inputs run torch's own forward (one-time ``FallbackWarning``)."""
+    """``nn.TransformerEncoderLayer`` that always takes the regular path (never
+    ``torch._transformer_encoder_layer_fwd``, which would bypass its attention module) and fuses dropout + residual
+    add + LayerNorm when its norms are ``fastattn.nn.LayerNorm``. Nested-tensor inputs
+    run torch's own forward (one-time ``FallbackWarning``)."""
 
     def forward(self, src: Tensor, src_mask: Tensor | None = None, src_key_padding_mask: Tensor | None = None,
                 is_causal: bool = False) -> Tensor:
@@ -461,8 +462,9 @@ def _fused_library_class(name: str) -> type:
         base = _library_class(name, import_it=True)
         mixin = _LIBRARY[name][2]
         cls = type(name, (mixin, base), {"__module__": __name__, "__qualname__": name,
-                                          "__doc__": f"{base.__module__}.{base.__qualname__} running fastattn's fused "
-                                                     f"ops (set per instance by fastattn.patch). {mixin.__doc__ or ''}"})
+                                          "__doc__": f"{base.__module__}.{base.__qualname__} running fastattn's "
+                                                     f"fused ops (set per instance by fastattn.patch). "
+                                                     f"{mixin.__doc__ or ''}"})
         globals()[name] = cls
     return cls
 

@@ -60,7 +60,7 @@ def _seed():
 # hypothesis' local database (.hypothesis/, not committed) and printed as a JSON line to add to the fixed examples.
 # "fixed": only the fixed examples.
 
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402 (after the environment set-up above)
 
 _SLOW = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 # No explain phase (minutes of interpreter time per failure); CI does not shrink either: it reports the failing

@@ -409,7 +409,9 @@ def test_scratch_matches_the_launchers():
 
     x, identity = torch.randn(3, 5, 7, 9), torch.randn(3, 5, 7, 9)
     rm, rv, w, b = torch.zeros(5), torch.ones(5), torch.rand(5) + 0.5, torch.randn(5)
-    partials = lambda M, C: bn_ops._num_partials(M, C, cpu)
+
+    def partials(M, C):
+        return bn_ops._num_partials(M, C, cpu)
     got, (mean, rstd) = _scratch_of(bn_ops._stats, x, rm, rv, None, 0.1, 1e-5)
     assert got == cases._batch_norm_stats_scratch((x, rm, rv, None, 0.1, 1e-5), {}, partials=partials) > 0
     out = bn_ops._apply(x, identity, mean, rstd, w, b, True, 1e-5)

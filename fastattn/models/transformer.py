@@ -88,7 +88,8 @@ class Transformer(nn.Module):
     def __init__(self, src_vocab: int, tgt_vocab: int, d_model: int = 512, num_heads: int = 8,
                  num_encoder_layers: int = 6, num_decoder_layers: int = 6, d_ff: int = 2048, dropout: float = 0.1,
                  attn_dropout: float = 0.0, max_len: int = 1024, fused: bool = True,
-                 norm_layer: Callable[[int], nn.Module] | None = None, attn_layer: Callable[..., nn.Module] | None = None,
+                 norm_layer: Callable[[int], nn.Module] | None = None,
+                 attn_layer: Callable[..., nn.Module] | None = None,
                  encoder_layer: Callable[..., nn.Module] = EncoderLayer,
                  decoder_layer: Callable[..., nn.Module] = DecoderLayer) -> None:
         super().__init__()

@@ -54,7 +54,8 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  dropout: float = 0.0, attn_dropout: float = 0.0, fused: bool = True,
-                 norm_layer: Callable[[int], nn.Module] | None = None, attn_layer: Callable[..., nn.Module] | None = None,
+                 norm_layer: Callable[[int], nn.Module] | None = None,
+                 attn_layer: Callable[..., nn.Module] | None = None,
                  embed_layer: Callable[..., nn.Module] | None = None, block: Callable[..., nn.Module] = Block) -> None:
         super().__init__()
         if img_size % patch_size != 0:

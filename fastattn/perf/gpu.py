@@ -2,10 +2,11 @@
 
 Times come from ``triton.testing.do_bench`` (CUDA events, L2 flushed between runs, median with 20/80 quantiles).
 The backward is timed on a retained graph; forward+backward re-runs both. Gradients are computed with
-``torch.autograd.grad`` (returned, not accumulated into ``.grad``), so a gradient that two inputs share (``x + residual``)
-is not copied by autograd's ``.grad`` bookkeeping, which a model's backward would not do either. Peak memory is ``torch.cuda.max_memory_allocated`` over one forward+backward, above what was allocated
-before it (the inputs). Each implementation of each case is measured in its own ``try``: an out-of-memory, an
-SDPA backend that cannot serve a shape or any other error becomes that row's status, never the end of the run.
+``torch.autograd.grad`` (returned, not accumulated into ``.grad``), so a gradient that two inputs share
+(``x + residual``) is not copied by autograd's ``.grad`` bookkeeping, which a model's backward would not do either.
+Peak memory is ``torch.cuda.max_memory_allocated`` over one forward+backward, above what was allocated before it
+(the inputs). Each implementation of each case is measured in its own ``try``: an out-of-memory, an SDPA backend
+that cannot serve a shape or any other error becomes that row's status, never the end of the run.
 """
 
 from __future__ import annotations
