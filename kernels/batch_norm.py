@@ -12,7 +12,9 @@ Backward, g = dy * (out > 0) (mask recomputed from the saved output), xm = x - m
     _bn_bwd_combine  dbias = sum g, dweight = rstd sum g xm, dx's coefficients k1 = w rstd, k2, k3
     _bn_bwd_dx       dx = w rstd (g - dbias/M - xhat dweight/M) = k1 g + k2 xm + k3   (training)
 Elementwise math and each lane's running sums are in ACC (fp32, or fp64 for fp64 inputs); tree sums, partials and
-per-channel statistics in fp64, rounded once. No atomics and a fixed S and combination order: bitwise repeatable.
+per-channel statistics in fp64, rounded once. The training mean stays fp64 and x - mean is taken as (x - hi) - lo
+with mean = hi + lo in ACC (_mean_hi_lo), so a mean large against the spread is not rounded to fp32 first.
+No atomics and a fixed S and combination order: bitwise repeatable.
 """
 
 import triton
@@ -95,6 +97,16 @@ def _ptrs(P, a1, a2, b0, c0, offs_b, offs_c, s_a1, s_a2, s_c, s_b):
     # int64 for the block's base, int32 lane offsets inside the tile.
     base = P + (a1 * s_a1 + a2 * s_a2 + b0 * s_b + c0 * s_c)
     return base + offs_b[:, None] * s_b + offs_c[None, :] * s_c
+
+
+@triton.jit
+def _mean_hi_lo(Mean, offs_c, c_ok, ACC: tl.constexpr):
+    """The per-channel mean as hi + lo, both in ACC: x - mean is then (x - hi) - lo. For the fp64 training mean this
+    keeps the bits an fp32 mean would lose (they matter once |mean| >> std: (x - mean) * rstd would carry
+    u32 |mean| rstd); an fp32 running mean gives lo = 0. Per channel, not per element: the fp64 ops cost nothing."""
+    m = tl.load(Mean + offs_c, mask=c_ok, other=0.0).to(tl.float64)
+    hi = m.to(ACC)
+    return hi, (m - hi.to(tl.float64)).to(ACC)
 
 
 @triton.jit
@@ -240,7 +252,7 @@ def _bn_fwd_apply(
     offs_b = tl.arange(0, BLOCK_B)
     offs_c = tl.arange(0, BLOCK_C)
     c_ok = offs_c < C - c0
-    mean = tl.load(Mean + c0 + offs_c, mask=c_ok, other=0.0).to(ACC)
+    mean_hi, mean_lo = _mean_hi_lo(Mean, c0 + offs_c, c_ok, ACC)
     scale = (_rstd64(Var, c0 + offs_c, c_ok, eps, IS_EVAL) * _weight64(W, c0 + offs_c, c_ok)).to(ACC)
     a1, a2, b0 = _tile(t, tl.cdiv(B, BLOCK_B), A2, BLOCK_B)
     ok = (offs_b[:, None] < B - b0) & c_ok[None, :]
@@ -248,7 +260,7 @@ def _bn_fwd_apply(
                 other=0.0).to(ACC)
     # (x - mean) * scale + b rather than x * scale + (b - mean * scale): no cancellation when |mean| >> std, and
     # the extra subtraction is free in a memory-bound pass.
-    y = (x - mean[None, :]) * scale[None, :]
+    y = ((x - mean_hi[None, :]) - mean_lo[None, :]) * scale[None, :]
     if Bias is not None:
         y += tl.load(Bias + c0 + offs_c, mask=c_ok, other=0.0).to(ACC)[None, :]
     if Id is not None:
@@ -286,7 +298,7 @@ def _bn_bwd_reduce(
     offs_b = tl.arange(0, BLOCK_B)
     offs_c = tl.arange(0, BLOCK_C)
     c_ok = offs_c < C - c0
-    mean = tl.load(Mean + c0 + offs_c, mask=c_ok, other=0.0).to(ACC)
+    mean_hi, mean_lo = _mean_hi_lo(Mean, c0 + offs_c, c_ok, ACC)
     if IS_EVAL and DX is not None:
         scale = (_rstd64(Var, c0 + offs_c, c_ok, eps, True) * _weight64(W, c0 + offs_c, c_ok)).to(ACC)
     acc_g = tl.zeros([BLOCK_B, BLOCK_C], ACC)
@@ -311,7 +323,8 @@ def _bn_bwd_reduce(
             x = tl.load(_ptrs(X, a1, a2, b0, c0, offs_b, offs_c, stride_xa1, stride_xa2, stride_xc, stride_xb),
                         mask=ok, other=0.0).to(ACC)
             acc_g += g
-            acc_gx += g * (x - mean[None, :])  # rstd is applied once per channel in _bn_bwd_combine
+            # rstd is applied once per channel in _bn_bwd_combine
+            acc_gx += g * ((x - mean_hi[None, :]) - mean_lo[None, :])
     if Partial is not None:
         tl.store(Partial + s * C + c0 + offs_c, tl.sum(acc_g.to(tl.float64), 0), mask=c_ok)
         tl.store(Partial + (S + s) * C + c0 + offs_c, tl.sum(acc_gx.to(tl.float64), 0), mask=c_ok)
@@ -369,7 +382,7 @@ def _bn_bwd_dx(
     offs_b = tl.arange(0, BLOCK_B)
     offs_c = tl.arange(0, BLOCK_C)
     c_ok = offs_c < C - c0
-    mean = tl.load(Mean + c0 + offs_c, mask=c_ok, other=0.0).to(ACC)
+    mean_hi, mean_lo = _mean_hi_lo(Mean, c0 + offs_c, c_ok, ACC)
     k1 = tl.load(Coef + c0 + offs_c, mask=c_ok, other=0.0)
     k2 = tl.load(Coef + C + c0 + offs_c, mask=c_ok, other=0.0)
     k3 = tl.load(Coef + 2 * C + c0 + offs_c, mask=c_ok, other=0.0)
@@ -386,6 +399,6 @@ def _bn_bwd_dx(
         g = tl.where(o <= 0.0, 0.0, dy).to(ACC)
     x = tl.load(_ptrs(X, a1, a2, b0, c0, offs_b, offs_c, stride_xa1, stride_xa2, stride_xc, stride_xb), mask=ok,
                 other=0.0).to(ACC)
-    dx = k1[None, :] * g + k2[None, :] * (x - mean[None, :]) + k3[None, :]
+    dx = k1[None, :] * g + k2[None, :] * ((x - mean_hi[None, :]) - mean_lo[None, :]) + k3[None, :]
     tl.store(_ptrs(DX, a1, a2, b0, c0, offs_b, offs_c, stride_dxa1, stride_dxa2, stride_dxc, stride_dxb),
              cast(dx, DX.dtype.element_ty, RTNE), mask=ok)

@@ -28,9 +28,14 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The saved mean and rstd, the shift and dx's coefficients: fp32, or fp64 for fp64 inputs (interpreter
-    gradchecks). Partial sums are always fp64."""
+    """The saved rstd, the shift and dx's coefficients: fp32, or fp64 for fp64 inputs (interpreter gradchecks).
+    Partial sums and the saved training mean (:data:`MEAN_DTYPE`) are always fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# The batch mean is kept in fp64 (C values): the kernels subtract it as hi + lo (kernels/batch_norm._mean_hi_lo), so
+# an activation mean large against its spread costs no fp32 rounding of the mean in out, dx or dweight.
+MEAN_DTYPE = torch.float64
 
 
 def _acc(dtype: torch.dtype):
@@ -97,7 +102,7 @@ def _stats(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
     N, C, H, W = x.shape
     M = N * H * W
     sdt = _stat_dtype(x.dtype)
-    mean = torch.empty(C, device=x.device, dtype=sdt)
+    mean = torch.empty(C, device=x.device, dtype=MEAN_DTYPE)
     rstd = torch.empty(C, device=x.device, dtype=sdt)
     if M == 0 or C == 0:  # as torch: empty batch, running statistics untouched
         return mean.zero_(), rstd.zero_()
@@ -205,7 +210,7 @@ def batch_norm_stats_op(x: Tensor, running_mean: Tensor | None, running_var: Ten
 @batch_norm_stats_op.register_fake
 def _(x, running_mean, running_var, num_batches_tracked, momentum, eps):
     C = x.shape[1]
-    return x.new_empty((C,), dtype=_stat_dtype(x.dtype)), x.new_empty((C,), dtype=_stat_dtype(x.dtype))
+    return x.new_empty((C,), dtype=MEAN_DTYPE), x.new_empty((C,), dtype=_stat_dtype(x.dtype))
 
 
 @torch.library.custom_op("fastattn::batch_norm_add_relu", mutates_args=(), device_types=None)
@@ -426,19 +431,24 @@ def kernel_specs() -> list[KernelSpec]:
                 (K._bn_fwd_reduce, {"X": x, "Partial": stat64, "Shift": stat}, variant),
                 (K._bn_fwd_apply, {"X": x, "Id": x, "Out": x, "Mean": stat, "Var": stat, "W": stat, "Bias": stat,
                                    "IS_EVAL": True}, variant + " eval +identity"),
+                # training: the fp64 batch mean (hi + lo)
+                (K._bn_fwd_apply, {"X": x, "Id": x, "Out": x, "Mean": stat64, "Var": stat, "W": stat, "Bias": stat,
+                                   "IS_EVAL": False}, variant + " train +identity"),
                 (K._bn_bwd_reduce, {"DY": x, "Out": x, "X": x, "Mean": stat, "Var": stat, "W": stat, "DId": x,
                                     "DX": x, "Partial": stat64, "IS_EVAL": True}, variant + " eval +didentity +dx"),
-                (K._bn_bwd_dx, {"DY": x, "Out": x, "X": x, "G": x, "Mean": stat, "Coef": stat, "DX": x},
+                (K._bn_bwd_reduce, {"DY": x, "Out": x, "X": x, "Mean": stat64, "Var": stat, "W": stat, "DId": x,
+                                    "DX": None, "Partial": stat64, "IS_EVAL": False}, variant + " train +didentity"),
+                (K._bn_bwd_dx, {"DY": x, "Out": x, "X": x, "G": x, "Mean": stat64, "Coef": stat, "DX": x},
                  variant + " g from didentity"),
             ):
                 specs.append(KernelSpec("batch_norm", kern, {**common, **args}, cfg, v))
-    comb = {"Partial": stat64, "Shift": stat, "Mean": stat, "Rstd": stat, "RunningMean": stat, "RunningVar": stat,
+    comb = {"Partial": stat64, "Shift": stat, "Mean": stat64, "Rstd": stat, "RunningMean": stat, "RunningVar": stat,
             "NumBatches": torch.empty((), device=meta, dtype=torch.int64), "C": 256, "S": 132, "M": 64 * 3136,
             "C_BUCKET": 256, "momentum": 0.1, "eps": 1e-5, "HAS_RUNNING": True, "CUMULATIVE": True,
             "BLOCK_S": K.GPU_BLOCK_S}
     bcomb = {"Partial": stat64, "Var": stat, "W": stat, "Coef": stat, "DW": stat, "DB": stat, "C": 256, "S": 132,
              "M": 64 * 3136, "C_BUCKET": 256, "eps": 1e-5, "IS_EVAL": True, "BLOCK_S": K.GPU_BLOCK_S}
-    for cfg in K.gpu_combine_configs():  # they read and write fp32 statistics only: one dtype covers them
+    for cfg in K.gpu_combine_configs():  # fp32 statistics, the mean fp64, whatever the activations: one dtype
         specs.append(KernelSpec("batch_norm", K._bn_fwd_combine, comb, cfg, "fp32 statistics, running+cumulative"))
         specs.append(KernelSpec("batch_norm", K._bn_bwd_combine, bcomb, cfg, "fp32 statistics, all outputs"))
     return specs
