@@ -22,7 +22,8 @@ import contextlib
 import os
 import threading
 import warnings
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import triton

@@ -16,7 +16,8 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import triton
@@ -26,10 +27,12 @@ from fastattn._runtime import jit_function
 
 # Per-SM limits of the targets we report on (CUDA C Programming Guide, "Compute capabilities").
 ARCH_LIMITS = {
-    80: dict(name="sm_80 (A100)", smem_per_block=166912, smem_per_sm=167936, regs_per_sm=65536, max_warps=64),
-    89: dict(name="sm_89 (L40/RTX 4090)", smem_per_block=101376, smem_per_sm=102400, regs_per_sm=65536,
-             max_warps=48),
-    90: dict(name="sm_90 (H100)", smem_per_block=232448, smem_per_sm=233472, regs_per_sm=65536, max_warps=64),
+    80: {"name": "sm_80 (A100)", "smem_per_block": 166912, "smem_per_sm": 167936, "regs_per_sm": 65536,
+         "max_warps": 64},
+    89: {"name": "sm_89 (L40/RTX 4090)", "smem_per_block": 101376, "smem_per_sm": 102400, "regs_per_sm": 65536,
+         "max_warps": 48},
+    90: {"name": "sm_90 (H100)", "smem_per_block": 232448, "smem_per_sm": 233472, "regs_per_sm": 65536,
+         "max_warps": 64},
 }
 MAX_BLOCKS_PER_SM = 32
 
@@ -160,11 +163,11 @@ def compile_spec(spec: KernelSpec, arch: int, dump_dir: str | None = None) -> Fi
             f.write(cubin)
         res = subprocess.run([_bin("cuobjdump"), "-res-usage", path], capture_output=True, text=True, check=True)
         sass = subprocess.run([_bin("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
-    m = re.search(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)", res.stdout, re.S)
+    m = re.search(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)", res.stdout, re.DOTALL)
     if m is None:
         raise RuntimeError(f"could not read cuobjdump -res-usage output for {fn.__name__}:\n{res.stdout}")
     regs, local = int(m.group(1)), int(m.group(3))
-    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.M)
+    ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.MULTILINE)
     spill_stores = sum(1 for o in ops if o.startswith("STL"))
     hmma = sum(1 for o in ops if o.startswith("HMMA"))
     hgmma = sum(1 for o in ops if o.startswith("HGMMA"))

@@ -272,7 +272,7 @@ def _attn_bwd_dkdv(
     lo = 0
     if IS_CAUSAL:  # query rows above this key block's diagonal see none of its keys
         lo = tl.maximum(pid_n * BLOCK_N - causal_offset, 0) // BLOCK_M * BLOCK_M
-    for g in range(0, GROUP):
+    for g in range(GROUP):
         h = hk * GROUP + g
         zh = z * H + h
         q_base = Q + z * stride_qz + h * stride_qh

@@ -396,7 +396,7 @@ def test_torch_compile_with_dropout_fullgraph():
 def test_registered_custom_ops():
     assert hasattr(torch.ops.fastattn, "attention") and hasattr(torch.ops.fastattn, "attention_backward")
     q = torch.randn(1, 1, 5, 16)
-    out, lse = torch.ops.fastattn.attention(q, q, q, None, 0.0, None, False, 0, 0.25)
+    out, _lse = torch.ops.fastattn.attention(q, q, q, None, 0.0, None, False, 0, 0.25)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q, scale=0.25))
 
 
@@ -499,5 +499,6 @@ def test_cpu_without_interpreter_runs_eager_reference_visibly():
         print("ok")
     """)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                         check=False)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr

@@ -8,7 +8,6 @@ stride 0 for a broadcast mask), so no input is copied for the common ranks 2-4.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import triton
@@ -47,17 +46,17 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _kernel_flags(dtype: torch.dtype) -> dict:
-    return dict(UPCAST=_runtime.dot_upcast(dtype), PRECISION=_precision(dtype),
-                ACC=tl.float64 if dtype == torch.float64 else tl.float32, RTNE=_runtime.interpreting())
+    return {"UPCAST": _runtime.dot_upcast(dtype), "PRECISION": _precision(dtype),
+            "ACC": tl.float64 if dtype == torch.float64 else tl.float32, "RTNE": _runtime.interpreting()}
 
 
-def _mask_kind(mask: Optional[Tensor]) -> int:
+def _mask_kind(mask: Tensor | None) -> int:
     if mask is None:
         return 0
     return 1 if mask.dtype == torch.bool else 2
 
 
-def _mask4(mask: Optional[Tensor], shape: tuple[int, int, int, int], like: Tensor) -> tuple[Tensor, tuple]:
+def _mask4(mask: Tensor | None, shape: tuple[int, int, int, int], like: Tensor) -> tuple[Tensor, tuple]:
     """The mask (already 4-D, size-1 where it broadcasts) and its strides with 0 on broadcast dims."""
     if mask is None:
         return like, (0, 0, 0, 0)
@@ -70,7 +69,7 @@ def _mask4(mask: Optional[Tensor], shape: tuple[int, int, int, int], like: Tenso
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, seed: int,
+def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, seed: int,
              is_causal: bool, causal_offset: int, scale: float) -> tuple[Tensor, Tensor]:
     Z, H, M, D = q.shape
     HKV, N, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -96,8 +95,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p:
     return out, lse
 
 
-def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-              mask: Optional[Tensor], dropout_p: float, seed: int, is_causal: bool, causal_offset: int,
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None,
+              mask: Tensor | None, dropout_p: float, seed: int, is_causal: bool, causal_offset: int,
               scale: float, mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     Z, H, M, D = q.shape
     HKV, N, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -145,12 +144,12 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int, int, int], dropout_p: fl
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _seed_int(seed: Optional[Tensor]) -> int:
+def _seed_int(seed: Tensor | None) -> int:
     return int(seed.item()) if seed is not None else 0
 
 
 @torch.library.custom_op("fastattn::attention", mutates_args=(), device_types=None)
-def attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, seed: Optional[Tensor],
+def attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, seed: Tensor | None,
                  is_causal: bool, causal_offset: int, scale: float) -> tuple[Tensor, Tensor]:
     """Canonical fused attention on (Z, H, M, D) / (Z, HKV, N, D) / (Z, HKV, N, DV) -> (out, lse)."""
     return _forward(q, k, v, mask, dropout_p, _seed_int(seed), is_causal, causal_offset, scale)
@@ -164,7 +163,7 @@ def _(q, k, v, mask, dropout_p, seed, is_causal, causal_offset, scale):
 
 @torch.library.custom_op("fastattn::attention_backward", mutates_args=(), device_types=None)
 def attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                          dlse: Optional[Tensor], mask: Optional[Tensor], dropout_p: float, seed: Optional[Tensor],
+                          dlse: Tensor | None, mask: Tensor | None, dropout_p: float, seed: Tensor | None,
                           is_causal: bool, causal_offset: int, scale: float,
                           mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dmask) of ``fastattn::attention``; dmask is (Z, H, M, N) fp32 or empty."""
@@ -270,10 +269,10 @@ def _check(query: Tensor, key: Tensor, value: Tensor, attn_mask, dropout_p: floa
         if hq % hk != 0:
             raise ValueError(f"fastattn.{_OP}: with enable_gqa=True the query heads ({hq}) must be a multiple of "
                              f"the key/value heads ({hk})")
-    if isinstance(attn_mask, Tensor):
-        if attn_mask.dtype != torch.bool and attn_mask.dtype not in (torch.float32, query.dtype):
-            raise TypeError(f"fastattn.{_OP}: attn_mask must be bool (True = takes part) or a float tensor of "
-                            f"dtype float32 or query's dtype {query.dtype}; got {attn_mask.dtype}")
+    allowed_masks = (torch.bool, torch.float32, query.dtype)
+    if isinstance(attn_mask, Tensor) and attn_mask.dtype not in allowed_masks:
+        raise TypeError(f"fastattn.{_OP}: attn_mask must be bool (True = takes part) or a float tensor of "
+                        f"dtype float32 or query's dtype {query.dtype}; got {attn_mask.dtype}")
 
 
 def _broadcast_batch(op_batch: list[tuple[str, tuple[int, ...]]]) -> tuple[int, ...]:
