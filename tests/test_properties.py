@@ -454,7 +454,11 @@ def _norm_accumulation_floor(c, x, r, w, keep, g_out, g_res, eps):
     dz = (rstd * g.amax(-1, keepdim=True) * (2.0 + xhat.abs().amax(-1, keepdim=True))).max().item()
     dz += g_res.abs().max().item() if g_res is not None else 0.0
     acc = 4 * UNIT_ROUNDOFF[torch.float32]
-    floors = {"dx": acc * dz / (1.0 - c["dropout"]), "dresidual": acc * dz,
+    w_abs = w.reshape(n).abs() if w is not None else 1.0
+    # out = xhat * w (+ b): rstd carries a few fp32 roundings (the row's sums, the division by n, the rsqrt), a
+    # relative error that every element of out shares, scaled by |xhat w|.
+    floors = {"out": acc * (xhat.abs() * w_abs).max().item(),
+              "dx": acc * dz / (1.0 - c["dropout"]), "dresidual": acc * dz,
               "dweight": acc * (dy * xhat.abs()).sum(0).max().item(), "dbias": acc * dy.sum(0).max().item()}
     if keep is not None:
         # The kernel scales kept values by the fp32 reciprocal 1 / (1 - p) (two fp32 roundings where eager divides
@@ -462,8 +466,7 @@ def _norm_accumulation_floor(c, x, r, w, keep, g_out, g_res, eps):
         # on to out scaled by rstd * |w|.
         xs = (x * keep / (1.0 - c["dropout"])).reshape(-1, n).abs()
         floors["residual_out"] = 2 * UNIT_ROUNDOFF[torch.float32] * xs.max().item()
-        floors["out"] = 2 * UNIT_ROUNDOFF[torch.float32] * (rstd * xs * (w.reshape(n).abs() if w is not None
-                                                                           else 1.0)).max().item()
+        floors["out"] += 2 * UNIT_ROUNDOFF[torch.float32] * (rstd * xs * w_abs).max().item()
     return floors
 
 
