@@ -189,6 +189,32 @@ def training_step(workload: blocks.Workload, ops: dict[str, Callable], dtype: to
     return timing, torch.cuda.max_memory_allocated() - base
 
 
+def _timed_step(workload: blocks.Workload, ops: dict, dtype: torch.dtype) -> tuple[str, Any, int | None]:
+    """(status, timing, peak) of one :func:`training_step`; an error becomes the status, never the end of the run."""
+    status, timing, peak = "ok", None, None
+    try:
+        timing, peak = training_step(workload, ops, dtype)
+    except Exception as err:  # noqa: BLE001
+        status = _status(err)
+    finally:
+        _cleanup()
+    return status, timing, peak
+
+
+def _step_row(workload: blocks.Workload, impl: str, dtype: torch.dtype, timing: Any, peak: int | None,
+              eager_ms: float | None, status: str) -> dict:
+    """The CSV row of one end-to-end training step (images/s; timing None when it did not run)."""
+    return {
+        "op": "end-to-end", "case": workload.label, "shape": workload.shape,
+        "dtype": str(dtype).replace("torch.", ""), "impl": impl, "mode": "train step",
+        "ms": timing.ms if timing else None, "ms_p20": timing.p20 if timing else None,
+        "ms_p80": timing.p80 if timing else None,
+        "throughput": workload.batch / (timing.ms * 1e-3) if timing else None, "unit": "images/s",
+        "speedup_vs_eager": eager_ms / timing.ms if (timing and eager_ms) else None,
+        "peak_mib": peak / 2**20 if peak is not None else None, "status": status,
+    }
+
+
 def run_end_to_end(dtype: torch.dtype, quick: bool = False, progress: Progress | None = None,
                    workloads: Sequence[blocks.Workload] | None = None) -> list[dict]:
     """Training steps of each workload (default: ViT-B/16 and ResNet-50) with each op table; a table whose
@@ -205,24 +231,11 @@ def run_end_to_end(dtype: torch.dtype, quick: bool = False, progress: Progress |
                 status = f"skipped: same ops as eager for this model ({', '.join(w.patterns)})"
                 timing, peak = None, None
             else:
-                status, timing, peak = "ok", None, None
-                try:
-                    timing, peak = training_step(w, ops, dtype)
-                except Exception as err:  # noqa: BLE001
-                    status = _status(err)
-                finally:
-                    _cleanup()
+                status, timing, peak = _timed_step(w, ops, dtype)
             if name == "eager" and timing:
                 eager_ms = timing.ms
-            rows.append({
-                "op": "end-to-end", "case": w.label, "shape": w.shape, "dtype": str(dtype).replace("torch.", ""),
-                "impl": name, "mode": "train step", "ms": timing.ms if timing else None,
-                "ms_p20": timing.p20 if timing else None, "ms_p80": timing.p80 if timing else None,
-                "throughput": w.batch / (timing.ms * 1e-3) if timing else None, "unit": "images/s",
-                "speedup_vs_eager": eager_ms / timing.ms if (timing and eager_ms) else None,
-                "peak_mib": peak / 2**20 if peak is not None else None,
-                "status": status + (f" (fused: {', '.join(fused)})" if fused and name != "eager" else ""),
-            })
+            status += f" (fused: {', '.join(fused)})" if fused and name != "eager" else ""
+            rows.append(_step_row(w, name, dtype, timing, peak, eager_ms, status))
             if progress:
                 progress.update(note=f"{w.label} / {name}: {status}")
     return rows
@@ -263,23 +276,10 @@ def run_patched_models(dtype: torch.dtype, quick: bool = False, progress: Progre
     for w in (workload(name, ctor) for name, ctor in models):
         eager_ms = None
         for name, ops in tables.items():
-            status, timing, peak = "ok", None, None
-            try:
-                timing, peak = training_step(w, ops, dtype)
-            except Exception as err:  # noqa: BLE001
-                status = _status(err)
-            finally:
-                _cleanup()
+            status, timing, peak = _timed_step(w, ops, dtype)
             if name == "eager" and timing:
                 eager_ms = timing.ms
-            rows.append({
-                "op": "end-to-end", "case": w.label, "shape": w.shape, "dtype": str(dtype).replace("torch.", ""),
-                "impl": name, "mode": "train step", "ms": timing.ms if timing else None,
-                "ms_p20": timing.p20 if timing else None, "ms_p80": timing.p80 if timing else None,
-                "throughput": w.batch / (timing.ms * 1e-3) if timing else None, "unit": "images/s",
-                "speedup_vs_eager": eager_ms / timing.ms if (timing and eager_ms) else None,
-                "peak_mib": peak / 2**20 if peak is not None else None, "status": status,
-            })
+            rows.append(_step_row(w, name, dtype, timing, peak, eager_ms, status))
             if progress:
                 progress.update(note=f"{w.label} / {name}: {status}")
     return rows
