@@ -626,13 +626,16 @@ def _rule_tv_block(fused_name: str, bns: dict[str, str]):
     return rule
 
 
-def _rule_tv_resnet(name, m, opts):
-    _need(opts, "batch_norm")
-    _check_signature("FusedTorchvisionResNet")
-    _exact(m, "relu", nn.ReLU, "nn.ReLU")
-    _no_hooks(m, ("relu",))
-    return [(name, m, _fused_library_class("FusedTorchvisionResNet"), "stem BN + ReLU fused")] + \
-        _bn_swaps(name, m, {"bn1": "stem BN + ReLU"})
+def _rule_resnet_stem(fused_name: str, act: str):
+    """torchvision's and timm's ResNet: the stem's bn1 + ReLU (``act``, the ReLU's attribute name) fused."""
+    def rule(name, m, opts):
+        _need(opts, "batch_norm")
+        _check_signature(fused_name)
+        _exact(m, act, nn.ReLU, "nn.ReLU")
+        _no_hooks(m, (act,))
+        return [(name, m, _fused_library_class(fused_name), "stem BN + ReLU fused")] + \
+            _bn_swaps(name, m, {"bn1": "stem BN + ReLU"})
+    return rule
 
 
 def _rule_timm_norm(name, m, opts):
@@ -698,15 +701,6 @@ def _rule_timm_block_bn(fused_name: str, acts: tuple[str, ...], bns: dict[str, s
     return rule
 
 
-def _rule_timm_resnet(name, m, opts):
-    _need(opts, "batch_norm")
-    _check_signature("FusedTimmResNet")
-    _exact(m, "act1", nn.ReLU, "nn.ReLU")
-    _no_hooks(m, ("act1",))
-    return [(name, m, _fused_library_class("FusedTimmResNet"), "stem BN + ReLU fused")] + \
-        _bn_swaps(name, m, {"bn1": "stem BN + ReLU"})
-
-
 def _rule_own_attention(name, m, opts):
     _need(opts, "attention")
     return [(name, m, L.FusedMultiHeadAttention, "attention kernel")]
@@ -752,7 +746,7 @@ def _rules() -> dict[type, Callable]:
         "FusedTorchvisionVisionTransformer": _rule_tv_vit,
         "FusedTorchvisionBasicBlock": _rule_tv_block("FusedTorchvisionBasicBlock", _BLOCK_BNS),
         "FusedTorchvisionBottleneck": _rule_tv_block("FusedTorchvisionBottleneck", _BOTTLENECK_BNS),
-        "FusedTorchvisionResNet": _rule_tv_resnet,
+        "FusedTorchvisionResNet": _rule_resnet_stem("FusedTorchvisionResNet", "relu"),
         "FusedTimmLayerNorm": _rule_timm_norm,
         "FusedTimmAttention": _rule_timm_attention,
         "FusedTimmBlock": _rule_timm_block,
@@ -760,7 +754,7 @@ def _rules() -> dict[type, Callable]:
         "FusedTimmBasicBlock": _rule_timm_block_bn("FusedTimmBasicBlock", ("act1", "act2"), _BLOCK_BNS),
         "FusedTimmBottleneck": _rule_timm_block_bn("FusedTimmBottleneck", ("act1", "act2", "act3"),
                                                    _BOTTLENECK_BNS),
-        "FusedTimmResNet": _rule_timm_resnet,
+        "FusedTimmResNet": _rule_resnet_stem("FusedTimmResNet", "act1"),
     }
     for fused_name, rule in library_rules.items():
         cls = _library_class(fused_name)
