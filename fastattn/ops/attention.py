@@ -22,6 +22,9 @@ from fastattn.ops._common import acc_tl, bucket, draw_seed, fallback_reason, see
 MAX_HEAD_DIM = 256
 _PRE_BLOCK = 32  # rows per program of the small delta = rowsum(dO * O) kernel
 _OP = "scaled_dot_product_attention"
+# What a forward and a backward launch (tests and benchmarks check these ran, not the eager fallback).
+FORWARD_KERNELS = (_runtime.kernel_name(K._attn_fwd),)
+BACKWARD_KERNELS = tuple(_runtime.kernel_name(k) for k in (K._attn_bwd_preprocess, K._attn_bwd_dkdv, K._attn_bwd_dq))
 
 try:  # torch >= 2.3
     from torch.nn.attention.bias import CausalBias, CausalVariant

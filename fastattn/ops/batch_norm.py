@@ -33,6 +33,10 @@ from fastattn.ops._common import (
 )
 
 _OP = "batch_norm_add_relu"
+# What a forward and a backward launch: training runs all three (statistics, combine, apply / reduce, combine, dx),
+# eval the apply pass and the backward reduction only (plus the combine for dweight/dbias).
+FORWARD_KERNELS = tuple(_runtime.kernel_name(k) for k in (K._bn_fwd_reduce, K._bn_fwd_combine, K._bn_fwd_apply))
+BACKWARD_KERNELS = tuple(_runtime.kernel_name(k) for k in (K._bn_bwd_reduce, K._bn_bwd_combine, K._bn_bwd_dx))
 # The saved rstd, the shift and dx's coefficients have ops._common.stat_dtype (fp32, fp64 for fp64 inputs);
 # partial sums and the saved training mean are always fp64. The batch mean is kept in fp64 (C values): the kernels
 # subtract it as hi + lo (kernels/batch_norm._mean_hi_lo), so an activation mean large against its spread costs no
@@ -83,6 +87,16 @@ def _num_partials(M: int, C: int, device: torch.device) -> int:
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     # About eight programs per SM for channel blocks of 32, and at least 256 values per channel in a partial.
     return max(1, min(triton.cdiv(8 * sms * 32, C), triton.cdiv(M, 256), 4096))
+
+
+def lane_terms(x: Tensor) -> int:
+    """The most values one lane of the statistics or backward reduction adds in fp32 before the float64 partials
+    (the rounding floors of ``fastattn.testing.batch_norm_floors``): one value per tile of its partial's range, for
+    any config (tiles are at least 16 long on B)."""
+    N, C, H, W = x.shape
+    A, _, B, _ = _layout(x.shape, x)
+    S = _num_partials(N * H * W, C, x.device)
+    return max(1, triton.cdiv(A * triton.cdiv(B, min(b for b, _ in K.TILES)), S))
 
 
 # ---------------------------------------------------------------------------------------------------------------

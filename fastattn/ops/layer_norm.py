@@ -30,6 +30,9 @@ from fastattn.hwfit import KernelSpec
 from fastattn.kernels import layer_norm as K
 from fastattn.ops._common import TL_DTYPES, draw_seed, dtype_name, fallback_reason, seed_int, stat_dtype
 
+# What a forward and a backward launch (the reduction only with a weight or bias to differentiate).
+FORWARD_KERNELS = (_runtime.kernel_name(K._layer_norm_fwd),)
+BACKWARD_KERNELS = tuple(_runtime.kernel_name(k) for k in (K._layer_norm_bwd, K._layer_norm_bwd_reduce))
 MAX_ROWS = 2**31 - 2**16  # row indices are int32 in the kernels (element offsets are int64)
 
 

@@ -29,6 +29,10 @@ from fastattn.ops._common import (
 )
 
 _OP = "patch_embed"
+# What a forward and a backward launch (the backward's kernels each only for the gradients asked for).
+FORWARD_KERNELS = (_runtime.kernel_name(K._pe_fwd),)
+BACKWARD_KERNELS = tuple(_runtime.kernel_name(k) for k in (K._pe_bwd_dw, K._pe_bwd_reduce, K._pe_bwd_dpos,
+                                                           K._pe_bwd_dx))
 DPOS_BLOCKS = (8, 4, 128)  # _pe_bwd_dpos: images per step, token rows and features per program
 REDUCE_BLOCK = 1024
 
