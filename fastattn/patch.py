@@ -43,7 +43,7 @@ from fastattn import _runtime
 from fastattn.models import layers as L
 from fastattn.models import resnet as own_resnet
 from fastattn.models import vit as own_vit
-from fastattn.nn import BatchNormAddReLU, PatchEmbed, _check_patchify
+from fastattn.nn import FUSED_NORMS, BatchNormAddReLU, PatchEmbed, _check_patchify, add_norm, add_then_norm, bn_relu
 
 _ORIG = "_fastattn_unpatched_class"  # instance attribute: the class to restore
 
@@ -205,10 +205,10 @@ class FusedTransformerEncoderLayer(nn.TransformerEncoderLayer):
 
         x = src
         if self.norm_first:
-            h, x = L.add_then_norm(self.norm2, sa(self.norm1(x)), x, self.dropout1)
+            h, x = add_then_norm(self.norm2, sa(self.norm1(x)), x, self.dropout1)
             return x + self.dropout2(self._ff(h))
-        x = L.add_norm(self.norm1, sa(x), x, self.dropout1)
-        return L.add_norm(self.norm2, self._ff(x), x, self.dropout2)
+        x = add_norm(self.norm1, sa(x), x, self.dropout1)
+        return add_norm(self.norm2, self._ff(x), x, self.dropout2)
 
     def _ff(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
@@ -232,12 +232,12 @@ class FusedTransformerDecoderLayer(nn.TransformerDecoderLayer):
 
         x = tgt
         if self.norm_first:
-            h, x = L.add_then_norm(self.norm2, sa(self.norm1(x)), x, self.dropout1)
-            h, x = L.add_then_norm(self.norm3, ca(h), x, self.dropout2)
+            h, x = add_then_norm(self.norm2, sa(self.norm1(x)), x, self.dropout1)
+            h, x = add_then_norm(self.norm3, ca(h), x, self.dropout2)
             return x + self.dropout3(self._ff(h))
-        x = L.add_norm(self.norm1, sa(x), x, self.dropout1)
-        x = L.add_norm(self.norm2, ca(x), x, self.dropout2)
-        return L.add_norm(self.norm3, self._ff(x), x, self.dropout3)
+        x = add_norm(self.norm1, sa(x), x, self.dropout1)
+        x = add_norm(self.norm2, ca(x), x, self.dropout2)
+        return add_norm(self.norm3, self._ff(x), x, self.dropout3)
 
     def _ff(self, x: Tensor) -> Tensor:
         return self.linear2(self.dropout(self.activation(self.linear1(x))))
@@ -304,7 +304,7 @@ class _TVEncoderBlock:
         torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
         h = self.ln_1(input)
         a, _ = self.self_attention(h, h, h, need_weights=False)
-        h, x = L.add_then_norm(self.ln_2, a, input, self.dropout)
+        h, x = add_then_norm(self.ln_2, a, input, self.dropout)
         return x + self.mlp(h)
 
 
@@ -324,24 +324,24 @@ class _TVVisionTransformer:
 
 class _TVBasicBlock:
     def forward(self, x: Tensor) -> Tensor:
-        out = L.bn_relu(self.bn1, self.conv1(x))
+        out = bn_relu(self.bn1, self.conv1(x))
         out = self.conv2(out)
         identity = x if self.downsample is None else self.downsample(x)
-        return L.bn_relu(self.bn2, out, identity)
+        return bn_relu(self.bn2, out, identity)
 
 
 class _TVBottleneck:
     def forward(self, x: Tensor) -> Tensor:
-        out = L.bn_relu(self.bn1, self.conv1(x))
-        out = L.bn_relu(self.bn2, self.conv2(out))
+        out = bn_relu(self.bn1, self.conv1(x))
+        out = bn_relu(self.bn2, self.conv2(out))
         out = self.conv3(out)
         identity = x if self.downsample is None else self.downsample(x)
-        return L.bn_relu(self.bn3, out, identity)
+        return bn_relu(self.bn3, out, identity)
 
 
 class _TVResNet:
     def _forward_impl(self, x: Tensor) -> Tensor:
-        x = self.maxpool(L.bn_relu(self.bn1, self.conv1(x)))
+        x = self.maxpool(bn_relu(self.bn1, self.conv1(x)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
@@ -370,7 +370,7 @@ class _TimmBlock:
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
         a = self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
-        h, x = L.add_then_norm(self.norm2, a, x)
+        h, x = add_then_norm(self.norm2, a, x)
         return x + self.drop_path2(self.ls2(self.mlp(h)))
 
 
@@ -399,21 +399,21 @@ class _TimmVisionTransformer:
 class _TimmBasicBlock:
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        x = self.aa(L.bn_relu(self.bn1, self.conv1(x)))
-        return L.bn_relu(self.bn2, self.conv2(x), shortcut)
+        x = self.aa(bn_relu(self.bn1, self.conv1(x)))
+        return bn_relu(self.bn2, self.conv2(x), shortcut)
 
 
 class _TimmBottleneck:
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        x = L.bn_relu(self.bn1, self.conv1(x))
-        x = self.aa(L.bn_relu(self.bn2, self.conv2(x)))
-        return L.bn_relu(self.bn3, self.conv3(x), shortcut)
+        x = bn_relu(self.bn1, self.conv1(x))
+        x = self.aa(bn_relu(self.bn2, self.conv2(x)))
+        return bn_relu(self.bn3, self.conv3(x), shortcut)
 
 
 class _TimmResNet:
     def forward_features(self, x: Tensor) -> Tensor:
-        x = self.maxpool(L.bn_relu(self.bn1, self.conv1(x)))
+        x = self.maxpool(bn_relu(self.bn1, self.conv1(x)))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             layers = [self.layer1, self.layer2, self.layer3, self.layer4]
             return sys.modules["timm.models.resnet"].checkpoint_seq(layers, x, flatten=True)
@@ -545,7 +545,7 @@ def _patchify(conv: nn.Module, what: str) -> None:
 
 def _norm_detail(*norms: nn.Module) -> str:
     timm_ln = _library_class("FusedTimmLayerNorm")
-    fusable = all(type(n) in (nn.LayerNorm, nn.RMSNorm, timm_ln) or isinstance(n, L.FUSED_NORMS) for n in norms)
+    fusable = all(type(n) in (nn.LayerNorm, nn.RMSNorm, timm_ln) or isinstance(n, FUSED_NORMS) for n in norms)
     return "fused" if fusable else "eager (the norms are not nn.LayerNorm / nn.RMSNorm / timm's LayerNorm)"
 
 
