@@ -40,9 +40,16 @@ The package:
 models pickled before this package existed.
 """
 
-from fastattn.patching import fastattn_models, timm, torch_nn, torchvision  # noqa: F401  (each registers its rules)
+from fastattn.patching import (  # noqa: F401  (each registers its rules)
+    fastattn_models,
+    timm,
+    torch_nn,
+    torchvision,
+    transformers,
+)
 from fastattn.patching.report import PatchEntry, PatchReport, patch_report
-from fastattn.patching.rules import Rule, Skip, Swap, register
+from fastattn.patching.rules import Rule, Setting, Skip, Swap, register
 from fastattn.patching.walker import patch, unpatch
 
-__all__ = ["PatchEntry", "PatchReport", "Rule", "Skip", "Swap", "patch", "patch_report", "register", "unpatch"]
+__all__ = ["PatchEntry", "PatchReport", "Rule", "Setting", "Skip", "Swap", "patch", "patch_report", "register",
+           "unpatch"]
