@@ -40,7 +40,7 @@ UNIT_ROUNDOFF = {
 }
 
 __all__ = ["UNIT_ROUNDOFF", "assert_close_to_reference", "attention_floors", "batch_norm_floors", "blocked_terms",
-           "max_err", "norm_floors", "patch_embed_floors", "tree_sum_terms"]
+           "max_err", "norm_floors", "patch_embed_floors", "rule_bound", "tree_sum_terms"]
 
 
 def max_err(x: Tensor, ref: Tensor) -> float:
@@ -48,6 +48,12 @@ def max_err(x: Tensor, ref: Tensor) -> float:
     if ref.numel() == 0:
         return 0.0
     return (x.detach().double() - ref.detach().double()).abs().max().item()
+
+
+def rule_bound(eager: Tensor, ref: Tensor, dtype: torch.dtype, floor: float = 0.0, factor: float = 2.0) -> float:
+    """The largest error the rule allows: ``factor * err(eager) + u(dtype) * max|ref| + floor``."""
+    top = ref.detach().abs().max().item() if ref.numel() else 0.0
+    return factor * max_err(eager, ref) + UNIT_ROUNDOFF[dtype] * top + floor
 
 
 def assert_close_to_reference(ours: Tensor, eager: Tensor, ref: Tensor, dtype: torch.dtype, *, name: str = "output",
@@ -59,11 +65,9 @@ def assert_close_to_reference(ours: Tensor, eager: Tensor, ref: Tensor, dtype: t
     finite wherever ``ref`` is."""
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
     assert torch.isfinite(ours.detach().double()).all() or not torch.isfinite(ref).all(), f"{name}: non-finite values"
-    e_ours, e_eager = max_err(ours, ref), max_err(eager, ref)
-    top = ref.detach().abs().max().item() if ref.numel() else 0.0
-    bound = factor * e_eager + UNIT_ROUNDOFF[dtype] * top + floor
-    assert e_ours <= bound, (f"{name}: max error {e_ours:.3e} > {factor} x eager {e_eager:.3e} + rounding "
-                             f"{UNIT_ROUNDOFF[dtype] * top:.3e} + floor {floor:.3e} ({dtype})")
+    e_ours, bound = max_err(ours, ref), rule_bound(eager, ref, dtype, floor, factor)
+    assert e_ours <= bound, (f"{name}: max error {e_ours:.3e} > {bound:.3e} = {factor} x eager "
+                             f"{max_err(eager, ref):.3e} + one rounding + floor {floor:.3e} ({dtype})")
 
 
 def _roundoffs(dtype: torch.dtype) -> tuple[float, float, float]:

@@ -1,4 +1,4 @@
-"""fastattn.scaled_dot_product_attention against torch's, outputs and every gradient (2x-eager rule, tests/numerics.py).
+"""fastattn.scaled_dot_product_attention against torch's, outputs and every gradient (2x-eager rule, fastattn.testing).
 
 Each case runs three times: torch's SDPA in float64 (the reference), torch's SDPA in the low precision (eager's
 error) and ours in the low precision, with a check that the Triton kernels, not the eager fallback, ran.
