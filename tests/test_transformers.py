@@ -140,6 +140,19 @@ def test_clip_text():
     assert _fused(ours, "CLIPEncoderLayer")
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter: min-valued mask * log2(e)
+def test_t5_position_bias():
+    """T5's learned relative position bias reaches the kernel as an additive mask (scaling 1.0), its gradient
+    through the kernel's mask gradient; T5LayerNorm is an RMSNorm without the Llama rounding."""
+    cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1,
+                                num_heads=4, dropout_rate=0.0, relative_attention_num_buckets=8,
+                                relative_attention_max_distance=16)
+    inputs = _tokens(right_pad=2)
+    ours = _check(transformers.T5ForConditionalGeneration(cfg),
+                  {**inputs, "decoder_input_ids": torch.randint(1, 100, (2, 5))})
+    assert len(_fused(ours, "T5LayerNorm")) == 7 and len(_fused(ours, "T5Attention")) == 3
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # decoding, checkpointing, compile, unpatch, pickling
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,3 +389,23 @@ def test_attention_function_falls_back_visibly():
             out, _ = hf_attention.attention_forward(_Module(), q, k, v, None, **kw)
         assert not launches
         torch.testing.assert_close(out, sdpa_attention_forward(_Module(), q, k, v, None)[0])
+
+
+def test_attention_function_hands_the_modifiers_to_a_kernel_that_takes_them(monkeypatch):
+    """Where fastattn.attention has softcap / window_size / sinks (the attention-v2 issue), the function passes
+    Gemma's softcap, a causal model's sliding window (i - j < W: window (W - 1, -1)) and gpt-oss's s_aux to it, and
+    keeps a bidirectional window in the mask only."""
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append(kwargs)
+        return torch.zeros(args[0].shape)
+
+    monkeypatch.setattr(hf_attention, "KERNEL_MODIFIERS", True)
+    monkeypatch.setattr(hf_attention, "attention", kernel)
+    q, k, v = _qkv()
+    sinks = torch.randn(4)
+    hf_attention.attention_forward(_Module(), q, k, v, None, softcap=5.0, sliding_window=3, s_aux=sinks)
+    hf_attention.attention_forward(_Module(), q, k, v, None, is_causal=False, sliding_window=3)
+    assert calls[0]["softcap"] == 5.0 and calls[0]["window_size"] == (2, -1) and calls[0]["sinks"] is sinks
+    assert "window_size" not in calls[1] and "softcap" not in calls[1]

@@ -411,9 +411,7 @@ def _unknown(rule: Rule, name: str, m: nn.Module, opts: Options) -> list[Swap]:
     if _calls_interface(m):
         raise Skip("its attention function is the model's attention implementation, which was not set (the model "
                    "is not patched, or attention=False)")
-    raise Skip("its forward is none that fastattn fuses (Llama-family decoder layer, CLIP encoder layer, ViT layer "
-               "or embeddings, GPT-2 block, BERT self-output / output, RMSNorm); its submodules are patched on their "
-               "own")
+    raise Skip("not a layer fastattn fuses (its submodules are patched on their own)")
 
 
 _LLAMA = f"{_HF}.llama.modeling_llama.LlamaDecoderLayer"

@@ -17,7 +17,8 @@ is_causal=None, **kwargs) -> (out.transpose(1, 2).contiguous(), None)`` with
 - T5-style ``position_bias`` folded into one additive mask as sdpa folds it (the kernel's mask gradient is the
   bias's gradient);
 - ``sliding_window``: the mask transformers builds with ``sdpa_mask`` already holds the window, exactly as under
-  sdpa (whose function never reads the kwarg); a kernel with ``window_size`` also gets the window itself.
+  sdpa (whose function never reads the kwarg); a kernel with ``window_size`` also gets a causal model's window
+  itself (key j visible from query i iff ``i - j < W``: ``window_size=(W - 1, -1)``, bottom-right aligned).
 
 ``softcap`` (Gemma 2/3) and ``s_aux`` sinks (gpt-oss) run in the kernel where ``fastattn.attention`` has ``softcap=``
 / ``sinks=`` (:data:`KERNEL_MODIFIERS`, detected from its signature); until then they run transformers' own eager
@@ -153,8 +154,9 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         if kwargs.get("softcap") is not None and float(kwargs["softcap"]) > 0.0:
             modifiers["softcap"] = float(kwargs["softcap"])
         window = kwargs.get("sliding_window")
-        if window is not None and int(window) > 0:  # key j is visible from query i iff i - j < window
-            modifiers["window_size"] = (int(window) - 1, -1)
+        causal_model = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        if window is not None and int(window) > 0 and causal_model:  # key j visible from query i iff i - j < window
+            modifiers["window_size"] = (int(window) - 1, -1)  # (bidirectional windows, |i - j| <= W, stay in the mask)
         sinks = kwargs.get("s_aux", kwargs.get("sinks"))
         if sinks is not None:
             modifiers["sinks"] = sinks
