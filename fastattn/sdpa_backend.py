@@ -86,6 +86,11 @@ def _window_mask(M: int, N: int, window: tuple[int, int], device: torch.device) 
     return keep[None, None]
 
 
+def _mask4(mask: Tensor | None) -> Tensor | None:
+    """A mask of fewer dims as the 4-D one the kernel's op takes (size 1 where it broadcasts)."""
+    return mask if mask is None or mask.dim() == 4 else mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+
+
 def _scale(scale: float | None, D: int) -> float:
     return float(scale) if scale is not None else 1.0 / math.sqrt(D)
 
@@ -123,6 +128,19 @@ def _dense_backward(do4: Tensor, q4: Tensor, k4: Tensor, v4: Tensor, out4: Tenso
     return dq, dk, dv
 
 
+def _laid_out(t: Tensor, like: Tensor | None = None, permutation: tuple[int, ...] | None = None) -> Tensor:
+    """``t`` in the strides torch's meta kernel gives this output (``empty_like(like)``, or memory in the order
+    ``permutation``): a compiled graph takes the real output to have those, so a result in another layout is copied
+    (one output-sized copy; none where the layouts agree, as for contiguous inputs)."""
+    if permutation is not None:
+        want = torch.empty_permuted(t.shape, permutation, device="meta").stride()
+    else:
+        want = torch.empty_like(like, device="meta").stride() if like.shape == t.shape else t.stride()
+    if t.stride() == want or t.numel() <= 1:
+        return t
+    return torch.empty_strided(t.shape, want, dtype=t.dtype, device=t.device).copy_(t)
+
+
 def _bhsd(t: Tensor) -> Tensor:
     return t.transpose(1, 2)  # (B, L, H, D) <-> (B, H, L, D), a view
 
@@ -158,14 +176,13 @@ def _flash_forward(query: Tensor, key: Tensor, value: Tensor, cum_seq_q: Tensor 
         seed = draw_seed(dropout_p)
         out4, lse = _dense_forward(_bhsd(query), _bhsd(key), _bhsd(value), dropout_p, is_causal,
                                    key.shape[1] - query.shape[1], scale, window, seed)
-        out = torch.empty((*query.shape[:-1], value.shape[-1]), dtype=query.dtype, device=query.device)
-        out.copy_(_bhsd(out4))
-        return out, lse, _rng_state(seed, query.device), offset_state, debug
+        return _laid_out(_bhsd(out4), query), lse, _rng_state(seed, query.device), offset_state, debug
     if cum_seq_k is None or dropout_p > 0.0:
         raise NotImplementedError("fastattn SDPA backend (_flash_attention_forward): packed sequences need cum_seq_k "
                                   "and dropout_p=0")
     _varlen_warn()
-    out = torch.empty((*query.shape[:-1], value.shape[-1]), dtype=query.dtype, device=query.device)
+    out = torch.empty_like(query) if value.shape[-1] == query.shape[-1] else query.new_empty(
+        (*query.shape[:-1], value.shape[-1]))
     lse = torch.empty((query.shape[1], query.shape[0]), dtype=torch.float32, device=query.device)
     for q0, q1, k0, k1 in _segments(cum_seq_q, cum_seq_k):  # (L, H, D) -> (1, H, L, D)
         o4, l4 = _dense_forward(query[q0:q1].transpose(0, 1)[None], key[k0:k1].transpose(0, 1)[None],
@@ -194,11 +211,11 @@ def _flash_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
         dq, dk, dv = _dense_backward(_bhsd(grad_out), _bhsd(query), _bhsd(key), _bhsd(value), _bhsd(out), logsumexp,
                                      dropout_p, is_causal, key.shape[1] - query.shape[1], scale, window,
                                      _seed(rng_state, dropout_p))
-        return _bhsd(dq), _bhsd(dk), _bhsd(dv)
+        return _laid_out(_bhsd(dq), query), _laid_out(_bhsd(dk), key), _laid_out(_bhsd(dv), value)
     if dropout_p > 0.0:
         raise NotImplementedError("fastattn SDPA backend (_flash_attention_backward): packed sequences with dropout")
     _varlen_warn()
-    dq, dk, dv = torch.empty_like(query), torch.zeros_like(key), torch.zeros_like(value)
+    dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
     for q0, q1, k0, k1 in _segments(cum_seq_q, cum_seq_k):
         def seq(t: Tensor, a: int, b: int) -> Tensor:
             return t[a:b].transpose(0, 1)[None]
@@ -217,15 +234,16 @@ def _sdpa_flash(query: Tensor, key: Tensor, value: Tensor, dropout_p: float = 0.
     out, lse = _dense_forward(query, key, value, dropout_p, is_causal, key.shape[2] - query.shape[2], scale,
                               (-1, -1), seed)
     debug = torch.empty(0, dtype=query.dtype, device=query.device)
-    return (out, lse, None, None, query.shape[2], key.shape[2], _rng_state(seed, query.device),
+    return (_laid_out(out, query), lse, None, None, query.shape[2], key.shape[2], _rng_state(seed, query.device),
             torch.zeros((), dtype=torch.uint64, device=query.device), debug)
 
 
 def _sdpa_flash_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, logsumexp: Tensor,
                          cum_seq_q: Tensor | None, cum_seq_k: Tensor | None, max_q: int, max_k: int, dropout_p: float,
                          is_causal: bool, philox_seed: Tensor, philox_offset: Tensor, *, scale: float | None = None):
-    return _dense_backward(grad_out, query, key, value, out, logsumexp, dropout_p, is_causal,
-                           key.shape[2] - query.shape[2], scale, (-1, -1), _seed(philox_seed, dropout_p))
+    dq, dk, dv = _dense_backward(grad_out, query, key, value, out, logsumexp, dropout_p, is_causal,
+                                 key.shape[2] - query.shape[2], scale, (-1, -1), _seed(philox_seed, dropout_p))
+    return _laid_out(dq, query), _laid_out(dk, key), _laid_out(dv, value)
 
 
 def _sdpa_flash_cpu(query: Tensor, key: Tensor, value: Tensor, dropout_p: float = 0.0, is_causal: bool = False, *,
@@ -233,15 +251,18 @@ def _sdpa_flash_cpu(query: Tensor, key: Tensor, value: Tensor, dropout_p: float 
     if dropout_p > 0.0:
         raise NotImplementedError("fastattn SDPA backend (_scaled_dot_product_flash_attention_for_cpu): dropout_p > 0 "
                                   "(the op has no rng_state for its backward to replay the mask)")
-    return attention_op(query, key, value, attn_mask, 0.0, None, bool(is_causal), 0, _scale(scale, query.shape[-1]))
+    out, lse = attention_op(query, key, value, _mask4(attn_mask), 0.0, None, bool(is_causal), 0,
+                            _scale(scale, query.shape[-1]))
+    return _laid_out(out, query), _laid_out(lse, permutation=(0, 2, 1))  # lse (B, H, L) over (B, L, H) memory
 
 
 def _sdpa_flash_cpu_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                              logsumexp: Tensor, dropout_p: float, is_causal: bool, *, attn_mask: Tensor | None = None,
                              scale: float | None = None):
-    dq, dk, dv, _ = attention_backward_op(grad_out, query, key, value, out, logsumexp.contiguous(), None, attn_mask,
-                                          0.0, None, bool(is_causal), 0, _scale(scale, query.shape[-1]), False)
-    return dq, dk, dv
+    dq, dk, dv, _ = attention_backward_op(grad_out, query, key, value, out, logsumexp.contiguous(), None,
+                                          _mask4(attn_mask), 0.0, None, bool(is_causal), 0,
+                                          _scale(scale, query.shape[-1]), False)
+    return tuple(_laid_out(g, permutation=(0, 2, 1, 3)) for g in (dq, dk, dv))  # CPU grads are (B, L, H, D) memory
 
 
 _IMPLS = {

@@ -196,3 +196,22 @@ def test_register_checks_its_argument_and_old_torch(monkeypatch):
     monkeypatch.delattr(torch.nn.attention, "register_flash_attention_impl")
     with pytest.warns(RuntimeWarning, match="nothing was registered"):
         assert fastattn.register_sdpa_backend() is False
+
+
+def test_compiled_sdpa_runs_the_backend(backend):
+    """Under torch.compile (aot_eager) the flash op is traced with torch's meta kernel and runs fastattn's at run
+    time; the outputs come back in the layouts the meta kernels promise, so the compiled gradients are eager's."""
+    q, k, v = (torch.randn(2, 2, 6, 8, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    with fastattn.record_launches() as launches:
+        out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert_launched(launches, KERNELS)
+    ref = f(q, k, v)
+    torch.testing.assert_close(out, ref)
+    for got, want in zip(grads, torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(got, want)

@@ -109,6 +109,22 @@ def test_gemma2_softcap():
     assert len(_fused(ours, "Gemma2RMSNorm")) == 5
 
 
+def test_gpt_oss_sinks():
+    """gpt-oss's attention sinks (``s_aux``) run the kernel where fastattn has ``sinks``, else the model's eager
+    attention (FallbackWarning); its RMSNorm rounds once, after the weight multiply, and the probe finds that."""
+    cfg = transformers.GptOssConfig(**{**TINY, "num_hidden_layers": 2, "intermediate_size": 32}, num_key_value_heads=2,
+                                    head_dim=8, num_local_experts=2, num_experts_per_tok=1, sliding_window=4,
+                                    experts_implementation="eager")  # grouped_mm has no float64 (the reference)
+    kernels = (EVAL, TRAIN) if hf_attention.KERNEL_MODIFIERS else (LN, LN + LN_BWD)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = _check(transformers.GptOssForCausalLM(cfg), {"input_ids": _tokens()["input_ids"]}, *kernels)
+    fell_back = [w for w in caught if issubclass(w.category, fastattn.FallbackWarning) and "s_aux" in str(w.message)]
+    assert bool(fell_back) != hf_attention.KERNEL_MODIFIERS
+    forms = {e.detail for e in fastattn.patch_report(ours).fused if e.module == "GptOssRMSNorm"}
+    assert forms == {"RMSNorm kernel (w * x_norm in float32; out input dtype)"}
+
+
 def test_gpt2():
     cfg = transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
                                   embd_pdrop=0.0, attn_pdrop=0.0)
@@ -218,6 +234,26 @@ def test_unpatch_restores_the_implementation_and_classes():
     with torch.no_grad(), fastattn.record_launches() as launches:
         assert torch.equal(model(ids).logits, before)
     assert not launches
+
+
+def test_unpatch_restores_every_config_of_a_composite_model():
+    """CLIP holds a text and a vision submodel with their own configs (sub-configs of the top one): patching sets
+    all three, unpatch writes back what each had, here a mix."""
+    text = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "max_position_embeddings": 16}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "image_size": 16, "patch_size": 8}
+    model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                           projection_dim=16))
+    model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa"})
+    configs = (model.config, model.config.text_config, model.config.vision_config)
+    before = [c._attn_implementation for c in configs]
+    assert before[1:] == ["eager", "sdpa"]
+    fastattn.patch(model)
+    assert [c._attn_implementation for c in configs] == ["fastattn"] * 3
+    assert model.text_model.config._attn_implementation == "fastattn"
+    fastattn.unpatch(model)
+    assert [c._attn_implementation for c in configs] == before
 
 
 def test_unpatch_restores_an_eager_model():
