@@ -19,10 +19,11 @@ ops (torch's autograd formulas call the backward ones):
 
 The mapping: ``scale=None`` is ``D ** -0.5``; ``is_causal`` is flash's bottom-right alignment (SDPA sends only
 square causal calls to flash; ``_for_cpu`` is SDPA's top-left); ``window_size_left/right`` (-1 or None =
-unbounded) keep key j for query i iff ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``, applied as a boolean
-mask until fastattn's kernel takes a window (the attention-v2 issue); key/value heads fewer than the query's run the
-kernel's GQA; dropout is drawn in the kernel from a seed that travels in ``rng_state`` to the backward; the
-log-sum-exp is float32 ``(B, H, Lq)`` (packed: ``(H, total_q)``), natural log, as torch's flash returns it.
+unbounded) keep key j for query i iff ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``, in the kernel where it
+takes a window (:data:`KERNEL_WINDOW`, the attention-v2 issue), else as a boolean mask; key/value heads fewer than
+the query's run the kernel's GQA; dropout is drawn in the kernel from a seed that travels in ``rng_state`` to the
+backward; the log-sum-exp is float32 ``(B, H, Lq)`` (packed: ``(H, total_q)``), natural log, as torch's flash
+returns it.
 
 Not served (``NotImplementedError``, naming the argument): ``return_debug_mask``, ``seqused_k``, ``block_table``
 (paged KV), ``alibi_slopes``, dropout with packed sequences or in ``_for_cpu`` (which has no ``rng_state`` for the
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import warnings
 
@@ -42,9 +44,12 @@ from torch import Tensor
 
 from fastattn import _runtime
 from fastattn.ops._common import draw_seed
-from fastattn.ops.attention import attention_backward_op, attention_op
+from fastattn.ops.attention import attention, attention_backward_op, attention_op
 
 NAME = "fastattn"
+# Whether fastattn's kernel takes a window itself (fastattn.attention has window_size=, the attention-v2 issue);
+# before that a window runs as a boolean mask.
+KERNEL_WINDOW = "window_size" in inspect.signature(attention).parameters
 
 
 @dataclasses.dataclass
@@ -109,23 +114,29 @@ def _seed(rng_state: Tensor | None, dropout_p: float) -> Tensor | None:
     return rng_state.view(torch.int64)[0].cpu()
 
 
+def _window_args(q4: Tensor, k4: Tensor, window: tuple[int, int]) -> tuple[Tensor | None, tuple]:
+    """The window as the kernel takes it: its own (left, right) bounds where it has them (then also softcap, ALiBi
+    and sinks, all off), else a boolean mask."""
+    if KERNEL_WINDOW:
+        return None, (*window, 0.0, None, None)
+    return _window_mask(q4.shape[2], k4.shape[2], window, q4.device), ()
+
+
 def _dense_forward(q4: Tensor, k4: Tensor, v4: Tensor, dropout_p: float, causal: bool, offset: int,
                    scale: float | None, window: tuple[int, int], seed: Tensor | None) -> tuple[Tensor, Tensor]:
     """(Z, H, M, D) views -> (out (Z, H, M, DV) contiguous, lse (Z, H, M) fp32)."""
-    M, N = q4.shape[2], k4.shape[2]
-    mask = _window_mask(M, N, window, q4.device)
+    mask, extra = _window_args(q4, k4, window)
     return attention_op(q4, k4, v4, mask, float(dropout_p), seed, bool(causal), offset if causal else 0,
-                        _scale(scale, q4.shape[3]))
+                        _scale(scale, q4.shape[3]), *extra)
 
 
 def _dense_backward(do4: Tensor, q4: Tensor, k4: Tensor, v4: Tensor, out4: Tensor, lse: Tensor, dropout_p: float,
                     causal: bool, offset: int, scale: float | None, window: tuple[int, int],
                     seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    M, N = q4.shape[2], k4.shape[2]
-    mask = _window_mask(M, N, window, q4.device)
-    dq, dk, dv, _ = attention_backward_op(do4, q4, k4, v4, out4, lse.contiguous(), None, mask, float(dropout_p), seed,
-                                          bool(causal), offset if causal else 0, _scale(scale, q4.shape[3]), False)
-    return dq, dk, dv
+    mask, extra = _window_args(q4, k4, window)
+    grads = attention_backward_op(do4, q4, k4, v4, out4, lse.contiguous(), None, mask, float(dropout_p), seed,
+                                  bool(causal), offset if causal else 0, _scale(scale, q4.shape[3]), False, *extra)
+    return grads[0], grads[1], grads[2]
 
 
 def _laid_out(t: Tensor, like: Tensor | None = None, permutation: tuple[int, ...] | None = None) -> Tensor:
@@ -251,18 +262,19 @@ def _sdpa_flash_cpu(query: Tensor, key: Tensor, value: Tensor, dropout_p: float 
     if dropout_p > 0.0:
         raise NotImplementedError("fastattn SDPA backend (_scaled_dot_product_flash_attention_for_cpu): dropout_p > 0 "
                                   "(the op has no rng_state for its backward to replay the mask)")
+    _, extra = _window_args(query, key, (-1, -1))
     out, lse = attention_op(query, key, value, _mask4(attn_mask), 0.0, None, bool(is_causal), 0,
-                            _scale(scale, query.shape[-1]))
+                            _scale(scale, query.shape[-1]), *extra)
     return _laid_out(out, query), _laid_out(lse, permutation=(0, 2, 1))  # lse (B, H, L) over (B, L, H) memory
 
 
 def _sdpa_flash_cpu_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                              logsumexp: Tensor, dropout_p: float, is_causal: bool, *, attn_mask: Tensor | None = None,
                              scale: float | None = None):
-    dq, dk, dv, _ = attention_backward_op(grad_out, query, key, value, out, logsumexp.contiguous(), None,
-                                          _mask4(attn_mask), 0.0, None, bool(is_causal), 0,
-                                          _scale(scale, query.shape[-1]), False)
-    return tuple(_laid_out(g, permutation=(0, 2, 1, 3)) for g in (dq, dk, dv))  # CPU grads are (B, L, H, D) memory
+    _, extra = _window_args(query, key, (-1, -1))
+    grads = attention_backward_op(grad_out, query, key, value, out, logsumexp.contiguous(), None, _mask4(attn_mask),
+                                  0.0, None, bool(is_causal), 0, _scale(scale, query.shape[-1]), False, *extra)
+    return tuple(_laid_out(g, permutation=(0, 2, 1, 3)) for g in grads[:3])  # CPU grads are (B, L, H, D) memory
 
 
 _IMPLS = {

@@ -361,6 +361,14 @@ def test_rms_norm_like_modules_that_compute_something_else_are_left_alone():
     fastattn.patch(norm)
     (entry,) = fastattn.patch_report(norm).left_alone
     assert "numerical check" in entry.detail and type(norm) is ScaledNorm
+    model = llama().eval()  # such a norm inside a decoder layer: the layer's residual add stays eager, and says so
+    model.model.layers[0].post_attention_layernorm = ScaledNorm(32, eps=1e-2)
+    ours = fastattn.patch(copy.deepcopy(model))
+    (layer,) = [e for e in fastattn.patch_report(ours).fused if e.module == "LlamaDecoderLayer"]
+    assert "eager" in layer.detail
+    ids = _tokens()["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, model(ids).logits)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -125,17 +125,25 @@ def patchify(conv: nn.Module, what: str) -> None:
 
 def norm_detail(*norms: nn.Module) -> str:
     """Whether a residual add fused into these norms runs fused: they are fastattn's norms, or the registry swaps
-    them to one."""
+    them to one (for a norm recognised by what it computes, its own check says so)."""
     def fusable(norm: nn.Module) -> bool:
         if isinstance(norm, FUSED_NORMS):
             return True
         rule = REGISTRY.rule_for(norm)
         fused = None if rule is None else (rule.mixin or rule.fused)
-        return isinstance(fused, type) and issubclass(fused, FUSED_NORMS)
+        if not (isinstance(fused, type) and issubclass(fused, FUSED_NORMS)):
+            return False
+        if rule.matches is not None:
+            try:
+                rule.plan("", norm, Options())
+            except Skip:
+                return False
+        return True
 
     if all(fusable(n) for n in norms):
         return "fused"
-    return "eager (the norms are not nn.LayerNorm / nn.RMSNorm / timm's LayerNorm)"
+    return "eager (the norms are not ones fastattn fuses: nn.LayerNorm / nn.RMSNorm / timm's LayerNorm / an RMSNorm " \
+           "fastattn recognises)"
 
 
 def norm_kernel(rule: Rule, name: str, m: nn.Module, opts: Options) -> list[Swap]:
