@@ -23,7 +23,7 @@ patched: their ``forward`` may differ).
 The fused subclass of a library class, ``class Fused<Library><Class>(mixin, library class)``, is built once, on
 first use, and kept as a global of the mixin's module (``fastattn.patching.timm.FusedTimmBlock``), where pickling a
 patched model finds it; that module's ``__getattr__`` (:func:`fused_class_getattr`) rebuilds it when unpickling.
-A predicate rule with a mixin recognises classes it cannot name in advance (the 36 copies of Llama's decoder
+A predicate rule with a mixin recognises classes it cannot name in advance (the 73 copies of Llama's decoder
 layer in transformers), so its fused classes are generated per matched class (:func:`generated_class`, optionally
 with class attributes the check computed, such as a norm's rounding order) and pickle by value: their metaclass
 reduces them to (mixin, library class, attributes), and unpickling rebuilds the same class in a fresh process.
