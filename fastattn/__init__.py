@@ -17,6 +17,7 @@ from fastattn.ops.batch_norm import batch_norm_add_relu
 from fastattn.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastattn.ops.patch_embed import patch_embed
 from fastattn.patching import PatchEntry, PatchReport, patch, patch_report, unpatch
+from fastattn.sdpa_backend import register_sdpa_backend
 
 del _patch_module
 
@@ -38,6 +39,7 @@ __all__ = [
     "patch_embed",
     "patch_report",
     "record_launches",
+    "register_sdpa_backend",
     "rms_norm",
     "scaled_dot_product_attention",
     "unpatch",

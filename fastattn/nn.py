@@ -7,8 +7,8 @@ The helpers let a block be written once and run the fused kernels when its layer
 when they are torch's (the reference models and the patched library blocks use them):
 
 - ``add_norm(norm, x, residual, dropout)``: post-norm Add & Norm, ``norm(residual + dropout(x))``; fused when
-  ``norm`` is a :class:`LayerNorm` / :class:`RMSNorm` (``FUSED_NORMS``: one kernel for the dropout, the add and the
-  norm).
+  ``norm`` is a :class:`FusedNorm` (:class:`LayerNorm`, :class:`RMSNorm`, a patched library norm: one kernel for the
+  dropout, the add and the norm).
 - ``add_then_norm(norm, x, residual, dropout)``: the pre-norm residual step, returns ``norm(residual + dropout(x))``
   and the new residual ``residual + dropout(x)``; fused likewise.
 - ``bn_relu(bn, x, identity=None)``: ``relu(bn(x) + identity)``; fused when ``bn`` is a :class:`BatchNormAddReLU`.
@@ -28,7 +28,13 @@ from fastattn.ops.layer_norm import _add_norm
 from fastattn.ops.patch_embed import patch_embed
 
 
-class LayerNorm(torch.nn.LayerNorm):
+class FusedNorm:
+    """What :func:`add_norm` and :func:`add_then_norm` fuse into: a norm module whose ``forward(x, residual=None, *,
+    dropout_p=0.0, residual_in_fp32=False, return_residual=None)`` adds ``dropout(x) + residual`` in its kernel.
+    :class:`LayerNorm`, :class:`RMSNorm` and the patched library norms (``fastattn.patching``) are such norms."""
+
+
+class LayerNorm(torch.nn.LayerNorm, FusedNorm):
     """``torch.nn.LayerNorm`` with a fused residual add: ``forward(x, residual=None)``.
 
     ``forward(x)`` behaves exactly like torch's LayerNorm and returns a tensor. With a ``residual`` it returns
@@ -49,7 +55,7 @@ class LayerNorm(torch.nn.LayerNorm):
                          tuple(self.normalized_shape))
 
 
-class RMSNorm(torch.nn.RMSNorm):
+class RMSNorm(torch.nn.RMSNorm, FusedNorm):
     """``torch.nn.RMSNorm`` with a fused residual add; ``forward`` as :class:`LayerNorm`'s.
 
     ``eps=None`` (torch's default) means ``torch.finfo(x.dtype).eps``, as in torch.
@@ -151,7 +157,7 @@ class BatchNormAddReLU(torch.nn.BatchNorm2d):
 # -------------------------------------------------------------------------------------------------------------------
 
 
-FUSED_NORMS = (LayerNorm, RMSNorm)
+FUSED_NORMS = (FusedNorm,)  # LayerNorm, RMSNorm and the patched library norms
 
 
 def _split_dropout(dropout: nn.Module | None, x: Tensor) -> tuple[Tensor, float]:

@@ -193,9 +193,19 @@ def add_rms_norm(
     *,
     residual_in_fp32: bool = False,
     dropout_mask: Tensor | None = None,
+    round_xhat: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """RMSNorm twin of :func:`add_layer_norm`: ``out = residual_out * rsqrt(mean(residual_out^2) + eps) * weight``."""
+    """RMSNorm twin of :func:`add_layer_norm`: ``out = residual_out * rsqrt(mean(residual_out^2) + eps) * weight``.
+
+    ``round_xhat``: the normalised value is computed in float32 (float64 for float64 data) and rounded to
+    ``residual_out``'s dtype before the weight multiply, as Llama-family RMSNorms do. ``out`` has ``out_dtype``
+    (None: ``x``'s)."""
     z = _add_dropout_residual(x, residual, dropout_p, residual_in_fp32, dropout_mask)
+    if round_xhat:
+        xhat = F.rms_norm(z.to(torch.promote_types(z.dtype, torch.float32)), (z.size(-1),), None, eps).to(z.dtype)
+        out = xhat * weight.to(torch.promote_types(xhat.dtype, weight.dtype)) if weight is not None else xhat
+        return out.to(out_dtype or x.dtype), z
     ct = _compute_dtype(z, weight)
     out = F.rms_norm(z.to(ct), (z.size(-1),), weight.to(ct) if weight is not None else None, eps)
-    return out.to(x.dtype), z
+    return out.to(out_dtype or x.dtype), z

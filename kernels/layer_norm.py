@@ -5,6 +5,8 @@ Forward, per row of N elements (fp32 statistics; fp64 for fp64 inputs):
                                            only when the caller or the backward needs it)
     mean = sum(z) / N,  var = sum((z - mean)^2) / N         (RMSNorm: mean = 0, var = sum(z^2) / N)
     rstd = 1 / sqrt(var + eps),  xhat = (z - mean) * rstd,  out = xhat * w + b
+    (ROUND_XHAT: xhat is rounded to z's dtype before the weight multiply, as Llama-family RMSNorms do; Out may
+    have another dtype than X, e.g. the promoted dtype of such a norm's weight and input)
 Rows that fit one register tile are reduced exactly in two passes over registers. Longer rows take a looped path:
 a first sweep merges per-chunk (mean, M2) pairs (Chan et al.), a second sweep recomputes z and normalises.
 
@@ -122,9 +124,9 @@ def _load_z(X, R, x_rows, r_rows, rows, start, cols, mask, stride_xn, stride_rn,
 
 
 @triton.jit
-def _affine(xhat, W, B, cols, ACC: tl.constexpr):
+def _affine(xhat, W, B, cols, Z_DT: tl.constexpr, ACC: tl.constexpr, ROUND_XHAT: tl.constexpr):
     # cols arrive clamped into [0, N), so the parameter loads need no mask.
-    y = xhat
+    y = _weighted_xhat(xhat, Z_DT, ACC, ROUND_XHAT)
     if W is not None:
         y = y * tl.load(W + cols).to(ACC)[None, :]
     if B is not None:
@@ -143,7 +145,7 @@ def _layer_norm_fwd(
     M, N, M_INNER,  # row r lives at (r // M_INNER) * stride_*o + (r % M_INNER) * stride_*i
     eps, seed, dropout_p,
     IS_RMS: tl.constexpr, HAS_DROPOUT: tl.constexpr, Z_DT: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOPED: tl.constexpr,
+    ROUND_XHAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOPED: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -166,7 +168,7 @@ def _layer_norm_fwd(
             zc = tl.where(mask, z - mean[:, None], 0.0)
             var = tl.sum(zc * zc, 1) / N
         rstd = tl.math.rsqrt(var + eps)
-        y = _affine((z - mean[:, None]) * rstd[:, None], W, B, tl.where(offs < N, offs, 0), ACC)
+        y = _affine((z - mean[:, None]) * rstd[:, None], W, B, tl.where(offs < N, offs, 0), Z_DT, ACC, ROUND_XHAT)
         tl.store(Out + o_rows[:, None] + offs[None, :], cast(y, Out.dtype.element_ty), mask=mask)
     else:
         count = tl.zeros([BLOCK_M], ACC)
@@ -196,7 +198,8 @@ def _layer_norm_fwd(
             mask = row_ok[:, None] & (cols[None, :] < N)
             z = _load_z(X, R, x_rows, r_rows, rows, start, cols, mask, stride_xn, stride_rn, seed, dropout_p,
                         HAS_DROPOUT, Z_DT, ACC, BLOCK_N)
-            y = _affine((z - mean[:, None]) * rstd[:, None], W, B, tl.where(cols < N, cols, 0), ACC)
+            y = _affine((z - mean[:, None]) * rstd[:, None], W, B, tl.where(cols < N, cols, 0), Z_DT, ACC,
+                        ROUND_XHAT)
             tl.store(Out + o_rows[:, None] + cols[None, :], cast(y, Out.dtype.element_ty), mask=mask)
     if Mean is not None:
         tl.store(Mean + rows, mean, mask=row_ok)
@@ -226,6 +229,15 @@ def _bwd_terms(Z, DY, W, Mean, Rstd, z_rows, dy_rows, rows, cols, mask, row_ok, 
 
 
 @triton.jit
+def _weighted_xhat(xhat, Z_DT: tl.constexpr, ACC: tl.constexpr, ROUND_XHAT: tl.constexpr):
+    """The xhat the forward multiplied by the weight (dweight's factor): rounded to z's dtype with ROUND_XHAT. The
+    input gradient differentiates through that rounding as the identity, as autograd does, so it keeps xhat."""
+    if ROUND_XHAT:
+        xhat = cast(xhat, Z_DT).to(ACC)
+    return xhat
+
+
+@triton.jit
 def _bwd_store(dz, keep, DZ, DX, DR, z_rows_dz, o_rows, cols, mask, stride_dzn, dropout_p,
                HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr):
     if DZ is not None:  # gradient flowing into residual_out (pre-norm blocks)
@@ -249,7 +261,7 @@ def _layer_norm_bwd(
     stride_p,  # row stride of DWp, DBp: BLOCK_N on the tile path (stored unmasked), N on the looped path
     M, N, M_INNER, BLOCKS_PER_PROG,
     seed, dropout_p,
-    IS_RMS: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr,
+    IS_RMS: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, ROUND_XHAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOPED: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -273,7 +285,7 @@ def _layer_norm_bwd(
                                            tl.where(col_ok, offs, 0), mask, row_ok, stride_zn, stride_dyn,
                                            IS_RMS, ACC)
             if DWp is not None:
-                dw += dy * xhat
+                dw += dy * _weighted_xhat(xhat, Z.dtype.element_ty, ACC, ROUND_XHAT)
             if DBp is not None:
                 db += dy
             c1 = tl.sum(xhat * g, 1) / N
@@ -321,7 +333,8 @@ def _layer_norm_bwd(
                 # This program's own partial row, updated in place: no other program touches it.
                 if DWp is not None:
                     acc = tl.load(DWp + part + cols, mask=col_ok, other=0.0)
-                    tl.store(DWp + part + cols, acc + tl.sum(dy * xhat, 0), mask=col_ok)
+                    dw_c = tl.sum(dy * _weighted_xhat(xhat, Z.dtype.element_ty, ACC, ROUND_XHAT), 0)
+                    tl.store(DWp + part + cols, acc + dw_c, mask=col_ok)
                 if DBp is not None:
                     acc = tl.load(DBp + part + cols, mask=col_ok, other=0.0)
                     tl.store(DBp + part + cols, acc + tl.sum(dy, 0), mask=col_ok)

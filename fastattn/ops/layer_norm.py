@@ -109,13 +109,13 @@ def _empty(like: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _forward(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
-             dropout_p: float, seed: int, is_rms: bool, residual_in_fp32: bool,
-             store_residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             dropout_p: float, seed: int, is_rms: bool, residual_in_fp32: bool, store_residual: bool,
+             round_xhat: bool = False, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     lead, N = tuple(x.shape[:-1]), x.shape[-1]
     M = math.prod(lead)
     stat = stat_dtype(x.dtype)
     z_dtype = residual_dtype(x.dtype, residual_in_fp32)
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype)
     res_out = torch.empty(x.shape, device=x.device, dtype=z_dtype) if store_residual else _empty(x, z_dtype)
     mean = _empty(x, stat) if is_rms else torch.empty((M,), device=x.device, dtype=stat)
     rstd = torch.empty((M,), device=x.device, dtype=stat)
@@ -130,7 +130,7 @@ def _forward(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Te
         sxo, sxi, x.stride(-1), sro, sri, residual.stride(-1) if residual is not None else 0,
         M, N, m_inner, float(eps), seed, float(dropout_p),
         IS_RMS=is_rms, HAS_DROPOUT=dropout_p > 0.0, Z_DT=TL_DTYPES[z_dtype], ACC=TL_DTYPES[stat],
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs,
+        ROUND_XHAT=round_xhat, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs,
     )
     return out, res_out, mean, rstd
 
@@ -142,8 +142,8 @@ def _param(p: Tensor | None) -> Tensor | None:
 
 def _backward(dy: Tensor, dz: Tensor | None, z: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
               dropout_p: float, seed: int, is_rms: bool, dx_dtype: torch.dtype | None,
-              dres_dtype: torch.dtype | None, need_dweight: bool,
-              dbias_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              dres_dtype: torch.dtype | None, need_dweight: bool, dbias_dtype: torch.dtype | None,
+              round_xhat: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     lead, N = tuple(z.shape[:-1]), z.shape[-1]
     M = math.prod(lead)
     stat = stat_dtype(z.dtype)
@@ -170,7 +170,7 @@ def _backward(dy: Tensor, dz: Tensor | None, z: Tensor, weight: Tensor | None, m
         dres if dres_dtype else None, dwp, dbp,
         szo, szi, z.stride(-1), syo, syi, dy.stride(-1), sdo, sdi, dz.stride(-1) if dz is not None else 0, width,
         M, N, m_inner, per, seed, float(dropout_p),
-        IS_RMS=is_rms, HAS_DROPOUT=dropout_p > 0.0, ACC=TL_DTYPES[stat],
+        IS_RMS=is_rms, HAS_DROPOUT=dropout_p > 0.0, ACC=TL_DTYPES[stat], ROUND_XHAT=round_xhat,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs,
     )
     if dwp is not None or dbp is not None:
@@ -205,19 +205,23 @@ OptDtype = Optional[torch.dtype]  # noqa: UP045
 @torch.library.custom_op("fastattn::add_layer_norm", mutates_args=(), device_types=None)
 def add_layer_norm_op(x: Tensor, residual: OptTensor, weight: OptTensor, bias: OptTensor,
                       eps: float, dropout_p: float, seed: OptTensor, is_rms: bool, residual_in_fp32: bool,
-                      store_residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out, residual_out or empty, mean (empty for RMSNorm), rstd) over the last dim of ``x``."""
+                      store_residual: bool, round_xhat: bool = False,
+                      out_dtype: OptDtype = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, residual_out or empty, mean (empty for RMSNorm), rstd) over the last dim of ``x``. ``round_xhat``:
+    round the normalised value to the residual stream's dtype before the weight multiply; ``out_dtype``: the
+    output's dtype (None: ``x``'s)."""
     return _forward(x, residual, weight, bias, eps, dropout_p, seed_int(seed), is_rms, residual_in_fp32,
-                    store_residual)
+                    store_residual, round_xhat, out_dtype)
 
 
 @add_layer_norm_op.register_fake
-def _(x, residual, weight, bias, eps, dropout_p, seed, is_rms, residual_in_fp32, store_residual):
+def _(x, residual, weight, bias, eps, dropout_p, seed, is_rms, residual_in_fp32, store_residual, round_xhat=False,
+      out_dtype=None):
     M = math.prod(x.shape[:-1])
     stat = stat_dtype(x.dtype)
     z_dtype = residual_dtype(x.dtype, residual_in_fp32)
     res_out = x.new_empty(x.shape if store_residual else (0,), dtype=z_dtype)
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), res_out,
+    return (torch.empty_like(x, memory_format=torch.contiguous_format, dtype=out_dtype or x.dtype), res_out,
             x.new_empty((0,) if is_rms else (M,), dtype=stat), x.new_empty((M,), dtype=stat))
 
 
@@ -225,16 +229,16 @@ def _(x, residual, weight, bias, eps, dropout_p, seed, is_rms, residual_in_fp32,
 def add_layer_norm_backward_op(dout: Tensor, dresidual_out: OptTensor, z: Tensor, weight: OptTensor,
                                mean: Tensor, rstd: Tensor, dropout_p: float, seed: OptTensor, is_rms: bool,
                                dx_dtype: OptDtype, dresidual_dtype: OptDtype,
-                               need_dweight: bool,
-                               dbias_dtype: OptDtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                               need_dweight: bool, dbias_dtype: OptDtype,
+                               round_xhat: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dresidual, dweight, dbias) of ``fastattn::add_layer_norm``; each is empty where its dtype is None."""
     return _backward(dout, dresidual_out, z, weight, mean, rstd, dropout_p, seed_int(seed), is_rms, dx_dtype,
-                     dresidual_dtype, need_dweight, dbias_dtype)
+                     dresidual_dtype, need_dweight, dbias_dtype, round_xhat)
 
 
 @add_layer_norm_backward_op.register_fake
 def _(dout, dresidual_out, z, weight, mean, rstd, dropout_p, seed, is_rms, dx_dtype, dresidual_dtype, need_dweight,
-      dbias_dtype):
+      dbias_dtype, round_xhat=False):
     N = z.shape[-1]
 
     def full(dtype):
@@ -246,15 +250,15 @@ def _(dout, dresidual_out, z, weight, mean, rstd, dropout_p, seed, is_rms, dx_dt
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _eps, dropout_p, seed, is_rms, residual_in_fp32, store_residual = inputs
-    _out, res_out, mean, rstd = output
+    x, residual, weight, bias, _eps, dropout_p, seed, is_rms, residual_in_fp32, store_residual, round_xhat, _ = inputs
+    out, res_out, mean, rstd = output
     z_dtype = residual_dtype(x.dtype, residual_in_fp32)
     z_is_x = residual is None and dropout_p == 0.0 and z_dtype == x.dtype
     ctx.z_missing = not z_is_x and not store_residual
     ctx.save_for_backward(x if z_is_x else res_out, weight, mean, rstd, seed)
-    ctx.args = (dropout_p, is_rms)
+    ctx.args = (dropout_p, is_rms, round_xhat)
     ctx.dtypes = (x.dtype, residual.dtype if residual is not None else None,
-                  bias.dtype if bias is not None else None)
+                  bias.dtype if bias is not None else None, out.dtype)
     ctx.stored = store_residual
     ctx.set_materialize_grads(False)  # unused outputs (mean, rstd, often residual_out) arrive as None, not zeros
 
@@ -264,11 +268,11 @@ def _backward_autograd(ctx, dout, dres_out, _dmean, _drstd):
         raise RuntimeError("fastattn.add_layer_norm: backward needs residual_out, but the op ran with "
                            "store_residual=False; call the public fastattn.add_layer_norm instead")
     z, weight, mean, rstd, seed = ctx.saved_tensors
-    dropout_p, is_rms = ctx.args
-    x_dtype, r_dtype, b_dtype = ctx.dtypes
+    dropout_p, is_rms, round_xhat = ctx.args
+    x_dtype, r_dtype, b_dtype, out_dtype = ctx.dtypes
     need_x, need_r, need_w, need_b = ctx.needs_input_grad[:4]
     if dout is None:
-        dout = torch.zeros(z.shape, device=z.device, dtype=x_dtype)
+        dout = torch.zeros(z.shape, device=z.device, dtype=out_dtype)
     if not ctx.stored or dres_out is None or dres_out.shape != z.shape:
         dres_out = None
     # Without dropout and with one dtype, dresidual equals dx: one tensor serves both (as for torch's add).
@@ -276,9 +280,9 @@ def _backward_autograd(ctx, dout, dres_out, _dmean, _drstd):
     dx_needed = need_x or (need_r and not separate)
     dx, dres, dw, db = add_layer_norm_backward_op(
         dout, dres_out, z, weight, mean, rstd, dropout_p, seed, is_rms, x_dtype if dx_needed else None,
-        r_dtype if separate else None, bool(need_w), b_dtype if need_b else None)
+        r_dtype if separate else None, bool(need_w), b_dtype if need_b else None, round_xhat)
     return (dx if need_x else None, (dres if separate else dx) if need_r else None, dw if need_w else None,
-            db if need_b else None, None, None, None, None, None, None)
+            db if need_b else None, None, None, None, None, None, None, None, None)
 
 
 add_layer_norm_op.register_autograd(_backward_autograd, setup_context=_setup_context)
@@ -341,7 +345,9 @@ def _fallback_reason(x: Tensor) -> str | None:
 
 def _add_norm(op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
               eps: float, dropout_p: float, residual_in_fp32: bool, return_residual: bool, is_rms: bool,
-              norm_shape: tuple[int, ...]):
+              norm_shape: tuple[int, ...], *, round_xhat: bool = False, out_dtype: torch.dtype | None = None):
+    """The one path of every norm entry point. ``round_xhat``: round the normalised value to the residual stream's
+    dtype before the weight multiply (Llama-family RMSNorms); ``out_dtype``: the output's dtype (None: ``x``'s)."""
     _check(op, x, residual, weight, bias, eps, dropout_p, residual_in_fp32, norm_shape)
     eps, dropout_p = float(eps), float(dropout_p)
     shape = x.shape
@@ -357,7 +363,8 @@ def _add_norm(op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None
         _runtime.warn_fallback(op, reason)
         if is_rms:
             out, res_out = reference.add_rms_norm(x, residual, weight, eps, dropout_p,
-                                                  residual_in_fp32=residual_in_fp32)
+                                                  residual_in_fp32=residual_in_fp32, round_xhat=round_xhat,
+                                                  out_dtype=out_dtype)
         else:
             out, res_out = reference.add_layer_norm(x, residual, weight, bias, eps, dropout_p,
                                                     residual_in_fp32=residual_in_fp32)
@@ -368,7 +375,7 @@ def _add_norm(op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None
             t is not None and t.requires_grad for t in (x, residual, weight, bias))
         store = not z_is_x and (return_residual or needs_grad)
         out, res_out, _, _ = add_layer_norm_op(x, residual, weight, bias, eps, dropout_p, seed, is_rms,
-                                               residual_in_fp32, store)
+                                               residual_in_fp32, store, round_xhat, out_dtype)
         if z_is_x:
             res_out = x
     if len(norm_shape) != 1:
@@ -460,7 +467,8 @@ def rms_norm(
 
 def kernel_specs() -> list[KernelSpec]:
     """Every (kernel, config) the launchers can pick, each in its heaviest specialisation (residual, dropout,
-    weight, bias, residual_out written; backward with d residual_out, a separate dresidual, dweight and dbias),
+    weight, bias, residual_out written, xhat rounded before the weight; backward with d residual_out, a separate
+    dresidual, dweight and dbias),
     for fp16 activations with an fp32 residual stream and for fp32."""
     meta = torch.device("meta")
     specs: list[KernelSpec] = []
@@ -478,7 +486,7 @@ def kernel_specs() -> list[KernelSpec]:
                     "RO": t(n, rdtype), "Mean": stat, "Rstd": stat, "stride_xo": 0, "stride_xi": n, "stride_xn": 1,
                     "stride_ro": 0, "stride_ri": n, "stride_rn": 1, "M": M, "N": n, "M_INNER": M, "eps": 1e-5,
                     "seed": 1234, "dropout_p": 0.1, "IS_RMS": False, "HAS_DROPOUT": True, "Z_DT": TL_DTYPES[rdtype],
-                    "ACC": tl.float32}
+                    "ACC": tl.float32, "ROUND_XHAT": True}
             specs.append(KernelSpec("layer_norm", K._layer_norm_fwd, args, cfg, f"{dname} all features"))
         for cfg in K.all_bwd_configs():
             n = cfg.kwargs["BLOCK_N"] * (3 if cfg.kwargs["LOOPED"] else 1) - 3
@@ -489,7 +497,7 @@ def kernel_specs() -> list[KernelSpec]:
                     "stride_zi": n, "stride_zn": 1, "stride_dyo": 0, "stride_dyi": n, "stride_dyn": 1,
                     "stride_dzo": 0, "stride_dzi": n, "stride_dzn": 1, "stride_p": width, "M": M, "N": n, "M_INNER": M,
                     "BLOCKS_PER_PROG": 4, "seed": 1234, "dropout_p": 0.1, "IS_RMS": False, "HAS_DROPOUT": True,
-                    "ACC": tl.float32}
+                    "ACC": tl.float32, "ROUND_XHAT": True}
             specs.append(KernelSpec("layer_norm", K._layer_norm_bwd, args, cfg, f"{dname} all features"))
         part = torch.empty((264, 4093), device=meta, dtype=torch.float32)
         vec = torch.empty((4093,), device=meta, dtype=dtype)

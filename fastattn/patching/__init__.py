@@ -1,13 +1,15 @@
 """``fastattn.patch(model)``: swap fastattn's fused ops into a model you already have, in place.
 
 ``patch`` walks ``model.named_modules()`` and recognises modules by their *exact* type (a subclass may have a
-different ``forward``, so it is reported and left alone). A recognised module whose configuration the fused path
-reproduces exactly gets its ``__class__`` set, on that one instance, to a subclass whose ``forward`` calls the
-fused ops on the module's own submodules, parameters and buffers. Nothing is copied, re-created or cast: the
-``state_dict`` (keys, values, dtypes), the optimizer's parameter references and registered hooks are untouched,
-and other instances of the same class, the class itself and every library global stay as they were. Configurations
-it does not support are left alone and reported with the reason. ``unpatch`` restores every swapped instance's
-class; ``patch`` twice does nothing more.
+different ``forward``, so it is reported and left alone), or, for transformers, by what they compute. A recognised
+module whose configuration the fused path reproduces exactly gets its ``__class__`` set, on that one instance, to a
+subclass whose ``forward`` calls the fused ops on the module's own submodules, parameters and buffers. Nothing is
+copied, re-created or cast: the ``state_dict`` (keys, values, dtypes), the optimizer's parameter references and
+registered hooks are untouched, and other instances of the same class, the class itself and every library global
+stay as they were (a transformers model's attention adds the name ``"fastattn"`` to transformers' registries through
+their public ``register``; nothing that does not ask for that name changes). Configurations it does not support are
+left alone and reported with the reason. ``unpatch`` restores every swapped instance's class (and a transformers
+model's attention implementation); ``patch`` twice does nothing more.
 
 Recognised (each under its option):
 
@@ -23,6 +25,9 @@ Recognised (each under its option):
   embedding in one kernel) and fastattn's own.
 - ``batch_norm``: torchvision's and timm's ``BasicBlock`` / ``Bottleneck`` and the ResNet stems (BN + ReLU and
   BN + add + ReLU; those BatchNorms become ``fastattn.nn.BatchNormAddReLU``), fastattn's own ResNet.
+- Hugging Face transformers (:mod:`~fastattn.patching.transformers`), recognised by what the modules compute: a
+  ``PreTrainedModel``'s attention implementation (``attention``), its RMSNorms and the residual add + norm of its
+  layers (``layer_norm``), ViT's embeddings (``patch_embed``).
 
 The package:
 
@@ -33,16 +38,24 @@ The package:
   fused class or mixin, the signature of the method it replaces, the check); ``register`` adds rules.
   :mod:`~fastattn.patching.checks`: the helpers checks are written with.
 - one module per library, each registering its rules and holding its fused forwards: ``torch_nn``,
-  ``torchvision``, ``timm``, ``fastattn_models``. The fused subclasses of library classes are built on first use and
+  ``torchvision``, ``timm``, ``transformers`` (with ``transformers_attention``, the attention function it
+  registers), ``fastattn_models``. The fused subclasses of library classes are built on first use and
   kept in their library's module (``fastattn.patching.timm.FusedTimmBlock``), where pickling finds them.
 
 ``fastattn.patch`` (the module of the same name as the function) is an alias kept for old import paths and for
 models pickled before this package existed.
 """
 
-from fastattn.patching import fastattn_models, timm, torch_nn, torchvision  # noqa: F401  (each registers its rules)
+from fastattn.patching import (  # noqa: F401  (each registers its rules)
+    fastattn_models,
+    timm,
+    torch_nn,
+    torchvision,
+    transformers,
+)
 from fastattn.patching.report import PatchEntry, PatchReport, patch_report
-from fastattn.patching.rules import Rule, Skip, Swap, register
+from fastattn.patching.rules import Rule, Setting, Skip, Swap, register
 from fastattn.patching.walker import patch, unpatch
 
-__all__ = ["PatchEntry", "PatchReport", "Rule", "Skip", "Swap", "patch", "patch_report", "register", "unpatch"]
+__all__ = ["PatchEntry", "PatchReport", "Rule", "Setting", "Skip", "Swap", "patch", "patch_report", "register",
+           "unpatch"]

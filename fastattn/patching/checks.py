@@ -8,6 +8,12 @@ no forward hooks sit on the ones whose ``forward`` it bypasses (:func:`no_hooks`
 
 from __future__ import annotations
 
+import ast
+import importlib
+import inspect
+import sys
+import textwrap
+import weakref
 from collections.abc import Callable
 
 from torch import nn
@@ -32,6 +38,64 @@ def no_hooks(module: nn.Module, attrs: tuple[str, ...]) -> None:
         m = getattr(module, attr, None)
         if isinstance(m, nn.Module) and (m._forward_hooks or m._forward_pre_hooks):
             raise Skip(f"its {attr} has forward hooks, which the fused forward would bypass")
+
+
+def no_instance_forward(module: nn.Module) -> None:
+    """The fused class's forward would never run under an instance attribute ``forward`` (accelerate's device-map
+    hooks install one), so such a module is left alone."""
+    if "forward" in module.__dict__:
+        raise Skip("an instance attribute replaces its forward (an accelerate hook?), so a fused class's forward "
+                   "would never run")
+
+
+def _code(fn) -> str | None:
+    """A function's parameters (names, kinds, defaults) and body as parsed code, without docstring, comments,
+    annotations or decorators; None where the source cannot be read."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(fn)))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return None
+    if not isinstance(tree, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return None
+    args = tree.args
+    for a in (*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg):
+        if a is not None:
+            a.annotation = None
+    body = tree.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    return ast.dump(args) + ast.dump(ast.Module(body=body, type_ignores=[]))
+
+
+def same_code(path: str, method: str = "forward") -> Callable[[nn.Module], bool]:
+    """A rule predicate: the module's class has the same ``method`` code (:func:`_code`) as the class at ``path``.
+
+    Libraries copy a layer's code from model to model (transformers 5.23 has 73 Llama-style decoder layers, mostly
+    generated from modular files), so one fused forward serves every class whose code is the reference's, whatever
+    its name. The
+    reference is looked up only once its top-level package is imported, and each class is compared once."""
+    package = path.split(".", 1)[0]
+    seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    reference: list[str | None] = []
+
+    def matches(module: nn.Module) -> bool:
+        cls = type(module)
+        if package not in sys.modules or not hasattr(cls, method):
+            return False
+        hit = seen.get(cls)
+        if hit is None:
+            if not reference:
+                mod, name = path.rsplit(".", 1)
+                try:
+                    reference.append(_code(getattr(getattr(importlib.import_module(mod), name), method)))
+                except (ImportError, AttributeError):
+                    reference.append(None)
+            hit = reference[0] is not None and _code(getattr(cls, method)) == reference[0]
+            seen[cls] = hit
+        return hit
+
+    matches.__qualname__ = f"same_code({path!r})"
+    return matches
 
 
 def exact(module: nn.Module, attr: str, cls: type | tuple[type, ...], what: str) -> None:
@@ -62,17 +126,25 @@ def patchify(conv: nn.Module, what: str) -> None:
 
 def norm_detail(*norms: nn.Module) -> str:
     """Whether a residual add fused into these norms runs fused: they are fastattn's norms, or the registry swaps
-    them to one."""
+    them to one (for a norm recognised by what it computes, its own check says so)."""
     def fusable(norm: nn.Module) -> bool:
         if isinstance(norm, FUSED_NORMS):
             return True
         rule = REGISTRY.rule_for(norm)
         fused = None if rule is None else (rule.mixin or rule.fused)
-        return isinstance(fused, type) and issubclass(fused, FUSED_NORMS)
+        if not (isinstance(fused, type) and issubclass(fused, FUSED_NORMS)):
+            return False
+        if rule.matches is not None:
+            try:
+                rule.plan("", norm, Options())
+            except Skip:
+                return False
+        return True
 
     if all(fusable(n) for n in norms):
         return "fused"
-    return "eager (the norms are not nn.LayerNorm / nn.RMSNorm / timm's LayerNorm)"
+    return "eager (the norms are not ones fastattn fuses: nn.LayerNorm / nn.RMSNorm / timm's LayerNorm / an RMSNorm " \
+           "fastattn recognises)"
 
 
 def norm_kernel(rule: Rule, name: str, m: nn.Module, opts: Options) -> list[Swap]:

@@ -23,6 +23,14 @@ patched: their ``forward`` may differ).
 The fused subclass of a library class, ``class Fused<Library><Class>(mixin, library class)``, is built once, on
 first use, and kept as a global of the mixin's module (``fastattn.patching.timm.FusedTimmBlock``), where pickling a
 patched model finds it; that module's ``__getattr__`` (:func:`fused_class_getattr`) rebuilds it when unpickling.
+A predicate rule with a mixin recognises classes it cannot name in advance (the 73 copies of Llama's decoder
+layer in transformers), so its fused classes are generated per matched class (:func:`generated_class`, optionally
+with class attributes the check computed, such as a norm's rounding order) and pickle by value: their metaclass
+reduces them to (mixin, library class, attributes), and unpickling rebuilds the same class in a fresh process.
+
+A check may also plan a :class:`Setting`, a change that is not a class swap (a Hugging Face model's attention
+implementation in its config): ``apply(module)`` makes it and returns what ``undo(module, state)`` needs to revert
+it exactly; ``unpatch`` calls the undos.
 
 Each library's module (``torch_nn``, ``torchvision``, ``timm``, ``fastattn_models``) registers its rules when
 ``fastattn.patching`` imports it; another library is another module calling :func:`register`.
@@ -30,12 +38,13 @@ Each library's module (``torch_nn``, ``torchvision``, ``timm``, ``fastattn_model
 
 from __future__ import annotations
 
+import copyreg
 import dataclasses
 import importlib
 import inspect
 import sys
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch import nn
 
@@ -65,7 +74,20 @@ class Swap(NamedTuple):
     detail: str
 
 
-Check = Callable[["Rule", str, nn.Module, Options], "list[Swap]"]
+class Setting(NamedTuple):
+    """One planned change that is not a class swap, to the module at qualified ``name``: ``apply(module)`` makes it
+    and returns a (picklable) state; ``undo(module, state)`` reverts it. Both are module-level functions, so a
+    patched model keeps pickling. ``fused_as`` is what the report shows instead of a class."""
+
+    name: str
+    module: nn.Module
+    apply: Callable[[nn.Module], Any]
+    undo: Callable[[nn.Module, Any], None]
+    detail: str
+    fused_as: str
+
+
+Check = Callable[["Rule", str, nn.Module, Options], "list[Swap | Setting]"]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -78,6 +100,7 @@ class Rule:
     ``fused``: the class an instance is swapped to; or ``mixin``: the class put in front of the library class to
     make it (called ``fused_name``, by default ``Fused<Library><Class>``), with ``method`` and ``params``: the
     library method the mixin replaces and that method's parameters after ``self``, checked before the rule runs.
+    A predicate rule's mixin goes in front of each matched module's own class (:func:`generated_class`).
     ``check``: returns the swaps or raises :class:`Skip`; ``None`` when there is nothing to swap (a container).
     ``left_alone``: the report's reason for an unswapped module of this class or a subclass.
     """
@@ -100,9 +123,7 @@ class Rule:
                              f"predicate); got target={self.target!r}, matches={self.matches!r}")
         if self.fused is not None and self.mixin is not None:
             raise ValueError(f"fastattn.patching.Rule({self.target!r}): give fused or mixin, not both")
-        if self.mixin is not None and self.target is None:
-            raise ValueError("fastattn.patching.Rule: a mixin needs the library class it is put in front of (target)")
-        if self.mixin is not None and not self.fused_name:
+        if self.mixin is not None and self.target is not None and not self.fused_name:
             object.__setattr__(self, "fused_name", f"Fused{self.library.capitalize()}{self.class_name}")
         unknown = [o for o in self.options if o not in OPTIONS]
         if unknown:
@@ -127,10 +148,16 @@ class Rule:
         cls = getattr(module, cls_name, None) if module is not None else None
         return cls if isinstance(cls, type) else None
 
-    def fused_class(self) -> type | None:
-        """``fused``, or the mixin's subclass of the library class: built once, kept in the mixin's module."""
+    def fused_class(self, base: type | None = None, attrs: tuple[tuple[str, Any], ...] = ()) -> type | None:
+        """``fused``, or the mixin's subclass of the library class: built once, kept in the mixin's module. A
+        predicate rule's (or one given ``attrs``) is generated for ``base``, the matched module's class."""
         if self.mixin is None:
             return self.fused
+        if self.target is None or attrs:
+            if base is None:
+                raise TypeError(f"fastattn.patching.Rule({self.library!r}): a predicate rule's fused class needs the "
+                                f"matched module's class")
+            return generated_class(self.library, self.mixin, base, attrs)
         home = sys.modules[self.mixin.__module__]
         cls = home.__dict__.get(self.fused_name)
         if cls is None:
@@ -144,21 +171,23 @@ class Rule:
             setattr(home, self.fused_name, cls)
         return cls
 
-    def swap(self, name: str, module: nn.Module, detail: str) -> Swap:
-        """The swap of ``module`` itself to this rule's fused class."""
-        cls = self.fused_class()
+    def swap(self, name: str, module: nn.Module, detail: str, attrs: tuple[tuple[str, Any], ...] = ()) -> Swap:
+        """The swap of ``module`` itself to this rule's fused class (``attrs``: class attributes of a generated
+        one)."""
+        cls = self.fused_class(type(module), attrs)
         if cls is None:
             raise TypeError(f"fastattn.patching.Rule({self.target!r}): swap() needs a fused class or a mixin")
         return Swap(name, module, cls, detail)
 
-    def plan(self, name: str, module: nn.Module, opts: Options) -> list[Swap]:
+    def plan(self, name: str, module: nn.Module, opts: Options) -> list[Swap | Setting]:
         """The swaps for ``module`` (the option, the signature, then the check), or :class:`Skip`."""
         if self.check is None:
             return []
         if self.options and not any(getattr(opts, o) for o in self.options):
             raise Skip(" and ".join(f"{o}=False" for o in self.options))
         if self.mixin is not None and self.params is not None:
-            got = tuple(list(inspect.signature(getattr(self.resolve(import_it=True), self.method)).parameters)[1:])
+            base = self.resolve(import_it=True) if self.target is not None else type(module)
+            got = tuple(list(inspect.signature(getattr(base, self.method)).parameters)[1:])
             if got != self.params:
                 raise Skip(f"this library version's {self.class_name}.{self.method}{got} is not the {self.params} "
                            f"fastattn knows")
@@ -230,6 +259,63 @@ REGISTRY = Registry()
 def register(*rules: Rule) -> None:
     """Add rules to the registry (a library's module does this when it is imported)."""
     REGISTRY.add(*rules)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fused classes generated per matched class (predicate rules)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class GeneratedMeta(type):
+    """The metaclass of generated fused classes: pickling reduces a class to how it was made (:func:`_rebuild`),
+    so a patched model unpickles in a process that has never generated it."""
+
+
+_GENERATED: dict[tuple, type] = {}
+_METAS: dict[type, type] = {type: GeneratedMeta}
+
+
+def _meta_for(base: type) -> type:
+    """GeneratedMeta, or a subclass of it and of ``base``'s own metaclass where that is not ``type``."""
+    meta = _METAS.get(type(base))
+    if meta is None:
+        meta = _METAS[type(base)] = type(f"Generated{type(base).__name__}", (GeneratedMeta, type(base)), {})
+        copyreg.pickle(meta, _reduce_generated)
+    return meta
+
+
+def generated_class(library: str, mixin: type, base: type, attrs: tuple[tuple[str, Any], ...] = ()) -> type:
+    """``class Fused<Library><Base>(mixin, base)`` with class attributes ``attrs`` (hashable, picklable values),
+    built once per (mixin, base, attrs) and cached here (not a module global: two libraries' classes may share a
+    name); ``__module__`` is the mixin's, so the walker and the report know it as fastattn's."""
+    key = (library, mixin, base, attrs)
+    cls = _GENERATED.get(key)
+    if cls is None:
+        name = f"Fused{library.capitalize()}{base.__name__}"
+        doc = (f"{base.__module__}.{base.__qualname__} running fastattn's fused ops (set per instance by "
+               f"fastattn.patch). {mixin.__doc__ or ''}")
+        cls = _meta_for(base)(name, (mixin, base), {"__module__": mixin.__module__, "__qualname__": name,
+                                                    "__doc__": doc, "_fastattn_made_of": key, **dict(attrs)})
+        _GENERATED[key] = cls
+    return cls
+
+
+def _rebuild(library: str, mixin: tuple[str, str], base: tuple[str, str], attrs: tuple) -> type:
+    def find(path: tuple[str, str]) -> type:
+        obj: Any = importlib.import_module(path[0])
+        for part in path[1].split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    return generated_class(library, find(mixin), find(base), attrs)
+
+
+def _reduce_generated(cls: type):
+    library, mixin, base, attrs = cls.__dict__["_fastattn_made_of"]
+    return _rebuild, (library, (mixin.__module__, mixin.__qualname__), (base.__module__, base.__qualname__), attrs)
+
+
+copyreg.pickle(GeneratedMeta, _reduce_generated)
 
 
 def fused_class_getattr(module_name: str) -> Callable[[str], type]:

@@ -4,7 +4,8 @@
    built is reported as fused; otherwise the registry's rule for its exact class (or the first predicate rule that
    matches it) returns the swaps or the reason it is left alone. A module a rule has planned (a block's BatchNorm)
    is not planned again on its own.
-2. Apply: each planned module keeps its original class in its ``__dict__`` and gets the fused class.
+2. Apply: each planned module keeps its original class in its ``__dict__`` and gets the fused class; a planned
+   :class:`~fastattn.patching.rules.Setting` (not a class swap) is applied and its undo kept in the ``__dict__``.
 3. Explain: the modules no rule handled are reported with a reason where one is known (a subclass of a recognised
    class, a BatchNorm with no ReLU after it) or where their class name looks fusable.
 """
@@ -17,30 +18,32 @@ from torch import nn
 
 from fastattn.patching import report as _report
 from fastattn.patching.report import PatchEntry, PatchReport, type_name
-from fastattn.patching.rules import REGISTRY, Options, Resolved, Skip, Swap
+from fastattn.patching.rules import REGISTRY, Options, Resolved, Setting, Skip, Swap
 
 ORIGINAL = "_fastattn_unpatched_class"  # instance attribute: the class to restore
+UNDO = "_fastattn_undo"  # instance attribute: [(undo, state)] of the settings applied to the module
 
 # Module classes whose names suggest something fusable; the ones without a rule are reported as not recognised.
 _LOOKS_FUSABLE = re.compile(r"Attention|Attn|Norm|Block|Transformer|Encoder|Decoder|PatchEmbed|Bottleneck")
 
 
 def _fused_already(m: nn.Module, resolved: Resolved) -> bool:
-    return (ORIGINAL in m.__dict__ or isinstance(m, resolved.built_fused)
+    return (ORIGINAL in m.__dict__ or UNDO in m.__dict__ or isinstance(m, resolved.built_fused)
             or type(m).__module__.startswith("fastattn.patching."))
 
 
 def _plan(modules: list[tuple[str, nn.Module]], opts: Options, resolved: Resolved,
-          report: PatchReport) -> tuple[list[Swap], set[int]]:
-    swaps: list[Swap] = []
+          report: PatchReport) -> tuple[list[Swap | Setting], set[int]]:
+    swaps: list[Swap | Setting] = []
     handled: set[int] = set()
     for name, m in modules:
         if id(m) in handled:
             continue
         if _fused_already(m, resolved):
             was = m.__dict__.get(ORIGINAL, type(m))
+            already = ORIGINAL in m.__dict__ or UNDO in m.__dict__
             report.fused.append(PatchEntry(name, type_name(was), type_name(type(m)),
-                                           "already fused" if ORIGINAL in m.__dict__ else "built fused"))
+                                           "already fused" if already else "built fused"))
             handled.add(id(m))
             continue
         rule = REGISTRY.rule_for(m, resolved)
@@ -60,8 +63,13 @@ def _plan(modules: list[tuple[str, nn.Module]], opts: Options, resolved: Resolve
     return swaps, handled
 
 
-def _apply(swaps: list[Swap], report: PatchReport) -> None:
+def _apply(swaps: list[Swap | Setting], report: PatchReport) -> None:
     for swap in swaps:
+        if isinstance(swap, Setting):
+            state = swap.apply(swap.module)
+            swap.module.__dict__.setdefault(UNDO, []).append((swap.undo, state))
+            report.fused.append(PatchEntry(swap.name, type_name(type(swap.module)), swap.fused_as, swap.detail))
+            continue
         report.fused.append(PatchEntry(swap.name, type_name(type(swap.module)), type_name(swap.fused), swap.detail))
         swap.module.__dict__[ORIGINAL] = type(swap.module)
         swap.module.__class__ = swap.fused
@@ -112,6 +120,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastattn.unpatch: model must be a torch.nn.Module, got {type(model).__name__}")
     for _, m in model.named_modules():
+        for undo, state in reversed(m.__dict__.pop(UNDO, [])):
+            undo(m, state)
         orig = m.__dict__.pop(ORIGINAL, None)
         if orig is not None:
             m.__class__ = orig
