@@ -230,11 +230,15 @@ def _gpu_check(a: argparse.Namespace) -> int:
               "(exit status 2). It runs the op tests on the compiled kernels and a bounded benchmark on a GPU; on a "
               "CPU run ./run.sh test and ./run.sh bench instead.", file=sys.stderr)
         return 2
-    from fastattn.perf import gpucheck
+    from fastattn.perf import cases, gpucheck
 
+    bad = [s for s in a.skip if s not in gpucheck.STEPS]
+    if bad:
+        raise SystemExit(f"fastattn gpu-check: unknown step(s) {', '.join(bad)} for --skip; "
+                         f"steps: {', '.join(gpucheck.STEPS)}")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
-    return gpucheck.run(out_dir=a.out, ops=a.ops, dtype=dtype, skip=a.skip, test_timeout_s=a.test_timeout,
-                        parallel=a.parallel)
+    return gpucheck.run(out_dir=a.out, ops=_check_ops(a.ops, cases.available_ops()), dtype=dtype, skip=a.skip,
+                        test_timeout_s=a.test_timeout, parallel=a.parallel)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -331,6 +331,7 @@ def cache_dir() -> str:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastattn")
 
 
+@functools.cache  # once per process: a source edited during a run does not split that run's keys
 def _file_hash(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -435,11 +436,14 @@ def compile_spec(spec: KernelSpec, arch: int, dump_dir: str | None = None, use_c
 
 
 def spec_module(op: str) -> Any:
-    """The module whose ``kernel_specs()`` lists ``op``'s specs: ``fastattn.ops.<op>``, or ``op`` itself when it is a
-    dotted module name (``fastattn.perf.refloop``, the ceiling's reference loops)."""
+    """The module whose ``kernel_specs()`` lists ``op``'s specs: ``fastattn.ops.<op>`` for the ops of
+    ``fastattn.ops.OPS``, otherwise the module named ``op`` (``fastattn.perf.refloop``, the ceiling's reference
+    loops; a test's own kernels)."""
     import importlib
 
-    return importlib.import_module(op if "." in op else f"fastattn.ops.{op}")
+    from fastattn.ops import OPS
+
+    return importlib.import_module(f"fastattn.ops.{op}" if op in OPS else op)
 
 
 @functools.cache

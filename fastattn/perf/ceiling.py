@@ -24,9 +24,10 @@ NOTE = ("Issue-slot ceiling = min(1, 4 / (warp-issues per FLOP x peak MMA FLOP p
         "the loop that holds the MMAs (4096 FLOP/cycle on sm_90, 2048 on sm_80, dense fp16/bf16): an upper bound "
         "on tensor-core use that the loop's instruction count allows, not a prediction and not a speed. fastattn: "
         "the best shipped config of the plain specialisation (no mask, no dropout); ref: the minimal FA2 loop of "
-        "fastattn/perf/refloop.py compiled in the same run, at fastattn's tile and at its own best tile; "
-        "x ref issues = fastattn's issues per FLOP over the reference's at the same tile; ratio = fastattn's "
-        "ceiling over the reference's best. Configs that spill or exceed shared memory are not candidates.")
+        "fastattn/perf/refloop.py compiled in the same run, at fastattn's tile (ref@tile) and at its own best "
+        "tile; issues x ref@tile = fastattn's issues per FLOP over the reference's at the same tile; ceiling "
+        "ratio = fastattn's ceiling over the reference's best. Configs that spill or exceed shared memory are not "
+        "candidates.")
 
 
 def select(dtypes: Sequence[str] = ("float16", "bfloat16"), head_dims: Sequence[int] = refloop.HEAD_DIMS,
@@ -65,16 +66,23 @@ def _tile(config: str | None) -> str:
 def rows(reports: Sequence[hwfit.FitReport]) -> list[dict]:
     """One row per (fastattn kernel, arch, variant) present in ``reports`` (fastattn's and the reference's
     together, as ``compile_reports`` returns them)."""
+    variants = {refloop.variant(dt, d) for dt in refloop.DTYPES for d in refloop.HEAD_DIMS}
     groups: dict[tuple[str, int, str], dict[str, list[hwfit.FitReport]]] = {}
     for r in reports:
         kernel = refloop.MIRRORS.get(r.kernel, r.kernel)
-        if kernel not in KERNELS or not r.variant.endswith(" plain"):
+        if kernel not in KERNELS or r.variant not in variants:  # the dtypes and head dims the reference covers
             continue
         side = "ref" if r.kernel in refloop.MIRRORS else "fastattn"
         groups.setdefault((kernel, r.arch, r.variant), {"fastattn": [], "ref": []})[side].append(r)
     out = []
     order = {k: i for i, k in enumerate(KERNELS)}
-    for (kernel, arch, variant), sides in sorted(groups.items(), key=lambda g: (order[g[0][0]], g[0][1], g[0][2])):
+
+    def key(group: tuple) -> tuple:
+        (kernel, arch, variant), _ = group
+        dtype, head_dim = variant.split()[:2]
+        return order[kernel], arch, dtype != "float16", int(head_dim.removeprefix("D<="))
+
+    for (kernel, arch, variant), sides in sorted(groups.items(), key=key):
         ours, ref_best = _best(sides["fastattn"]), _best(sides["ref"])
         same = next((r for r in sides["ref"] if ours and r.config == ours.config and r.ceiling is not None), None)
         dtype, head_dim = variant.split()[:2]
@@ -112,6 +120,5 @@ def table(rows_: Sequence[dict]) -> str:
             _x(r["issues_vs_ref_same_tile"]), _tile(r["ref_config"]),
             fit._num(r["ref_issues_per_kflop"]), fit.pct(r["ref_ceiling"]), _x(r["ceiling_ratio"])) for r in rows_]
     return format_table(("kernel", "arch", "dtype", "D", "fastattn best", "MMA", "loop instr", "issues/kFLOP",
-                         "ceiling", "ref same tile issues/kFLOP", "ref same tile ceiling", "x ref issues",
-                         "ref best tile", "ref issues/kFLOP", "ref ceiling", "ceiling ratio"), out,
-                        align="llllllrrrrrrlrrr")
+                         "ceiling", "ref@tile issues/kFLOP", "ref@tile ceiling", "issues x ref@tile", "ref best",
+                         "ref issues/kFLOP", "ref ceiling", "ceiling ratio"), out, align="llllllrrrrrrlrrr")

@@ -40,6 +40,18 @@ CANDIDATES = {
 
 
 @triton.jit
+def _rows(X, zh, idx, cols, stride_h, stride_l):
+    """Pointers to rows ``idx`` of head ``zh`` of a (Z*H, L, D) tensor: a (len(idx), BLOCK_D) tile."""
+    return X + zh * stride_h + idx[:, None] * stride_l + cols[None, :]
+
+
+@triton.jit
+def _cols(X, zh, idx, cols, stride_h, stride_l):
+    """The same rows as a transposed (BLOCK_D, len(idx)) tile of pointers."""
+    return X + zh * stride_h + idx[None, :] * stride_l + cols[:, None]
+
+
+@triton.jit
 def _ref_attn_fwd(
     Q, K, V, Out, Lse,  # (Z*H, L, D) each, D contiguous; Lse (Z*H, L) fp32
     stride_h, stride_l, L, qk_scale,
@@ -49,9 +61,9 @@ def _ref_attn_fwd(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     keys = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + zh * stride_h + rows[:, None] * stride_l + cols[None, :])
-    kt_ptrs = K + zh * stride_h + keys[None, :] * stride_l + cols[:, None]  # (BLOCK_D, BLOCK_N): k^T
-    v_ptrs = V + zh * stride_h + keys[:, None] * stride_l + cols[None, :]
+    q = tl.load(_rows(Q, zh, rows, cols, stride_h, stride_l))
+    kt_ptrs = _cols(K, zh, keys, cols, stride_h, stride_l)  # (BLOCK_D, BLOCK_N): k^T
+    v_ptrs = _rows(V, zh, keys, cols, stride_h, stride_l)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -66,7 +78,7 @@ def _ref_attn_fwd(
         kt_ptrs += BLOCK_N * stride_l
         v_ptrs += BLOCK_N * stride_l
     out = (acc / l_i[:, None]).to(Out.dtype.element_ty)
-    tl.store(Out + zh * stride_h + rows[:, None] * stride_l + cols[None, :], out)
+    tl.store(_rows(Out, zh, rows, cols, stride_h, stride_l), out)
     tl.store(Lse + zh * L + rows, m_i + tl.math.log2(l_i))
 
 
@@ -80,10 +92,10 @@ def _ref_attn_bwd_dkdv(
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
-    k = tl.load(K + zh * stride_h + keys[:, None] * stride_l + cols[None, :])
-    v = tl.load(V + zh * stride_h + keys[:, None] * stride_l + cols[None, :])
-    qt_ptrs = Q + zh * stride_h + rows[None, :] * stride_l + cols[:, None]  # (BLOCK_D, BLOCK_M): q^T
-    do_ptrs = DO + zh * stride_h + rows[:, None] * stride_l + cols[None, :]
+    k = tl.load(_rows(K, zh, keys, cols, stride_h, stride_l))
+    v = tl.load(_rows(V, zh, keys, cols, stride_h, stride_l))
+    qt_ptrs = _cols(Q, zh, rows, cols, stride_h, stride_l)  # (BLOCK_D, BLOCK_M): q^T
+    do_ptrs = _rows(DO, zh, rows, cols, stride_h, stride_l)
     stat_ptrs = zh * L + rows
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -97,9 +109,8 @@ def _ref_attn_bwd_dkdv(
         qt_ptrs += BLOCK_M * stride_l
         do_ptrs += BLOCK_M * stride_l
         stat_ptrs += BLOCK_M
-    out = zh * stride_h + keys[:, None] * stride_l + cols[None, :]
-    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty))
-    tl.store(DV + out, dv.to(DV.dtype.element_ty))
+    tl.store(_rows(DK, zh, keys, cols, stride_h, stride_l), (dk * sm_scale).to(DK.dtype.element_ty))
+    tl.store(_rows(DV, zh, keys, cols, stride_h, stride_l), dv.to(DV.dtype.element_ty))
 
 
 @triton.jit
@@ -112,12 +123,12 @@ def _ref_attn_bwd_dq(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     keys = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + zh * stride_h + rows[:, None] * stride_l + cols[None, :])
-    do = tl.load(DO + zh * stride_h + rows[:, None] * stride_l + cols[None, :])
+    q = tl.load(_rows(Q, zh, rows, cols, stride_h, stride_l))
+    do = tl.load(_rows(DO, zh, rows, cols, stride_h, stride_l))
     lse = tl.load(Lse + zh * L + rows)
     delta = tl.load(Delta + zh * L + rows)
-    kt_ptrs = K + zh * stride_h + keys[None, :] * stride_l + cols[:, None]  # (BLOCK_D, BLOCK_N): k^T
-    vt_ptrs = V + zh * stride_h + keys[None, :] * stride_l + cols[:, None]
+    kt_ptrs = _cols(K, zh, keys, cols, stride_h, stride_l)  # (BLOCK_D, BLOCK_N): k^T
+    vt_ptrs = _cols(V, zh, keys, cols, stride_h, stride_l)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for _ in range(0, L, BLOCK_N):
         kt = tl.load(kt_ptrs)
@@ -126,7 +137,7 @@ def _ref_attn_bwd_dq(
         dq = tl.dot(ds.to(K.dtype.element_ty), tl.trans(kt), dq)
         kt_ptrs += BLOCK_N * stride_l
         vt_ptrs += BLOCK_N * stride_l
-    tl.store(DQ + zh * stride_h + rows[:, None] * stride_l + cols[None, :], (dq * sm_scale).to(DQ.dtype.element_ty))
+    tl.store(_rows(DQ, zh, rows, cols, stride_h, stride_l), (dq * sm_scale).to(DQ.dtype.element_ty))
 
 
 KERNELS = {"_ref_attn_fwd": _ref_attn_fwd, "_ref_attn_bwd_dkdv": _ref_attn_bwd_dkdv,
