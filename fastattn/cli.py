@@ -195,6 +195,9 @@ def _inspect(a: argparse.Namespace) -> int:
         print(json.dumps([fit.as_dict(r) for r in reports], indent=1))
     else:
         print(fit.table(reports))
+        notes = [f"- {r.kernel} [{r.variant}] {r.config} sm_{r.arch}: {r.loop_note}" for r in reports if r.loop_note]
+        if notes:
+            print("\nMMA loop notes (issue-slot ceiling):\n" + "\n".join(notes))
         print()
         print(fit.summary(reports))
         bad = fit.problems(reports)

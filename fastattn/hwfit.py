@@ -313,8 +313,8 @@ def loop_analysis(sass: str, ttir: str, num_warps: int, arch: int, loop_flops: i
         if unroll > 1:
             notes.append(f"unrolled x{unroll}: {loop.length} instructions for {unroll} iterations")
         if loop.mma_flops > per_pass:
-            notes.append(f"the MMAs compute {loop.mma_flops / per_pass:.3g}x the loop's FLOPs (warps repeat a tile "
-                         "smaller than num_warps MMA tiles)")
+            notes.append(f"the MMAs compute {loop.mma_flops / per_pass:.3g}x the loop's FLOPs: warps repeat work (a "
+                         "dot tile smaller than the warps' MMA layout)")
         if len(loops) > 1:
             notes.append(f"{len(loops)} MMA loops ({', '.join(str(lp.length) for lp in loops)} instructions), "
                          "the leanest shown")
