@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # fastattn's two entry points; each sets itself up on a fresh machine first.
 #   ./run.sh bench [args]   the main job: `fastattn bench` (GPU timings, or the CPU report where no GPU is found)
-#   ./run.sh test  [args]   the test suite (on a CPU it runs the Triton kernels through the interpreter)
+#   ./run.sh test  [args]   the test suite (on a CPU it runs the Triton kernels through the interpreter), in
+#                           parallel on every core (pytest-xdist) unless the arguments choose (-n N, -p no:xdist)
+#   ./run.sh lint           ruff, with the project's configuration
 #   ./run.sh gpu-check [args]  on a CUDA GPU: the op tests on the compiled kernels, agreement and a bounded
 #                           benchmark (`fastattn gpu-check`, ~8 min); without a GPU it says so and exits 2
 # Set-up goes into ./.venv once. A machine whose python3 already has torch and triton (the GPU images) reuses
@@ -22,8 +24,8 @@ setup() {
   if "$PY" -c "import torch, triton" >/dev/null 2>&1; then
     "$PY" -m venv --system-site-packages "$VENV"
     "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
-    if ! "$VENV/bin/python" -c "import pytest, pytest_benchmark, hypothesis" >/dev/null 2>&1; then
-      "$VENV/bin/python" -m pip install -q pytest pytest-benchmark hypothesis
+    if ! "$VENV/bin/python" -c "import pytest, pytest_benchmark, xdist, hypothesis, ruff" >/dev/null 2>&1; then
+      "$VENV/bin/python" -m pip install -q pytest pytest-benchmark pytest-xdist hypothesis ruff
     fi
   else
     "$PY" -m venv "$VENV"
@@ -39,7 +41,16 @@ cmd=${1:-}
 case "$cmd" in
   test)
     setup
-    exec "$VENV/bin/python" -m pytest "$@"
+    workers=()
+    case " $* " in
+      *" -n "*|*" -n="*|*" --numprocesses"*|*"no:xdist"*) ;;
+      *) workers=(-n "${FASTATTN_TEST_WORKERS:-auto}") ;;
+    esac
+    exec "$VENV/bin/python" -m pytest "${workers[@]}" "$@"
+    ;;
+  lint)
+    setup
+    exec "$VENV/bin/python" -m ruff check fastattn kernels tests bench
     ;;
   bench)
     setup
@@ -50,7 +61,7 @@ case "$cmd" in
     exec "$VENV/bin/python" -m fastattn.cli gpu-check "$@"
     ;;
   *)
-    echo "usage: ./run.sh bench [args] | ./run.sh test [pytest args] | ./run.sh gpu-check [args]" >&2
+    echo "usage: ./run.sh bench [args] | ./run.sh test [pytest args] | ./run.sh lint | ./run.sh gpu-check [args]" >&2
     exit 2
     ;;
 esac

@@ -5,17 +5,20 @@ Public ops keep torch's signatures so that swapping is a one-word change::
     from fastattn import scaled_dot_product_attention
     out = scaled_dot_product_attention(q, k, v, is_causal=True)
 
-``fastattn.patch(model)`` swaps them into an existing model (``fastattn.patch`` is that function; its module is
-``sys.modules["fastattn.patch"]``, and ``from fastattn.patch import PatchReport`` works as usual).
+``fastattn.patch(model)`` swaps them into an existing model (``fastattn.patching``; ``fastattn.patch`` is that
+function, and ``sys.modules["fastattn.patch"]`` a compatibility module for old import paths and pickles).
 """
 
 from fastattn import models, nn
+from fastattn import patch as _patch_module  # the compatibility module: imported before the function takes its name
 from fastattn._runtime import FallbackWarning, deterministic_backward, record_launches
 from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.batch_norm import batch_norm_add_relu
 from fastattn.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastattn.ops.patch_embed import patch_embed
-from fastattn.patch import PatchEntry, PatchReport, patch, patch_report, unpatch
+from fastattn.patching import PatchEntry, PatchReport, patch, patch_report, unpatch
+
+del _patch_module
 
 __version__ = "0.1.0"
 

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import triton
 
 from fastattn.kernels import _common
 
@@ -45,10 +43,6 @@ def interpreting() -> bool:
 
 
 _INTERPRETING = _common.interpreting()  # fixed for the process, so torch.compile sees a constant
-
-
-def is_interpreted(kernel: Any) -> bool:
-    return type(jit_function(kernel)).__name__ == "InterpretedFunction"
 
 
 def jit_function(kernel: Any) -> Any:
@@ -149,23 +143,7 @@ def device_fallback_reason(device: torch.device) -> str:
     return f"Triton kernels do not run on device type '{device.type}'"
 
 
-# -- small shared helpers -------------------------------------------------------------------------------------
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def dot_upcast(dtype: torch.dtype) -> bool:
-    """Whether ``tl.dot`` operands of ``dtype`` must be upcast to fp32 inside the kernel.
-
-    Triton's interpreter multiplies bfloat16 bit patterns as integers in ``tl.dot`` (triton issue 11584), so
-    kernels upcast bf16 operands when interpreted; the compiled GPU path keeps bf16 tensor-core MMAs.
-    """
-    return dtype == torch.bfloat16 and interpreting()
-
-
-def allow_tf32(dtype: torch.dtype) -> bool:
-    """fp32 ``tl.dot`` uses TF32 exactly when torch would (``torch.backends.cuda.matmul.allow_tf32``)."""
-    return dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32)
+# -- argument checks every op makes ---------------------------------------------------------------------------
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
@@ -176,17 +154,3 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
             raise RuntimeError(f"fastattn.{op}: all tensors must be on one device, but {first_name} is on "
                                f"{first.device} and {name} is on {t.device}")
     return first.device
-
-
-def check_float_dtype(op: str, name: str, t: torch.Tensor, allowed: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
-    if t.dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"fastattn.{op}: {name} must have dtype {names}; got {str(t.dtype).replace('torch.', '')}")
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def cdiv(a: int, b: int) -> int:
-    return triton.cdiv(a, b)

@@ -1,13 +1,27 @@
-"""Drop-in modules running fastattn's fused kernels.
+"""Drop-in modules running fastattn's fused kernels, and the helpers blocks are written against.
 
-Each subclasses the torch module it replaces, so the constructor, the parameters and the ``state_dict`` keys are
-identical (load an eager model's weights as they are); fused extras are optional ``forward`` arguments.
+Each module subclasses the torch module it replaces, so the constructor, the parameters and the ``state_dict`` keys
+are identical (load an eager model's weights as they are); fused extras are optional ``forward`` arguments.
+
+The helpers let a block be written once and run the fused kernels when its layers are fastattn's and torch's ops
+when they are torch's (the reference models and the patched library blocks use them):
+
+- ``add_norm(norm, x, residual, dropout)``: post-norm Add & Norm, ``norm(residual + dropout(x))``; fused when
+  ``norm`` is a :class:`LayerNorm` / :class:`RMSNorm` (``FUSED_NORMS``: one kernel for the dropout, the add and the
+  norm).
+- ``add_then_norm(norm, x, residual, dropout)``: the pre-norm residual step, returns ``norm(residual + dropout(x))``
+  and the new residual ``residual + dropout(x)``; fused likewise.
+- ``bn_relu(bn, x, identity=None)``: ``relu(bn(x) + identity)``; fused when ``bn`` is a :class:`BatchNormAddReLU`.
+
+Fused dropout draws its mask inside the kernel from its own random stream, so a fused and an eager block with
+dropout > 0 are equal in distribution, not bit for bit; compare them with dropout 0 or in eval mode.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from fastattn.ops.batch_norm import batch_norm_add_relu
 from fastattn.ops.layer_norm import _add_norm
@@ -101,6 +115,7 @@ def _check_patchify(conv: torch.nn.Conv2d) -> None:
                          f"padding 0, dilation 1, groups 1); got kernel_size={k}, stride={conv.stride}, "
                          f"padding={conv.padding}, dilation={conv.dilation}, groups={conv.groups}")
 
+
 class BatchNormAddReLU(torch.nn.BatchNorm2d):
     """``relu(bn(x) + identity)`` in one fused op: a ``BatchNorm2d`` **followed by the residual add and a ReLU**.
 
@@ -129,3 +144,64 @@ class BatchNormAddReLU(torch.nn.BatchNorm2d):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", fused=batch_norm+add+relu"
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# the helpers blocks are written against
+# -------------------------------------------------------------------------------------------------------------------
+
+
+FUSED_NORMS = (LayerNorm, RMSNorm)
+
+
+def _split_dropout(dropout: nn.Module | None, x: Tensor) -> tuple[Tensor, float]:
+    """``(x, p)`` where a plain ``nn.Dropout`` becomes the fused kernel's ``dropout_p``; any other module (DropPath,
+    a custom one) is applied here, before the fused add, and ``p`` is 0."""
+    if dropout is None or isinstance(dropout, nn.Identity):
+        return x, 0.0
+    if type(dropout) is nn.Dropout:
+        return x, (float(dropout.p) if dropout.training else 0.0)
+    return dropout(x), 0.0
+
+
+def _residual_dtypes(x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Mixed precision (autocast): a float32 residual stream beside half-precision sublayer outputs is kept in
+    float32 (``residual_in_fp32``); other mixes are brought to their common dtype, as ``x + residual`` would be."""
+    if x.dtype == residual.dtype:
+        return x, residual, False
+    if residual.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16):
+        return x, residual, True
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(dtype), residual.to(dtype), False
+
+
+def add_norm(norm: nn.Module, x: Tensor, residual: Tensor, dropout: nn.Module | None = None) -> Tensor:
+    """Post-norm Add & Norm: ``norm(residual + dropout(x))`` ("LayerNorm(x + Sublayer(x))")."""
+    if isinstance(norm, FUSED_NORMS):
+        x, p = _split_dropout(dropout, x)
+        x, residual, fp32 = _residual_dtypes(x, residual)
+        return norm(x, residual, dropout_p=p, residual_in_fp32=fp32, return_residual=False)
+    return norm(residual + (dropout(x) if dropout is not None else x))
+
+
+def add_then_norm(norm: nn.Module, x: Tensor, residual: Tensor,
+                  dropout: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+    """Pre-norm residual step: ``residual = residual + dropout(x)``; returns ``(norm(residual), residual)``."""
+    if isinstance(norm, FUSED_NORMS):
+        x, p = _split_dropout(dropout, x)
+        x, residual, fp32 = _residual_dtypes(x, residual)
+        return norm(x, residual, dropout_p=p, residual_in_fp32=fp32)
+    residual = residual + (dropout(x) if dropout is not None else x)
+    return norm(residual), residual
+
+
+def bn_relu(bn: nn.Module, x: Tensor, identity: Tensor | None = None) -> Tensor:
+    """``relu(bn(x) + identity)``, or ``relu(bn(x))`` without an identity (a ResNet block's tail / inner convs)."""
+    # Under autocast the identity may be float32 beside a half-precision x: the sum keeps x's dtype, as the
+    # in-place ``out += identity`` of torchvision's and timm's blocks does.
+    if isinstance(bn, BatchNormAddReLU):
+        return bn(x, None if identity is None else identity.to(x.dtype))
+    y = bn(x)
+    if identity is not None:
+        y = y + identity.to(y.dtype)
+    return F.relu(y)

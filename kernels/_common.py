@@ -1,4 +1,4 @@
-"""Pieces shared by several kernels: the interpreter switch for config lists, interpreter-exact MMA and casts, and
+"""Pieces shared by several kernels: the one interpreter switch (config lists, interpreter-exact MMA and casts) and
 counter-based dropout.
 
 Dropout draws one Philox-4x32 number per element from ``(seed, c0, c1, c2)``: a 64-bit seed taken from torch's
@@ -21,6 +21,11 @@ def interpreting() -> bool:
     return type(probe_kernel).__name__ == "InterpretedFunction"
 
 
+# The switch as the kernels see it: a module constexpr, so the work-arounds below compile away on a GPU and no
+# kernel takes an argument for them.
+INTERPRETED = tl.constexpr(interpreting())
+
+
 def pick_configs(gpu_configs, interpreter_config):
     """The autotuner's candidates: the GPU list, or one interpreter config (autotune cannot time on a CPU)."""
     return [interpreter_config] if interpreting() else gpu_configs
@@ -38,21 +43,21 @@ def dropout_keep(seed, c0, c1, c2, p):
 
 
 @triton.jit
-def mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """``tl.dot(a, b, acc)``. UPCAST: Triton's interpreter computes bf16 ``tl.dot`` on raw bit patterns
-    (triton#11584), so interpreted bf16 operands go in as fp32 (exact: bf16 products fit fp32); the compiled path
-    keeps bf16 operands for the tensor cores and never takes this branch."""
-    if UPCAST:
+def mma(a, b, acc, PRECISION: tl.constexpr):
+    """``tl.dot(a, b, acc)``. Triton's interpreter computes bf16 ``tl.dot`` on raw bit patterns (triton#11584), so
+    interpreted bf16 operands go in as fp32 (exact: bf16 products fit fp32); the compiled path keeps bf16 operands
+    for the tensor cores and never takes this branch."""
+    if INTERPRETED and (a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
-def cast(x, dtype: tl.constexpr, RTNE: tl.constexpr):
-    """``x.to(dtype)``. RTNE: Triton's interpreter truncates fp32 -> bf16 casts where the GPU rounds to nearest
-    even, doubling the rounding error of bf16 results; interpreted runs round the bits here. Compiled: a plain cast."""
-    if RTNE and dtype == tl.bfloat16:
+def cast(x, dtype: tl.constexpr):
+    """``x.to(dtype)``. Triton's interpreter truncates fp32 -> bf16 casts where the GPU rounds to nearest even,
+    doubling the rounding error of bf16 results; interpreted runs round the bits here. Compiled: a plain cast."""
+    if INTERPRETED and dtype == tl.bfloat16:
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
         x = bits.to(tl.float32, bitcast=True)

@@ -153,7 +153,7 @@ def _attn_fwd(
     M_BUCKET, N_BUCKET,  # autotune keys only: power-of-two buckets of M and N
     sm_scale, causal_offset, seed, dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr,  # MASK_KIND: 0 none, 1 bool, 2 additive float
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -182,7 +182,7 @@ def _attn_fwd(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = _load_tile(k_base, offs_d, offs_n, stride_kd, stride_kn, D, N)
-        s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION) * qk_scale
+        s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], ACC), PRECISION) * qk_scale
         s = _masked_scores(s, offs_m[:, None], offs_n[None, :], M, N, mask_base, stride_mm, stride_mn, causal_offset,
                            IS_CAUSAL, MASK_KIND)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -194,7 +194,7 @@ def _attn_fwd(
             keep = dropout_keep(seed, offs_n[None, :], offs_m[:, None], pid_zh, dropout_p)
             p = tl.where(keep, p, 0.0)
         v = _load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, N, DV)
-        acc = mma(cast(p, v.dtype, RTNE), v, acc * alpha[:, None], UPCAST, PRECISION)
+        acc = mma(cast(p, v.dtype), v, acc * alpha[:, None], PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0  # every key masked out: output 0 (torch >= 2.5), lse = -inf
@@ -205,7 +205,7 @@ def _attn_fwd(
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
     tl.store(Lse + pid_zh.to(tl.int64) * M + offs_m, lse, mask=m_ok)
     _store_tile(Out + z * stride_oz + h * stride_oh, offs_m, offs_dv, stride_om, stride_od, M, DV,
-                cast(out, Out.dtype.element_ty, RTNE))
+                cast(out, Out.dtype.element_ty))
 
 
 # -- backward ------------------------------------------------------------------------------------------------------
@@ -252,7 +252,7 @@ def _attn_bwd_dkdv(
     M_BUCKET, N_BUCKET,
     sm_scale, causal_offset, seed, dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -284,12 +284,12 @@ def _attn_bwd_dkdv(
             qt = _load_tile(q_base, offs_d, offs_m, stride_qd, stride_qm, D, M)
             lse = tl.load(Lse + zh * M + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
             lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0, not NaN
-            st = mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], ACC), UPCAST, PRECISION) * qk_scale
+            st = mma(k, qt, tl.zeros([BLOCK_N, BLOCK_M], ACC), PRECISION) * qk_scale
             st = _masked_scores(st, offs_m[None, :], offs_n[:, None], M, N, mask_base, stride_mm, stride_mn,
                                 causal_offset, IS_CAUSAL, MASK_KIND)
             pt = tl.math.exp2(st - lse[None, :])  # (BLOCK_N, BLOCK_M) = P^T; 0 where excluded
             do = _load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dod, M, DV)
-            dpt = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], ACC), UPCAST, PRECISION)
+            dpt = mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], ACC), PRECISION)
             if HAS_DROPOUT:
                 keep = dropout_keep(seed, offs_n[:, None], offs_m[None, :], zh.to(tl.int32), dropout_p)
                 scale_keep = 1.0 / (1.0 - dropout_p)
@@ -297,18 +297,18 @@ def _attn_bwd_dkdv(
                 dpt = tl.where(keep, dpt * scale_keep, 0.0)
             else:
                 pt_drop = pt
-            dv = mma(cast(pt_drop, do.dtype, RTNE), do, dv, UPCAST, PRECISION)
+            dv = mma(cast(pt_drop, do.dtype), do, dv, PRECISION)
             delta = tl.load(Delta + zh * M + offs_m, mask=m_ok, other=0.0)
             dst = pt * (dpt - delta[None, :])
-            dk = mma(cast(dst, qt.dtype, RTNE), tl.trans(qt), dk, UPCAST, PRECISION)
+            dk = mma(cast(dst, qt.dtype), tl.trans(qt), dk, PRECISION)
             if MASK_GRAD:
                 tl.store(DMask + zh * M * N + offs_m[None, :] * N + offs_n[:, None], dst,
                          mask=n_ok[:, None] & m_ok[None, :])
     dk = dk * sm_scale
     _store_tile(DK + z * stride_dkz + hk * stride_dkh, offs_n, offs_d, stride_dkn, stride_dkd, N, D,
-                cast(dk, DK.dtype.element_ty, RTNE))
+                cast(dk, DK.dtype.element_ty))
     _store_tile(DV_ + z * stride_dvz + hk * stride_dvh, offs_n, offs_dv, stride_dvn, stride_dvd, N, DV,
-                cast(dv, DV_.dtype.element_ty, RTNE))
+                cast(dv, DV_.dtype.element_ty))
 
 
 @triton.autotune(configs=configs("_attn_bwd_dq"), key=["M_BUCKET", "N_BUCKET", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL",
@@ -327,7 +327,7 @@ def _attn_bwd_dq(
     M_BUCKET, N_BUCKET,
     sm_scale, causal_offset, seed, dropout_p,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Here BLOCK_M is the query block this program owns and BLOCK_N the key block it streams.
@@ -357,20 +357,20 @@ def _attn_bwd_dq(
     for start_n in range(0, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kt = _load_tile(k_base, offs_d, offs_n, stride_kd, stride_kn, D, N)
-        s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION) * qk_scale
+        s = mma(q, kt, tl.zeros([BLOCK_M, BLOCK_N], ACC), PRECISION) * qk_scale
         s = _masked_scores(s, offs_m[:, None], offs_n[None, :], M, N, mask_base, stride_mm, stride_mn, causal_offset,
                            IS_CAUSAL, MASK_KIND)
         p = tl.math.exp2(s - lse[:, None])  # 0 where excluded
         vt = _load_tile(v_base, offs_dv, offs_n, stride_vd, stride_vn, DV, N)
-        dp = mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], ACC), UPCAST, PRECISION)
+        dp = mma(do, vt, tl.zeros([BLOCK_M, BLOCK_N], ACC), PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, offs_n[None, :], offs_m[:, None], pid_zh, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
-        dq = mma(cast(ds, kt.dtype, RTNE), tl.trans(kt), dq, UPCAST, PRECISION)
+        dq = mma(cast(ds, kt.dtype), tl.trans(kt), dq, PRECISION)
     dq = dq * sm_scale
     _store_tile(DQ + z * stride_dqz + h * stride_dqh, offs_m, offs_d, stride_dqm, stride_dqd, M, D,
-                cast(dq, DQ.dtype.element_ty, RTNE))
+                cast(dq, DQ.dtype.element_ty))
 
 
 @triton.jit

@@ -62,8 +62,6 @@ def tile_prune(configs, named_args, **kwargs):
 # that its few partials still take the loop and its masked tail).
 GPU_BLOCK_S = 32
 BLOCK_S = 2 if interpreting() else GPU_BLOCK_S
-# Interpreter only: round fp32 -> bf16 stores to nearest even as the GPU does (see _common.cast).
-RTNE = tl.constexpr(interpreting())
 
 
 def gpu_combine_configs():
@@ -268,7 +266,7 @@ def _bn_fwd_apply(
                      mask=ok, other=0.0).to(ACC)
     y = tl.where(y <= 0.0, 0.0, y)  # relu that keeps NaN, as torch.relu
     tl.store(_ptrs(Out, a1, a2, b0, c0, offs_b, offs_c, stride_oa1, stride_oa2, stride_oc, stride_ob),
-             cast(y, Out.dtype.element_ty, RTNE), mask=ok)
+             cast(y, Out.dtype.element_ty), mask=ok)
 
 
 # -- backward ------------------------------------------------------------------------------------------------------
@@ -314,11 +312,11 @@ def _bn_bwd_reduce(
         g = tl.where(o <= 0.0, 0.0, dy)  # relu's gradient from its output, exactly as torch's threshold_backward
         if DId is not None:
             tl.store(_ptrs(DId, a1, a2, b0, c0, offs_b, offs_c, stride_dia1, stride_dia2, stride_dic, stride_dib),
-                     cast(g, DId.dtype.element_ty, RTNE), mask=ok)
+                     cast(g, DId.dtype.element_ty), mask=ok)
         g = g.to(ACC)
         if IS_EVAL and DX is not None:
             tl.store(_ptrs(DX, a1, a2, b0, c0, offs_b, offs_c, stride_dxa1, stride_dxa2, stride_dxc, stride_dxb),
-                     cast(g * scale[None, :], DX.dtype.element_ty, RTNE), mask=ok)
+                     cast(g * scale[None, :], DX.dtype.element_ty), mask=ok)
         if Partial is not None:
             x = tl.load(_ptrs(X, a1, a2, b0, c0, offs_b, offs_c, stride_xa1, stride_xa2, stride_xc, stride_xb),
                         mask=ok, other=0.0).to(ACC)
@@ -347,9 +345,9 @@ def _bn_bwd_combine(
     rstd = _rstd64(Var, offs_c, c_ok, eps, IS_EVAL)
     sum_gxhat = sum_gxm * rstd
     if DW is not None:
-        tl.store(DW + offs_c, cast(sum_gxhat, DW.dtype.element_ty, RTNE), mask=c_ok)
+        tl.store(DW + offs_c, cast(sum_gxhat, DW.dtype.element_ty), mask=c_ok)
     if DB is not None:
-        tl.store(DB + offs_c, cast(sum_g, DB.dtype.element_ty, RTNE), mask=c_ok)
+        tl.store(DB + offs_c, cast(sum_g, DB.dtype.element_ty), mask=c_ok)
     if Coef is not None:
         k1 = _weight64(W, offs_c, c_ok) * rstd
         inv_m = 1.0 / (M + tl.zeros([], tl.float64))
@@ -401,4 +399,4 @@ def _bn_bwd_dx(
                 other=0.0).to(ACC)
     dx = k1[None, :] * g + k2[None, :] * ((x - mean_hi[None, :]) - mean_lo[None, :]) + k3[None, :]
     tl.store(_ptrs(DX, a1, a2, b0, c0, offs_b, offs_c, stride_dxa1, stride_dxa2, stride_dxc, stride_dxb),
-             cast(dx, DX.dtype.element_ty, RTNE), mask=ok)
+             cast(dx, DX.dtype.element_ty), mask=ok)

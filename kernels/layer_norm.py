@@ -108,7 +108,7 @@ def _keep(seed, rows, start, p, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def _load_z(X, R, x_rows, r_rows, rows, start, cols, mask, stride_xn, stride_rn, seed, dropout_p,
-            HAS_DROPOUT: tl.constexpr, Z_DT: tl.constexpr, ACC: tl.constexpr, RTNE_BF16: tl.constexpr,
+            HAS_DROPOUT: tl.constexpr, Z_DT: tl.constexpr, ACC: tl.constexpr,
             BLOCK_N: tl.constexpr):
     z = tl.load(X + x_rows[:, None] + cols[None, :] * stride_xn, mask=mask, other=0.0).to(ACC)
     if HAS_DROPOUT:
@@ -118,7 +118,7 @@ def _load_z(X, R, x_rows, r_rows, rows, start, cols, mask, stride_xn, stride_rn,
         z += tl.load(R + r_rows[:, None] + cols[None, :] * stride_rn, mask=mask, other=0.0).to(ACC)
     # Round to the residual stream's dtype: the normalised value is exactly the residual_out the caller sees and
     # the backward reads.
-    return cast(z, Z_DT, RTNE_BF16).to(ACC)
+    return cast(z, Z_DT).to(ACC)
 
 
 @triton.jit
@@ -142,7 +142,7 @@ def _layer_norm_fwd(
     stride_ro, stride_ri, stride_rn,
     M, N, M_INNER,  # row r lives at (r // M_INNER) * stride_*o + (r % M_INNER) * stride_*i
     eps, seed, dropout_p,
-    IS_RMS: tl.constexpr, HAS_DROPOUT: tl.constexpr, Z_DT: tl.constexpr, ACC: tl.constexpr, RTNE_BF16: tl.constexpr,
+    IS_RMS: tl.constexpr, HAS_DROPOUT: tl.constexpr, Z_DT: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOPED: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -155,7 +155,7 @@ def _layer_norm_fwd(
     if not LOOPED:
         mask = row_ok[:, None] & (offs[None, :] < N)
         z = _load_z(X, R, x_rows, r_rows, rows, 0, offs, mask, stride_xn, stride_rn, seed, dropout_p,
-                    HAS_DROPOUT, Z_DT, ACC, RTNE_BF16, BLOCK_N)
+                    HAS_DROPOUT, Z_DT, ACC, BLOCK_N)
         if RO is not None:
             tl.store(RO + o_rows[:, None] + offs[None, :], z.to(RO.dtype.element_ty), mask=mask)
         if IS_RMS:
@@ -167,7 +167,7 @@ def _layer_norm_fwd(
             var = tl.sum(zc * zc, 1) / N
         rstd = tl.math.rsqrt(var + eps)
         y = _affine((z - mean[:, None]) * rstd[:, None], W, B, tl.where(offs < N, offs, 0), ACC)
-        tl.store(Out + o_rows[:, None] + offs[None, :], cast(y, Out.dtype.element_ty, RTNE_BF16), mask=mask)
+        tl.store(Out + o_rows[:, None] + offs[None, :], cast(y, Out.dtype.element_ty), mask=mask)
     else:
         count = tl.zeros([BLOCK_M], ACC)
         mean = tl.zeros([BLOCK_M], ACC)
@@ -176,7 +176,7 @@ def _layer_norm_fwd(
             cols = start + offs
             mask = row_ok[:, None] & (cols[None, :] < N)
             z = _load_z(X, R, x_rows, r_rows, rows, start, cols, mask, stride_xn, stride_rn, seed, dropout_p,
-                        HAS_DROPOUT, Z_DT, ACC, RTNE_BF16, BLOCK_N)
+                        HAS_DROPOUT, Z_DT, ACC, BLOCK_N)
             if RO is not None:
                 tl.store(RO + o_rows[:, None] + cols[None, :], z.to(RO.dtype.element_ty), mask=mask)
             if IS_RMS:
@@ -195,9 +195,9 @@ def _layer_norm_fwd(
             cols = start + offs
             mask = row_ok[:, None] & (cols[None, :] < N)
             z = _load_z(X, R, x_rows, r_rows, rows, start, cols, mask, stride_xn, stride_rn, seed, dropout_p,
-                        HAS_DROPOUT, Z_DT, ACC, RTNE_BF16, BLOCK_N)
+                        HAS_DROPOUT, Z_DT, ACC, BLOCK_N)
             y = _affine((z - mean[:, None]) * rstd[:, None], W, B, tl.where(cols < N, cols, 0), ACC)
-            tl.store(Out + o_rows[:, None] + cols[None, :], cast(y, Out.dtype.element_ty, RTNE_BF16), mask=mask)
+            tl.store(Out + o_rows[:, None] + cols[None, :], cast(y, Out.dtype.element_ty), mask=mask)
     if Mean is not None:
         tl.store(Mean + rows, mean, mask=row_ok)
     tl.store(Rstd + rows, rstd, mask=row_ok)
@@ -227,15 +227,15 @@ def _bwd_terms(Z, DY, W, Mean, Rstd, z_rows, dy_rows, rows, cols, mask, row_ok, 
 
 @triton.jit
 def _bwd_store(dz, keep, DZ, DX, DR, z_rows_dz, o_rows, cols, mask, stride_dzn, dropout_p,
-               HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, RTNE_BF16: tl.constexpr):
+               HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr):
     if DZ is not None:  # gradient flowing into residual_out (pre-norm blocks)
         dz += tl.load(DZ + z_rows_dz[:, None] + cols[None, :] * stride_dzn, mask=mask, other=0.0).to(ACC)
     if DR is not None:
-        tl.store(DR + o_rows[:, None] + cols[None, :], cast(dz, DR.dtype.element_ty, RTNE_BF16), mask=mask)
+        tl.store(DR + o_rows[:, None] + cols[None, :], cast(dz, DR.dtype.element_ty), mask=mask)
     if DX is not None:
         if HAS_DROPOUT:
             dz = tl.where(keep, dz * (1.0 / (1.0 - dropout_p)), 0.0)
-        tl.store(DX + o_rows[:, None] + cols[None, :], cast(dz, DX.dtype.element_ty, RTNE_BF16), mask=mask)
+        tl.store(DX + o_rows[:, None] + cols[None, :], cast(dz, DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -249,7 +249,7 @@ def _layer_norm_bwd(
     stride_p,  # row stride of DWp, DBp: BLOCK_N on the tile path (stored unmasked), N on the looped path
     M, N, M_INNER, BLOCKS_PER_PROG,
     seed, dropout_p,
-    IS_RMS: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr, RTNE_BF16: tl.constexpr,
+    IS_RMS: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LOOPED: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -283,7 +283,7 @@ def _layer_norm_bwd(
                 c2 = tl.sum(g, 1) / N
                 dz = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
             _bwd_store(dz, keep, DZ, DX, DR, _row_offsets(rows, M_INNER, stride_dzo, stride_dzi),
-                       rows.to(tl.int64) * N, offs, mask, stride_dzn, dropout_p, HAS_DROPOUT, ACC, RTNE_BF16)
+                       rows.to(tl.int64) * N, offs, mask, stride_dzn, dropout_p, HAS_DROPOUT, ACC)
         # Whole padded rows (zero past N): no column mask has to stay live across the loop, which ptxas would
         # spill on sm_90.
         if DWp is not None:
@@ -330,7 +330,7 @@ def _layer_norm_bwd(
                 else:
                     dz = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
                 _bwd_store(dz, keep, DZ, DX, DR, _row_offsets(rows, M_INNER, stride_dzo, stride_dzi),
-                           rows.to(tl.int64) * N, cols, mask, stride_dzn, dropout_p, HAS_DROPOUT, ACC, RTNE_BF16)
+                           rows.to(tl.int64) * N, cols, mask, stride_dzn, dropout_p, HAS_DROPOUT, ACC)
             # The next row block reads the partial rows back, maybe in other threads than wrote them.
             tl.debug_barrier()
 
@@ -339,7 +339,7 @@ def _layer_norm_bwd(
 def _layer_norm_bwd_reduce(
     DWp, DBp, DW, DB,  # DWp, DBp: (G, >= N) partial sums in ACC with row stride stride_p; DW, DB: (N,)
     stride_p, G, N,
-    ACC: tl.constexpr, RTNE_BF16: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -350,14 +350,14 @@ def _layer_norm_bwd_reduce(
             g = start + offs_g
             acc += tl.load(DWp + g.to(tl.int64)[:, None] * stride_p + cols[None, :],
                            mask=(g < G)[:, None] & col_ok[None, :], other=0.0)
-        tl.store(DW + cols, cast(tl.sum(acc, 0), DW.dtype.element_ty, RTNE_BF16), mask=col_ok)
+        tl.store(DW + cols, cast(tl.sum(acc, 0), DW.dtype.element_ty), mask=col_ok)
     if DBp is not None:
         acc = tl.zeros([BLOCK_G, BLOCK_N], ACC)
         for start in range(0, G, BLOCK_G):
             g = start + offs_g
             acc += tl.load(DBp + g.to(tl.int64)[:, None] * stride_p + cols[None, :],
                            mask=(g < G)[:, None] & col_ok[None, :], other=0.0)
-        tl.store(DB + cols, cast(tl.sum(acc, 0), DB.dtype.element_ty, RTNE_BF16), mask=col_ok)
+        tl.store(DB + cols, cast(tl.sum(acc, 0), DB.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit

@@ -108,7 +108,7 @@ def _pe_fwd(
     M_BUCKET,  # autotune key only: power-of-two bucket of M
     C: tl.constexpr, P: tl.constexpr, KORDER: tl.constexpr, X_FLAT: tl.constexpr, W_FLAT: tl.constexpr,
     CLS: tl.constexpr, SHIFT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # D blocks vary fastest so the programs sharing a token block run together and read its pixels once from DRAM.
@@ -129,7 +129,7 @@ def _pe_fwd(
         a = tl.load(X + row[:, None] + col[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wk = _patch_offsets(offs_k, stride_wc, stride_wi, stride_wj, C, P, KORDER, W_FLAT)
         w = tl.load(w_base + wk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = _mma(a, w, acc, UPCAST, PRECISION)
+        acc = _mma(a, w, acc, PRECISION)
 
     if Bias is not None:
         acc += tl.load(Bias + offs_n * stride_bias, mask=n_ok, other=0.0).to(ACC)[None, :]
@@ -137,14 +137,14 @@ def _pe_fwd(
         acc += tl.load(Pos + (n + CLS - SHIFT)[:, None] * stride_pt + offs_n[None, :] * stride_pd,
                        mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(ACC)
     out_row = Out + b[:, None] * stride_ob + offs_n[None, :] * stride_od
-    tl.store(out_row + (n + CLS)[:, None] * stride_ot, _cast(acc, Out.dtype.element_ty, RTNE),
+    tl.store(out_row + (n + CLS)[:, None] * stride_ot, _cast(acc, Out.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
     if Cls is not None:  # the class-token row of every image whose first patch token is in this block
         cls = tl.load(Cls + offs_n * stride_cls, mask=n_ok, other=0.0).to(ACC)
         if Pos is not None and SHIFT == 0:
             cls += tl.load(Pos + offs_n * stride_pd, mask=n_ok, other=0.0).to(ACC)
         first = m_ok & (n == 0)
-        tl.store(out_row, _cast(tl.broadcast_to(cls[None, :], (BLOCK_M, BLOCK_N)), Out.dtype.element_ty, RTNE),
+        tl.store(out_row, _cast(tl.broadcast_to(cls[None, :], (BLOCK_M, BLOCK_N)), Out.dtype.element_ty),
                  mask=first[:, None] & n_ok[None, :])
 
 
@@ -164,7 +164,7 @@ def _pe_bwd_dw(
     M_BUCKET,  # autotune key only: power-of-two bucket of ROWS
     C: tl.constexpr, P: tl.constexpr, KORDER: tl.constexpr, X_FLAT: tl.constexpr, DW_FLAT: tl.constexpr,
     CLS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # DW, DB: dW (D, C, P, P) and dbias (D,) themselves when SPLIT == 1 (stride_dws = stride_dbs = 0), else the fp32
@@ -194,14 +194,14 @@ def _pe_bwd_dw(
             if pid_m == 0:
                 db += tl.sum(do.to(ACC), 0)
         # dOut may be wider than the operands (fp32 tokens from an fp32 pos_embed): the conv sees it in its dtype.
-        acc = _mma(xt, _cast(do, X.dtype.element_ty, RTNE), acc, UPCAST, PRECISION)
+        acc = _mma(xt, _cast(do, X.dtype.element_ty), acc, PRECISION)
 
     wk = _patch_offsets(offs_k, stride_dwc, stride_dwi, stride_dwj, C, P, KORDER, DW_FLAT)
     tl.store(DW + pid_s.to(tl.int64) * stride_dws + wk[:, None] + offs_n[None, :] * stride_dwd,
-             _cast(acc, DW.dtype.element_ty, RTNE), mask=k_ok[:, None] & n_ok[None, :])
+             _cast(acc, DW.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
     if DB is not None:  # noqa: SIM102
         if pid_m == 0:
-            tl.store(DB + pid_s * stride_dbs + offs_n * stride_dbd, _cast(db, DB.dtype.element_ty, RTNE), mask=n_ok)
+            tl.store(DB + pid_s * stride_dbs + offs_n * stride_dbd, _cast(db, DB.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -210,7 +210,7 @@ def _pe_bwd_reduce(
     stride_wd, stride_wc, stride_wi, stride_wj, stride_bd,  # of dW (D, C, P, P) and dbias (D,) (None: no bias)
     SPLIT, D, K,
     C: tl.constexpr, P: tl.constexpr, KORDER: tl.constexpr, W_FLAT: tl.constexpr,
-    ACC: tl.constexpr, RTNE: tl.constexpr, BLOCK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     DK = D * K
     E = DK + D if DB is not None else DK
@@ -223,9 +223,9 @@ def _pe_bwd_reduce(
         ptrs += E
     d = offs // K
     wk = _patch_offsets((offs % K).to(tl.int32), stride_wc, stride_wi, stride_wj, C, P, KORDER, W_FLAT)
-    tl.store(DW + d * stride_wd + wk, _cast(acc, DW.dtype.element_ty, RTNE), mask=ok & (offs < DK))
+    tl.store(DW + d * stride_wd + wk, _cast(acc, DW.dtype.element_ty), mask=ok & (offs < DK))
     if DB is not None:
-        tl.store(DB + (offs - DK) * stride_bd, _cast(acc, DB.dtype.element_ty, RTNE), mask=ok & (offs >= DK))
+        tl.store(DB + (offs - DK) * stride_bd, _cast(acc, DB.dtype.element_ty), mask=ok & (offs >= DK))
 
 
 @triton.jit
@@ -235,7 +235,7 @@ def _pe_bwd_dpos(
     stride_pt, stride_pd, stride_cls,
     B, R, D,  # R token rows reduced: T with DPos, else 1 (only the class token)
     SHIFT,  # pos row of token row t is t - SHIFT
-    ACC: tl.constexpr, RTNE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # BLOCK_B images per step keep several independent loads in flight per thread; the sum order is fixed.
     offs_b = tl.arange(0, BLOCK_B)
@@ -251,10 +251,10 @@ def _pe_bwd_dpos(
         ptrs += BLOCK_B * stride_dob  # 64-bit pointer arithmetic: no b * stride overflow
     if DPos is not None:
         tl.store(DPos + (offs_t - SHIFT)[:, None] * stride_pt + offs_d[None, :] * stride_pd,
-                 _cast(acc, DPos.dtype.element_ty, RTNE), mask=ok & (offs_t[:, None] >= SHIFT))
+                 _cast(acc, DPos.dtype.element_ty), mask=ok & (offs_t[:, None] >= SHIFT))
     if DCls is not None:
         tl.store(DCls + tl.broadcast_to(offs_d[None, :] * stride_cls, (BLOCK_T, BLOCK_D)),
-                 _cast(acc, DCls.dtype.element_ty, RTNE), mask=ok & (offs_t[:, None] == 0))
+                 _cast(acc, DCls.dtype.element_ty), mask=ok & (offs_t[:, None] == 0))
 
 
 @triton.autotune(configs=gemm_configs(), key=["M_BUCKET", "D", "C", "P", "KORDER", "W_FLAT", "X_FLAT"],
@@ -269,7 +269,7 @@ def _pe_bwd_dx(
     M_BUCKET,
     C: tl.constexpr, P: tl.constexpr, KORDER: tl.constexpr, X_FLAT: tl.constexpr, W_FLAT: tl.constexpr,
     CLS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, RTNE: tl.constexpr,
+    PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Output tile: BLOCK_M tokens x BLOCK_N patch pixels; BLOCK_K features per step.
@@ -289,8 +289,8 @@ def _pe_bwd_dx(
         d_ok = offs_d < D
         do = tl.load(do_row[:, None] + offs_d[None, :] * stride_dod, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         w = tl.load(Wt + offs_d[:, None] * stride_wd + wk[None, :], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        acc = _mma(_cast(do, Wt.dtype.element_ty, RTNE), w, acc, UPCAST, PRECISION)
+        acc = _mma(_cast(do, Wt.dtype.element_ty), w, acc, PRECISION)
 
     col = _patch_offsets(offs_k, stride_xc, stride_xh, stride_xw, C, P, KORDER, X_FLAT)
-    tl.store(DX + row[:, None] + col[None, :], _cast(acc, DX.dtype.element_ty, RTNE),
+    tl.store(DX + row[:, None] + col[None, :], _cast(acc, DX.dtype.element_ty),
              mask=m_ok[:, None] & k_ok[None, :])

@@ -1,4 +1,4 @@
-"""fastattn.scaled_dot_product_attention against torch's, outputs and every gradient (2x-eager rule, tests/numerics.py).
+"""fastattn.scaled_dot_product_attention against torch's, outputs and every gradient (2x-eager rule, fastattn.testing).
 
 Each case runs three times: torch's SDPA in float64 (the reference), torch's SDPA in the low precision (eager's
 error) and ours in the low precision, with a check that the Triton kernels, not the eager fallback, ran.
@@ -16,68 +16,53 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import assert_close_rule
-from torch.nn.attention.bias import CausalBias, causal_lower_right, causal_upper_left
+from harness import three_way
+from torch.nn.attention.bias import CausalBias, CausalVariant, causal_lower_right, causal_upper_left
 
 import fastattn
 from fastattn import _runtime, reference
 from fastattn.ops import attention as attn_ops
-
-FWD_KERNELS = ("_attn_fwd",)
-BWD_KERNELS = ("_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
-
-
-def _run(fn, inputs, grad_out, **kw):
-    leaves = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
-    out = fn(*leaves, **kw)
-    out.backward(grad_out.to(out.dtype))
-    return out, [t.grad for t in leaves if t.requires_grad]
+from fastattn.testing import attention_floors
 
 
 def check_case(q, k, v, *, dtype, mask=None, mask_grad=False, is_causal=False, scale=None, enable_gqa=False,
                names=("out", "dq", "dk", "dv", "dmask"), torch_mask=None):
-    """q, k, v, mask are float64 masters; everything is compared in ``dtype`` under the 2x-eager rule.
+    """q, k, v, mask are float64 masters; everything is compared in ``dtype`` under the rule of fastattn.testing
+    (tests/harness.py runs the three ways).
 
     ``torch_mask`` (with is_causal folded in) replaces ``mask`` and ``is_causal`` for torch's runs."""
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
     bias = mask if isinstance(mask, CausalBias) else None
+    grad_out = None
 
-    def args(lowp, mask):
+    def run(label, lowp):
+        nonlocal grad_out
+        fn = fastattn.scaled_dot_product_attention if label == "ours" else F.scaled_dot_product_attention
+        use_mask, causal = (torch_mask, False) if torch_mask is not None and label != "ours" else (mask, is_causal)
         ts = [t.to(lowp).detach().requires_grad_() for t in (q, k, v)]
         m = bias
-        if mask is not None and bias is None:
-            m = mask if mask.dtype == torch.bool else mask.to(lowp).detach().requires_grad_(mask_grad)
+        if use_mask is not None and bias is None:
+            m = use_mask if use_mask.dtype == torch.bool else use_mask.to(lowp).detach().requires_grad_(mask_grad)
             if m.requires_grad:
                 ts.append(m)
-        return ts, m
-
-    def call(fn, lowp):
-        if torch_mask is not None and fn is not fastattn.scaled_dot_product_attention:
-            ts, m = args(lowp, torch_mask)
-            causal = False
-        else:
-            ts, m = args(lowp, mask)
-            causal = is_causal
         out = fn(ts[0], ts[1], ts[2], attn_mask=m, is_causal=causal, scale=scale, enable_gqa=enable_gqa)
-        return out, ts
+        if grad_out is None:
+            grad_out = torch.randn(out.shape, dtype=torch.float64)
+        out.backward(grad_out.to(lowp))
+        return dict(zip(names, [out] + [t.grad for t in ts]))
 
-    grad_out = None
-    results = {}
-    for label, fn, lowp in (("ref", F.scaled_dot_product_attention, torch.float64),
-                            ("eager", F.scaled_dot_product_attention, dtype),
-                            ("ours", fastattn.scaled_dot_product_attention, dtype)):
-        with _runtime.record_launches() as launches:
-            out, ts = call(fn, lowp)
-            if grad_out is None:
-                grad_out = torch.randn(out.shape, dtype=torch.float64)
-            out.backward(grad_out.to(lowp))
-        results[label] = [out] + [t.grad for t in ts]
-        if label == "ours":
-            for name in FWD_KERNELS + BWD_KERNELS:
-                assert launches[name] == 1, f"Triton kernel {name} did not run: {dict(launches)}"
-    for name, ours, eager, ref in zip(names, results["ours"], results["eager"], results["ref"]):
-        assert_close_rule(name, ours, eager, ref, dtype)
-    return results
+    def floors(results):
+        lowp = [t.to(dtype).double() for t in (q, k, v)]
+        if bias is not None:
+            extra = {"is_causal": True, "causal_offset": 0 if bias.variant == CausalVariant.UPPER_LEFT
+                     else bias.seq_len_kv - bias.seq_len_q}
+        else:
+            extra = {"attn_mask": None if mask is None or mask.dtype == torch.bool else mask.to(dtype).double(),
+                     "is_causal": is_causal}
+            if mask is not None and mask.dtype == torch.bool:
+                extra["attn_mask"] = mask
+        return attention_floors(*lowp, grad_out, dtype=dtype, scale=scale, enable_gqa=enable_gqa, **extra)
+
+    return three_way(run, dtype, kernels=attn_ops.FORWARD_KERNELS + attn_ops.BACKWARD_KERNELS, floors=floors)
 
 
 def randn(*shape):
@@ -139,8 +124,8 @@ def test_causal(M, N, align):
             res = check_case(q, k, v, dtype=torch.float16, mask=causal_lower_right(M, N))
         if M > N:  # rows with no visible key are exactly zero, with zero gradient
             empty = M - N
-            assert (res["ours"][0][:, :, :empty] == 0).all()
-            assert (res["ours"][1][:, :, :empty] == 0).all()
+            assert (res["ours"]["out"][:, :, :empty] == 0).all()
+            assert (res["ours"]["dq"][:, :, :empty] == 0).all()
 
 
 def test_kv_cache_decode_lower_right():
@@ -213,7 +198,7 @@ def test_fully_masked_rows_are_zero(kind):
     keep[[0, 5, 18]] = False
     mask = keep if kind == "bool" else torch.zeros(M, N, dtype=torch.float64).masked_fill(~keep, float("-inf"))
     res = check_case(randn(2, 2, M, 32), randn(2, 2, N, 32), randn(2, 2, N, 32), dtype=torch.float16, mask=mask)
-    out, dq = res["ours"][0], res["ours"][1]
+    out, dq = res["ours"]["out"], res["ours"]["dq"]
     assert torch.isfinite(out).all() and torch.isfinite(dq).all()
     assert (out[:, :, [0, 5, 18]] == 0).all() and (dq[:, :, [0, 5, 18]] == 0).all()
 
@@ -328,21 +313,20 @@ def test_dropout_matches_reference_with_the_kernels_mask(dtype):
     sigma = math.sqrt(p * (1 - p) / keep.numel())
     assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.4f} vs {1 - p}"
 
-    results = {}
-    for label, lowp in (("ref", torch.float64), ("eager", dtype), ("ours", dtype)):
+    def run(label, lowp):
         ts = [t.to(lowp).detach().requires_grad_() for t in (q, k, v)]
         if label == "ours":
             torch.manual_seed(7)  # the op draws the same seed as above
-            with _runtime.record_launches() as n:
-                out = fastattn.scaled_dot_product_attention(*ts, attn_mask=mask, dropout_p=p, is_causal=True)
-            assert n["_attn_fwd"] == 1
+            out = fastattn.scaled_dot_product_attention(*ts, attn_mask=mask, dropout_p=p, is_causal=True)
         else:
             out = reference.scaled_dot_product_attention(*ts, attn_mask=mask, dropout_p=p, is_causal=True,
                                                          dropout_mask=keep)
         out.backward(grad_out.to(lowp))
-        results[label] = [out] + [t.grad for t in ts]
-    for name, ours, eager, ref in zip(("out", "dq", "dk", "dv"), results["ours"], results["eager"], results["ref"]):
-        assert_close_rule(name, ours, eager, ref, dtype)
+        return dict(zip(("out", "dq", "dk", "dv"), [out] + [t.grad for t in ts]))
+
+    floors = attention_floors(*(t.to(dtype).double() for t in (q, k, v)), grad_out, dtype=dtype, attn_mask=mask,
+                              is_causal=True, dropout_p=p, dropout_mask=keep)
+    three_way(run, dtype, kernels={"_attn_fwd": 1}, floors=floors)
 
 
 def test_dropout_gradcheck_float64_through_the_kernels():

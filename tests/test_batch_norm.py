@@ -1,5 +1,5 @@
 """fastattn.batch_norm_add_relu against relu(F.batch_norm(...) + identity): output, every gradient and the running
-statistics (2x-eager rule, tests/numerics.py).
+statistics (2x-eager rule, fastattn.testing).
 
 Each case runs three times on the same inputs (low-precision values, so every run sees exactly the same numbers):
 eager PyTorch in float64 (the reference), eager PyTorch in the low precision (eager's error) and ours in the low
@@ -16,13 +16,13 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import assert_close_rule
+from harness import three_way
 
 import fastattn
 from fastattn import _runtime, reference
+from fastattn.ops import batch_norm as bn_ops
+from fastattn.testing import batch_norm_floors
 
-FWD_TRAIN = ("_bn_fwd_reduce", "_bn_fwd_combine", "_bn_fwd_apply")
-BWD_TRAIN = ("_bn_bwd_reduce", "_bn_bwd_combine", "_bn_bwd_dx")
 GRADS = ("dx", "didentity", "dweight", "dbias")
 
 
@@ -82,9 +82,10 @@ def check_case(shape, dtype, *, training=True, identity=True, channels_last=Fals
     grad_out = _lowp(shape, dtype)
     x, ident = _away_from_the_kink(x, ident, rm, rv, w, b, training, eps, dtype)
 
-    results = {}
-    for label, fn, lowp in (("ref", _eager, torch.float64), ("eager", _eager, dtype),
-                            ("ours", fastattn.batch_norm_add_relu, dtype)):
+    layout_kept = []
+
+    def run(label, lowp):
+        fn = fastattn.batch_norm_add_relu if label == "ours" else _eager
         pdt = torch.float64 if label == "ref" else torch.float32
         xs = _leaf(x, lowp, fmt, "x" in requires)
         ids = _leaf(ident, lowp, fmt, "identity" in requires) if identity else None
@@ -93,32 +94,27 @@ def check_case(shape, dtype, *, training=True, identity=True, channels_last=Fals
         rms = _leaf(rm, pdt) if running else None
         rvs = _leaf(rv, pdt) if running else None
         leaves = {"dx": xs, "didentity": ids, "dweight": ws, "dbias": bs}
-        with _runtime.record_launches() as launches:
-            out = fn(xs, ids, rms, rvs, ws, bs, training, momentum, eps)
-            if any(t is not None and t.requires_grad for t in leaves.values()):
-                out.backward(grad_out.to(lowp).to(memory_format=fmt))
-        results[label] = {"out": out, "running_mean": rms, "running_var": rvs,
-                          **{k: (t.grad if t is not None and t.requires_grad else None) for k, t in leaves.items()}}
+        out = fn(xs, ids, rms, rvs, ws, bs, training, momentum, eps)
+        if any(t is not None and t.requires_grad for t in leaves.values()):
+            out.backward(grad_out.to(lowp).to(memory_format=fmt))
         if label == "ours":
-            results["launches"] = launches
-            results["layout"] = out.is_contiguous(memory_format=fmt)
-    ours, eager, ref = results["ours"], results["eager"], results["ref"]
-    launches = results["launches"]
-    fwd = FWD_TRAIN if training else ("_bn_fwd_apply",)
-    assert all(launches[k] == 1 for k in fwd), f"Triton forward kernels did not run: {dict(launches)}"
+            layout_kept.append(out.is_contiguous(memory_format=fmt))
+        return {"out": out, "running_mean": rms, "running_var": rvs,
+                **{k: (t.grad if t is not None and t.requires_grad else None) for k, t in leaves.items()}}
+
+    kernels = dict.fromkeys(bn_ops.FORWARD_KERNELS if training else ("_bn_fwd_apply",), 1)
     if requires:
-        assert launches["_bn_bwd_reduce"] == 1, f"Triton backward kernels did not run: {dict(launches)}"
-    assert results["layout"], "the output does not keep x's memory format"
-    assert_close_rule("out", ours["out"], eager["out"], ref["out"], dtype)
+        kernels["_bn_bwd_reduce"] = 1
+    floors = batch_norm_floors(x, ident, rm, rv, w, b, grad_out, dtype=dtype, training=training, eps=eps,
+                               momentum=momentum, lane_terms=bn_ops.lane_terms(x.to(memory_format=fmt)))
+    results = three_way(run, dtype, kernels=kernels, floors=floors)
+    ours, eager = results["ours"], results["eager"]
+    assert layout_kept == [True], "the output does not keep x's memory format"
     for name in GRADS:
-        if ref[name] is None:
+        if results["ref"][name] is None:
             assert ours[name] is None, f"{name}: a gradient where torch has none"
-            continue
-        assert ours[name].dtype == eager[name].dtype, f"{name}: dtype {ours[name].dtype} != {eager[name].dtype}"
-        assert_close_rule(name, ours[name], eager[name], ref[name], ours[name].dtype)  # dweight, dbias: fp32
-    if running:
-        for name in ("running_mean", "running_var"):
-            assert_close_rule(name, ours[name], eager[name], ref[name], torch.float32)
+        else:
+            assert ours[name].dtype == eager[name].dtype, f"{name}: dtype {ours[name].dtype} != {eager[name].dtype}"
     return ours
 
 

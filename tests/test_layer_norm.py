@@ -1,5 +1,5 @@
 """fastattn.add_layer_norm / add_rms_norm / layer_norm / nn.LayerNorm against eager PyTorch (2x-eager rule,
-tests/numerics.py), outputs and every gradient.
+fastattn.testing), outputs and every gradient.
 
 Each case runs three times: the eager reference (``fastattn.reference``: ``x + residual`` then
 ``F.layer_norm``/``F.rms_norm``) in float64 (the oracle) and in the low precision (eager's error), and ours in the
@@ -18,11 +18,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastattn.kernels import layer_norm as K
-from numerics import assert_close_rule
+from harness import three_way
 
 import fastattn
 from fastattn import _runtime, reference
 from fastattn.ops import layer_norm as ln_ops
+from fastattn.testing import norm_floors
 
 FWD, BWD, REDUCE = "_layer_norm_fwd", "_layer_norm_bwd", "_layer_norm_bwd_reduce"
 
@@ -51,9 +52,7 @@ def check_case(x, residual=None, weight=None, bias=None, *, dtype, rms=False, ep
         keep = keep.reshape(x.shape)
     dy = randn(*x.shape)
     dro = randn(*x.shape) if grad_residual_out else None
-    results = {}
-    for label in ("ref", "eager", "ours"):
-        lowp = torch.float64 if label == "ref" else dtype
+    def run(label, lowp):
         rdt = torch.float64 if label == "ref" else (residual_dtype or dtype)
         pdt = torch.float64 if label == "ref" else (param_dtype or dtype)
         xl = x.detach().to(lowp).requires_grad_()
@@ -64,35 +63,35 @@ def check_case(x, residual=None, weight=None, bias=None, *, dtype, rms=False, ep
         if layout is not None and label == "ours":
             xi = layout(xl)
             ri = layout(rl) if rl is not None else None
-        with _runtime.record_launches() as launches:
-            if label == "ours":
-                torch.manual_seed(manual_seed)
-                if rms:
-                    out, res_out = fastattn.add_rms_norm(xi, ri, wl, eps, dropout_p, residual_in_fp32=residual_in_fp32)
-                else:
-                    out, res_out = fastattn.add_layer_norm(xi, ri, wl, bl, eps, dropout_p,
-                                                           residual_in_fp32=residual_in_fp32)
-            else:
-                fn = reference.add_rms_norm if rms else reference.add_layer_norm
-                args = (xi, ri, wl, eps) if rms else (xi, ri, wl, bl, eps)
-                out, res_out = fn(*args, dropout_p, residual_in_fp32=residual_in_fp32, dropout_mask=keep)
-            outs, grads = [out], [dy.to(out.dtype)]
-            if dro is not None:
-                outs.append(res_out)
-                grads.append(dro.to(res_out.dtype))
-            torch.autograd.backward(outs, grads)
         if label == "ours":
-            assert launches[FWD] == 1 and launches[BWD] == 1, f"Triton kernels did not run: {dict(launches)}"
-            assert launches[REDUCE] == (1 if weight is not None or bias is not None else 0)
+            torch.manual_seed(manual_seed)
+            if rms:
+                out, res_out = fastattn.add_rms_norm(xi, ri, wl, eps, dropout_p, residual_in_fp32=residual_in_fp32)
+            else:
+                out, res_out = fastattn.add_layer_norm(xi, ri, wl, bl, eps, dropout_p,
+                                                       residual_in_fp32=residual_in_fp32)
             assert out.dtype == dtype
             assert res_out.dtype == (torch.float32 if residual_in_fp32 and dtype != torch.float32 else dtype)
-        results[label] = {"out": out, "residual_out": res_out, "dx": xl.grad,
-                          "dresidual": rl.grad if rl is not None else None,
-                          "dweight": wl.grad if wl is not None else None, "dbias": bl.grad if bl is not None else None}
-    for name, ref in results["ref"].items():
-        if ref is not None:
-            assert_close_rule(name, results["ours"][name], results["eager"][name], ref, dtype)
-    return results
+        else:
+            fn = reference.add_rms_norm if rms else reference.add_layer_norm
+            args = (xi, ri, wl, eps) if rms else (xi, ri, wl, bl, eps)
+            out, res_out = fn(*args, dropout_p, residual_in_fp32=residual_in_fp32, dropout_mask=keep)
+        outs, grads = [out], [dy.to(out.dtype)]
+        if dro is not None:
+            outs.append(res_out)
+            grads.append(dro.to(res_out.dtype))
+        torch.autograd.backward(outs, grads)
+        return {"out": out, "residual_out": res_out, "dx": xl.grad, "dresidual": rl.grad if rl is not None else None,
+                "dweight": wl.grad if wl is not None else None, "dbias": bl.grad if bl is not None else None}
+
+    def low(t, dt):
+        return t.to(dt).double() if t is not None else None
+
+    floors = norm_floors(low(x, dtype), low(residual, residual_dtype or dtype), low(weight, param_dtype or dtype),
+                         low(bias, param_dtype or dtype), dy, dro, dtype=dtype, eps=eps, rms=rms,
+                         dropout_p=dropout_p, dropout_mask=keep)
+    kernels = {FWD: 1, BWD: 1, REDUCE: 1 if weight is not None or bias is not None else 0}
+    return three_way(run, dtype, kernels=kernels, floors=floors)
 
 
 # -- hidden sizes -----------------------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ from torch.nn.attention.bias import CausalBias, CausalVariant
 
 import fastattn
 from fastattn import models
-from fastattn.models import layers
 
 
 def _pair(make):
@@ -128,24 +127,24 @@ def test_layers_helpers():
     drop = nn.Dropout(0.5).eval()
     norm = fastattn.nn.LayerNorm(8).to(DEVICE)
     with fastattn.record_launches() as launches:
-        out = layers.add_norm(norm, x, residual, drop)
-        h, res = layers.add_then_norm(norm, x, residual, nn.Identity())
+        out = fastattn.nn.add_norm(norm, x, residual, drop)
+        h, res = fastattn.nn.add_then_norm(norm, x, residual, nn.Identity())
     assert launches["_layer_norm_fwd"] == 2
     torch.testing.assert_close(out, nn.functional.layer_norm(x + residual, (8,)))
     torch.testing.assert_close(res, x + residual)
     torch.testing.assert_close(h, out)
     with fastattn.record_launches() as launches:
-        y = layers.bn_relu(fastattn.nn.BatchNormAddReLU(3).eval().to(DEVICE), x.view(2, 3, 2, 4),
+        y = fastattn.nn.bn_relu(fastattn.nn.BatchNormAddReLU(3).eval().to(DEVICE), x.view(2, 3, 2, 4),
                            residual.view(2, 3, 2, 4))
     assert launches["_bn_fwd_apply"] == 1
     # a plain nn.Dropout in training becomes the fused kernel's dropout on x (not on the output)
     ones, zeros = torch.ones(4, 64, device=DEVICE), torch.zeros(4, 64, device=DEVICE)
     norm, drop = fastattn.nn.LayerNorm(64, elementwise_affine=False).to(DEVICE), nn.Dropout(0.5)
-    _, res = layers.add_then_norm(norm, ones, zeros, drop)
+    _, res = fastattn.nn.add_then_norm(norm, ones, zeros, drop)
     assert set(res.unique().tolist()) == {0.0, 2.0} and 0.3 < (res == 0).float().mean() < 0.7
-    assert layers.add_norm(norm, ones, zeros, drop).abs().max() > 0.5  # LN of a constant row would be 0
+    assert fastattn.nn.add_norm(norm, ones, zeros, drop).abs().max() > 0.5  # LN of a constant row would be 0
     norm.eval(), drop.eval()
-    assert layers.add_norm(norm, ones, zeros, drop).abs().max() == 0
+    assert fastattn.nn.add_norm(norm, ones, zeros, drop).abs().max() == 0
     torch.testing.assert_close(y, torch.relu(x.view(2, 3, 2, 4) / (1 + 1e-5) ** 0.5 + residual.view(2, 3, 2, 4)))
 
 

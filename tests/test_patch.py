@@ -32,7 +32,9 @@ from modelcheck import (
 from torch import nn
 
 import fastattn
-from fastattn.patch import FusedMultiheadAttention, FusedTransformerDecoderLayer, PatchReport
+from fastattn.patching import PatchReport, Rule, Skip
+from fastattn.patching.rules import REGISTRY
+from fastattn.patching.torch_nn import FusedMultiheadAttention, FusedTransformerDecoderLayer
 
 
 def check_patched(model: nn.Module, inputs: tuple, kwargs: dict | None = None, *, eval_kernels=(),
@@ -310,7 +312,7 @@ def test_patch_keeps_parameters_unpatch_is_exact(device):
 
 
 def test_save_and_load_whole_patched_model():
-    """torch.save(model) of a patched model: the fused library classes are found (and rebuilt) in fastattn.patch."""
+    """torch.save(model) of a patched model: the fused library classes are found (and rebuilt) in fastattn.patching."""
     import io
     import sys
 
@@ -318,13 +320,134 @@ def test_save_and_load_whole_patched_model():
     model = fastattn.patch(nn.Sequential(tv.models.resnet.BasicBlock(4, 4), nn.LayerNorm(6)))
     buf = io.BytesIO()
     torch.save(model, buf)
-    del sys.modules["fastattn.patch"].FusedTorchvisionBasicBlock  # as in a fresh process
+    del sys.modules["fastattn.patching.torchvision"].FusedTorchvisionBasicBlock  # as in a fresh process
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     assert type(loaded[0]).__name__ == "FusedTorchvisionBasicBlock" and type(loaded[1]) is fastattn.nn.LayerNorm
     x = torch.randn(2, 4, 6, 6)
     torch.testing.assert_close(loaded.eval()(x), model.eval()(x))
     assert type(fastattn.unpatch(loaded)[0]) is tv.models.resnet.BasicBlock
+
+
+def test_pickles_from_before_the_patching_package_load():
+    """Models pickled when the patcher was the module fastattn.patch name their fused classes
+    ``fastattn.patch.FusedTimmBlock`` etc.; such a stream loads (the library classes rebuilt on access, as in a fresh
+    process) into the classes of fastattn.patching. The old stream is this model's own pickle with its class
+    references written as they were then (torch.save's protocol 2 names each class by a GLOBAL opcode,
+    ``c<module>\\n<name>\\n``)."""
+    import pickle
+    import sys
+
+    timm = import_or_skip("timm")
+    tv = import_or_skip("torchvision")
+    model = nn.ModuleList([timm.models.vision_transformer.Block(8, 2), nn.MultiheadAttention(8, 2, batch_first=True),
+                           tv.models.resnet.BasicBlock(4, 4)]).eval()
+    fastattn.patch(model)
+    stream = pickle.dumps(model, protocol=2)
+    for home in ("torch_nn", "torchvision", "timm"):
+        stream = stream.replace(f"cfastattn.patching.{home}\n".encode(), b"cfastattn.patch\n")
+    assert b"fastattn.patching" not in stream
+    assert b"cfastattn.patch\nFusedTimmBlock\n" in stream and b"cfastattn.patch\nFusedMultiheadAttention\n" in stream
+    for home, name in (("timm", "FusedTimmBlock"), ("timm", "FusedTimmAttention"), ("timm", "FusedTimmLayerNorm"),
+                       ("torchvision", "FusedTorchvisionBasicBlock")):
+        vars(sys.modules[f"fastattn.patching.{home}"]).pop(name, None)  # as in a fresh process
+    loaded = pickle.loads(stream)
+    assert [type(m).__module__ for m in loaded] == ["fastattn.patching.timm", "fastattn.patching.torch_nn",
+                                                    "fastattn.patching.torchvision"]
+    assert [type(m).__name__ for m in loaded] == ["FusedTimmBlock", "FusedMultiheadAttention",
+                                                  "FusedTorchvisionBasicBlock"]
+    x, images = torch.randn(2, 5, 8), torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded[0](x), model[0](x))
+        torch.testing.assert_close(loaded[1](x, x, x, need_weights=False)[0], model[1](x, x, x, need_weights=False)[0])
+        torch.testing.assert_close(loaded[2](images), model[2](images))
+    fastattn.unpatch(loaded)
+    assert [type(m) for m in loaded] == [timm.models.vision_transformer.Block, nn.MultiheadAttention,
+                                         tv.models.resnet.BasicBlock]
+
+
+def test_old_import_paths():
+    """``fastattn.patch`` is the function, ``sys.modules["fastattn.patch"]`` the compatibility module, also after
+    ``import fastattn.patch``; the names it exported still import from it."""
+    import sys
+
+    import fastattn.patch
+    from fastattn.patch import FusedMultiheadAttention as OldMHA
+    from fastattn.patch import PatchEntry
+    from fastattn.patch import PatchReport as OldReport
+
+    assert fastattn.patch is fastattn.patching.patch and callable(fastattn.patch)
+    assert OldReport is PatchReport and PatchEntry is fastattn.PatchEntry and OldMHA is FusedMultiheadAttention
+    old = sys.modules["fastattn.patch"]
+    assert old.patch_report is fastattn.patch_report and old.unpatch is fastattn.unpatch
+    with pytest.raises(AttributeError, match="FusedNothing"):
+        old.FusedNothing  # noqa: B018
+
+
+class ToyNorm(nn.Module):  # a class of a library fastattn does not know, for test_registry_takes_new_libraries
+    def forward(self, x):
+        return x
+
+
+class _ToyMixin:
+    def forward(self, x):
+        return x + 1
+
+
+class _Sharded:  # stands for FSDP's FSDPModule: fully_shard puts a generated FSDP<Class> subclass in its place
+    pass
+
+
+def _toy_check(rule, name, m, opts):
+    return [rule.swap(name, m, "toy kernel")]
+
+
+def _sharded_check(rule, name, m, opts):
+    raise Skip("sharded by FSDP: patch before fully_shard")
+
+
+@pytest.fixture
+def extra_rules():
+    added = []
+
+    def add(*rules):
+        fastattn.patching.register(*rules)
+        added.extend(rules)
+    yield add
+    for rule in added:
+        REGISTRY.rules.remove(rule)
+
+
+def test_registry_takes_new_libraries(extra_rules):
+    """A library is a module of Rules: an exact class with a mixin (its fused class built and named from the rule,
+    its method's signature checked), and a rule matching by structure, tried after the exact ones."""
+    extra_rules(Rule("toy", f"{__name__}.ToyNorm", _toy_check, option="layer_norm", mixin=_ToyMixin, params=("x",)),
+                Rule("torch.distributed.fsdp", None, _sharded_check, matches=lambda m: isinstance(m, _Sharded)))
+    sharded = nn.LayerNorm(4)
+    sharded.__class__ = type("FSDPLayerNorm", (_Sharded, nn.LayerNorm), {})
+    model = nn.Sequential(ToyNorm(), sharded, nn.LayerNorm(4))
+    fastattn.patch(model, layer_norm=False)
+    left = {e.name: e.detail for e in fastattn.patch_report(model).left_alone}
+    assert left == {"0": "layer_norm=False", "1": "sharded by FSDP: patch before fully_shard", "2": "layer_norm=False"}
+    fastattn.patch(model)
+    assert type(model[0]).__name__ == "FusedToyToyNorm" and isinstance(model[0], ToyNorm)
+    assert type(model[0]) is globals()["FusedToyToyNorm"]  # kept beside its mixin, where pickling looks
+    assert torch.equal(model[0](torch.zeros(2)), torch.ones(2))
+    report = fastattn.patch_report(model)
+    assert [(e.name, e.detail) for e in report.fused] == [("0", "toy kernel"), ("2", "LayerNorm kernel")]
+    assert fastattn.unpatch(model)[0].__class__ is ToyNorm
+
+
+def test_registry_checks_the_replaced_signature(extra_rules):
+    extra_rules(Rule("toy", f"{__name__}.ToyNorm", _toy_check, mixin=_ToyMixin, params=("x", "residual")))
+    model = fastattn.patch(nn.Sequential(ToyNorm()))
+    assert type(model[0]) is ToyNorm
+    assert fastattn.patch_report(model).left_alone[0].detail == (
+        "this library version's ToyNorm.forward('x',) is not the ('x', 'residual') fastattn knows")
+    with pytest.raises(ValueError, match="option 'norm'"):
+        Rule("toy", f"{__name__}.ToyNorm", _toy_check, option="norm")
+    with pytest.raises(ValueError, match="target"):
+        Rule("toy", None, _toy_check)
 
 
 def test_report_and_options():

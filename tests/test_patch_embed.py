@@ -1,5 +1,5 @@
 """fastattn.patch_embed against eager conv2d + flatten + cat + add: the output and every gradient (2x-eager rule,
-tests/numerics.py), layouts, the class-token / position-embedding variants, the module, compile and bad input.
+fastattn.testing), layouts, the class-token / position-embedding variants, the module, compile and bad input.
 
 Each case runs three times: the eager reference (fastattn.reference.patch_embed, i.e. torch's conv2d) in float64,
 the same eager code in the low precision (eager's error), and ours in the low precision, with a check that the
@@ -17,11 +17,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import assert_close_rule
+from harness import three_way
 
 import fastattn
 from fastattn import _runtime, reference
 from fastattn.ops import patch_embed as pe_ops
+from fastattn.testing import patch_embed_floors
 
 NAMES = ("out", "dimages", "dweight", "dbias", "dpos_embed", "dcls_token")
 
@@ -48,9 +49,11 @@ def check_case(inputs, dtype, *, channels_last=False, images_grad=True, lowp_pos
     dtype of pos_embed / cls_token in the low-precision runs (float32 with half images: AMP master weights)."""
     order = ("images", "weight", "bias", "pos_embed", "cls_token")
     grad_out = None
-    results = {}
-    for label, fn, lowp in (("ref", reference.patch_embed, torch.float64), ("eager", reference.patch_embed, dtype),
-                            ("ours", fastattn.patch_embed, dtype)):
+    seen = {}
+
+    def run(label, lowp):
+        nonlocal grad_out
+        fn = fastattn.patch_embed if label == "ours" else reference.patch_embed
         leaves = {}
         for name in order:
             t = inputs[name]
@@ -63,23 +66,25 @@ def check_case(inputs, dtype, *, channels_last=False, images_grad=True, lowp_pos
             if name == "images" and channels_last:
                 t = t.to(memory_format=torch.channels_last)
             leaves[name] = t.detach().requires_grad_(name != "images" or images_grad)
-        with _runtime.record_launches() as launches:
-            out = fn(**leaves)
-            if grad_out is None:
-                grad_out = randn(*out.shape)
-            out.backward(grad_out.to(out.dtype))
-        results[label] = [out] + [leaves[n].grad for n in order if leaves[n] is not None and leaves[n].requires_grad]
-        if label == "ours":
-            expect = {"_pe_fwd": 1, "_pe_bwd_dw": 1, "_pe_bwd_dx": int(images_grad),
-                      "_pe_bwd_dpos": int(inputs["pos_embed"] is not None or inputs["cls_token"] is not None)}
-            for name, count in expect.items():
-                assert launches[name] == count, f"Triton kernel {name} ran {launches[name]} times: {dict(launches)}"
-            results["launches"] = launches
-    names = ["out"] + [n for n, key in zip(NAMES[1:], order) if inputs[key] is not None and
-                       (key != "images" or images_grad)]
-    for name, ours, eager, ref in zip(names, results["ours"], results["eager"], results["ref"]):
+        out = fn(**leaves)
+        if grad_out is None:
+            grad_out = randn(*out.shape)
+        out.backward(grad_out.to(out.dtype))
+        seen[label] = {n: leaves[n] for n in order}
+        grads = {d: leaves[n].grad for d, n in zip(NAMES[1:], order)
+                 if leaves[n] is not None and leaves[n].requires_grad}
+        return {"out": out, **grads}
+
+    def floors(results):
+        low = [t.detach().double() if t is not None else None for t in seen["eager"].values()]
+        return patch_embed_floors(*low, grad_out, dtype=dtype)
+
+    expect = {"_pe_fwd": 1, "_pe_bwd_dw": 1, "_pe_bwd_dx": int(images_grad),
+              "_pe_bwd_dpos": int(inputs["pos_embed"] is not None or inputs["cls_token"] is not None)}
+    results = three_way(run, dtype, kernels=expect, floors=floors)
+    for name, ours in results["ours"].items():
+        eager = results["eager"][name]
         assert ours.dtype == eager.dtype, f"{name}: dtype {ours.dtype} != eager {eager.dtype}"
-        assert_close_rule(name, ours, eager, ref, dtype)
     return results
 
 
@@ -150,7 +155,7 @@ def test_channels_last(dtype, monkeypatch):
     monkeypatch.setattr(_runtime, "launch", spy)
     res = check_case(make_inputs(2, 3, 32, 16, 8, 40), dtype, channels_last=True)
     assert ("_pe_fwd", 1, 1) in seen and ("_pe_bwd_dx", 1, 1) in seen  # (i, j, c) order, contiguous pixel rows
-    dimages = res["ours"][1]
+    dimages = res["ours"]["dimages"]
     assert dimages.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -159,7 +164,7 @@ def test_channels_last_weight_and_images():
     x = make_inputs(1, 4, 16, 24, 8, 24)
     x["weight"] = x["weight"].to(memory_format=torch.channels_last)
     res = check_case(x, torch.float16, channels_last=True)
-    assert res["ours"][2].stride() == x["weight"].stride()  # dweight in the weight's own layout
+    assert res["ours"]["dweight"].stride() == x["weight"].stride()  # dweight in the weight's own layout
 
 
 def test_views_read_through_strides_without_copies(monkeypatch):
@@ -198,7 +203,7 @@ def test_pos_embed_2d_shape():
 def test_fp32_pos_and_cls_with_half_images(dtype):
     """AMP-style fp32 pos_embed / cls_token: tokens come out in fp32 as torch's promotion gives."""
     res = check_case(make_inputs(2, 3, 24, 16, 8, 24), dtype, lowp_pos_dtype=torch.float32)
-    assert res["ours"][0].dtype == torch.float32 and res["ours"][4].dtype == torch.float32
+    assert res["ours"]["out"].dtype == torch.float32 and res["ours"]["dpos_embed"].dtype == torch.float32
 
 
 def test_expanded_grad_out():

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 import fastattn.nn as fnn
-from fastattn.models.layers import bn_relu
+from fastattn.nn import bn_relu
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:

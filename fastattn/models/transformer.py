@@ -25,13 +25,8 @@ import torch
 from torch import Tensor, nn
 
 import fastattn.nn as fnn
-from fastattn.models.layers import (
-    FeedForward,
-    FusedMultiHeadAttention,
-    MultiHeadAttention,
-    add_norm,
-    sinusoidal_positions,
-)
+from fastattn.models.layers import FeedForward, FusedMultiHeadAttention, MultiHeadAttention, sinusoidal_positions
+from fastattn.nn import add_norm
 
 
 class EncoderLayer(nn.Module):

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 import fastattn.nn as fnn
-from fastattn.models.layers import FeedForward, FusedMultiHeadAttention, MultiHeadAttention, add_then_norm
+from fastattn.models.layers import FeedForward, FusedMultiHeadAttention, MultiHeadAttention
+from fastattn.nn import add_then_norm
 
 
 class Block(nn.Module):

@@ -17,10 +17,14 @@ from torch import Tensor
 from fastattn import _runtime, reference
 from fastattn.hwfit import KernelSpec
 from fastattn.kernels import attention as K
+from fastattn.ops._common import acc_tl, bucket, draw_seed, fallback_reason, seed_int, stat_dtype
 
 MAX_HEAD_DIM = 256
 _PRE_BLOCK = 32  # rows per program of the small delta = rowsum(dO * O) kernel
 _OP = "scaled_dot_product_attention"
+# What a forward and a backward launch (tests and benchmarks check these ran, not the eager fallback).
+FORWARD_KERNELS = (_runtime.kernel_name(K._attn_fwd),)
+BACKWARD_KERNELS = tuple(_runtime.kernel_name(k) for k in (K._attn_bwd_preprocess, K._attn_bwd_dkdv, K._attn_bwd_dq))
 
 try:  # torch >= 2.3
     from torch.nn.attention.bias import CausalBias, CausalVariant
@@ -32,22 +36,13 @@ def _block(d: int) -> int:
     return max(32, triton.next_power_of_2(d))
 
 
-def _bucket(n: int) -> int:
-    return triton.next_power_of_2(max(n, 1))
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics (lse, delta) and accumulators: fp32, or fp64 for fp64 inputs (interpreter gradchecks)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _precision(dtype: torch.dtype) -> str:
-    return "tf32" if _runtime.allow_tf32(dtype) else "ieee"
+    """fp32 ``tl.dot`` uses TF32 exactly when torch's matmuls would (``torch.backends.cuda.matmul.allow_tf32``)."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _kernel_flags(dtype: torch.dtype) -> dict:
-    return {"UPCAST": _runtime.dot_upcast(dtype), "PRECISION": _precision(dtype),
-            "ACC": tl.float64 if dtype == torch.float64 else tl.float32, "RTNE": _runtime.interpreting()}
+    return {"PRECISION": _precision(dtype), "ACC": acc_tl(dtype)}
 
 
 def _mask_kind(mask: Tensor | None) -> int:
@@ -74,7 +69,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: fl
     Z, H, M, D = q.shape
     HKV, N, DV = k.shape[1], k.shape[2], v.shape[3]
     out = torch.empty((Z, H, M, DV), device=q.device, dtype=q.dtype)
-    lse = torch.empty((Z, H, M), device=q.device, dtype=_stat_dtype(q.dtype))
+    lse = torch.empty((Z, H, M), device=q.device, dtype=stat_dtype(q.dtype))
     if Z * H * M == 0:
         return out, lse
     if N == 0:  # no keys at all: every row is empty
@@ -87,7 +82,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: fl
     _runtime.launch(
         K._attn_fwd, grid, q, k, v, mask_t, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *ms, *out.stride(),
-        H, M, N, D, DV, H // HKV, _bucket(M), _bucket(N),
+        H, M, N, D, DV, H // HKV, bucket(M), bucket(N),
         scale, causal_offset, seed, dropout_p,
         IS_CAUSAL=is_causal, MASK_KIND=_mask_kind(mask), HAS_DROPOUT=dropout_p > 0.0, BLOCK_D=_block(D),
         BLOCK_DV=_block(DV), **_kernel_flags(q.dtype),
@@ -103,10 +98,10 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
     dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
     dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
-    dmask = torch.zeros((Z, H, M, N) if mask_grad else (0,), device=q.device, dtype=_stat_dtype(q.dtype))
+    dmask = torch.zeros((Z, H, M, N) if mask_grad else (0,), device=q.device, dtype=stat_dtype(q.dtype))
     if Z * H * M * N == 0:
         return dq, dk, dv, dmask
-    delta = torch.empty((Z, H, M), device=q.device, dtype=_stat_dtype(q.dtype))
+    delta = torch.empty((Z, H, M), device=q.device, dtype=stat_dtype(q.dtype))
     _runtime.launch(
         K._attn_bwd_preprocess, (triton.cdiv(M, _PRE_BLOCK), Z * H), out, do, dlse, delta,
         *out.stride(), *do.stride(), H, M, DV, BLOCK_DV=_block(DV), BLOCK_M=_PRE_BLOCK,
@@ -119,13 +114,13 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
         K._attn_bwd_dkdv, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), Z * HKV),
         q, k, v, mask_t, do, lse, delta, dk, dv, dmask if mask_grad else q,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *dk.stride(), *dv.stride(),
-        H, HKV, M, N, D, DV, H // HKV, _bucket(M), _bucket(N), *scalars, MASK_GRAD=mask_grad, **flags,
+        H, HKV, M, N, D, DV, H // HKV, bucket(M), bucket(N), *scalars, MASK_GRAD=mask_grad, **flags,
     )
     _runtime.launch(
         K._attn_bwd_dq, lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), Z * H),
         q, k, v, mask_t, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(), *dq.stride(),
-        H, M, N, D, DV, H // HKV, _bucket(M), _bucket(N), *scalars, **flags,
+        H, M, N, D, DV, H // HKV, bucket(M), bucket(N), *scalars, **flags,
     )
     return dq, dk, dv, dmask
 
@@ -144,21 +139,17 @@ def dropout_keep_mask(seed: int, shape: tuple[int, int, int, int], dropout_p: fl
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _seed_int(seed: Tensor | None) -> int:
-    return int(seed.item()) if seed is not None else 0
-
-
 @torch.library.custom_op("fastattn::attention", mutates_args=(), device_types=None)
 def attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, seed: Tensor | None,
                  is_causal: bool, causal_offset: int, scale: float) -> tuple[Tensor, Tensor]:
     """Canonical fused attention on (Z, H, M, D) / (Z, HKV, N, D) / (Z, HKV, N, DV) -> (out, lse)."""
-    return _forward(q, k, v, mask, dropout_p, _seed_int(seed), is_causal, causal_offset, scale)
+    return _forward(q, k, v, mask, dropout_p, seed_int(seed), is_causal, causal_offset, scale)
 
 
 @attention_op.register_fake
 def _(q, k, v, mask, dropout_p, seed, is_causal, causal_offset, scale):
     Z, H, M, _ = q.shape
-    return q.new_empty((Z, H, M, v.shape[3])), q.new_empty((Z, H, M), dtype=_stat_dtype(q.dtype))
+    return q.new_empty((Z, H, M, v.shape[3])), q.new_empty((Z, H, M), dtype=stat_dtype(q.dtype))
 
 
 @torch.library.custom_op("fastattn::attention_backward", mutates_args=(), device_types=None)
@@ -167,7 +158,7 @@ def attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
                           is_causal: bool, causal_offset: int, scale: float,
                           mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dq, dk, dv, dmask) of ``fastattn::attention``; dmask is (Z, H, M, N) fp32 or empty."""
-    return _backward(do, q, k, v, out, lse, dlse, mask, dropout_p, _seed_int(seed), is_causal, causal_offset,
+    return _backward(do, q, k, v, out, lse, dlse, mask, dropout_p, seed_int(seed), is_causal, causal_offset,
                      scale, mask_grad)
 
 
@@ -175,7 +166,7 @@ def attention_backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
 def _(do, q, k, v, out, lse, dlse, mask, dropout_p, seed, is_causal, causal_offset, scale, mask_grad):
     Z, H, M, _ = q.shape
     N = k.shape[2]
-    dmask = q.new_empty((Z, H, M, N) if mask_grad else (0,), dtype=_stat_dtype(q.dtype))
+    dmask = q.new_empty((Z, H, M, N) if mask_grad else (0,), dtype=stat_dtype(q.dtype))
     # Contiguous, as _backward allocates them (empty_like would keep the strides of a permuted q, and a compiled
     # graph would then view the real gradients with the wrong strides).
     def grad(t):
@@ -366,16 +357,10 @@ def attention(
     # E = 0: every score is the empty sum 0 whatever the scale, so the rows average v (as torch gives)
     sm_scale = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)
 
-    reason = None
-    if not _runtime.triton_device_ok(query.device):
-        reason = _runtime.device_fallback_reason(query.device)
-    elif max(D, DV) > MAX_HEAD_DIM:
+    reason = fallback_reason(query.device, query.dtype)
+    if reason is None and max(D, DV) > MAX_HEAD_DIM:
         reason = f"head dim {max(D, DV)} is above the kernels' limit of {MAX_HEAD_DIM}"
-    elif query.dtype == torch.float64 and query.device.type == "cuda":
-        reason = "float64 runs the Triton kernels only in the interpreter"
-    elif query.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        reason = f"dtype {query.dtype} is not supported by the kernels"
-    elif not K.supported(query.element_size(), _precision(query.dtype), _block(max(D, DV))):
+    elif reason is None and not K.supported(query.element_size(), _precision(query.dtype), _block(max(D, DV))):
         reason = (f"no kernel tile fits {query.dtype} (TF32 {'on' if _precision(query.dtype) == 'tf32' else 'off'}) "
                   f"at head dim {max(D, DV)} in the registers of sm_80/sm_90")
     if reason is not None:
@@ -391,9 +376,7 @@ def attention(
     q4 = _to4d(query, outer, H)
     k4 = _to4d(key, outer, HKV)
     v4 = _to4d(value, outer, HKV)
-    seed = None
-    if dropout_p > 0.0:  # drawn from torch's default generator, so torch.manual_seed reproduces the mask
-        seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    seed = draw_seed(dropout_p)
     out4, lse4 = attention_op(q4, k4, v4, mask4, dropout_p, seed, bool(is_causal), causal_offset, sm_scale)
     out = out4.reshape(*batch, M, DV)  # (Z, H, M, DV) -> the broadcast batch shape
     return (out, lse4.reshape(*batch, M)) if return_lse else out
@@ -436,8 +419,8 @@ def _example_args(dtype: torch.dtype, d: int, full: bool) -> dict:
     args.update(Q=t, K=t, V=t, Out=t, DO=t, DK=t, DV_=t, DQ=t, Mask=mask if full else t, Lse=stats, Delta=stats,
                 DMask=mask if full else t, DLse=None, H=4, HKV=4, M=1000, N=1000, D=d, DV=d, GROUP=1,
                 M_BUCKET=1024, N_BUCKET=1024, sm_scale=0.125, causal_offset=0, seed=12345, dropout_p=0.1,
-                IS_CAUSAL=full, MASK_KIND=2 if full else 0, HAS_DROPOUT=full, MASK_GRAD=full, UPCAST=False, RTNE=False,
-                ACC=tl.float32, BLOCK_D=d, BLOCK_DV=d)
+                IS_CAUSAL=full, MASK_KIND=2 if full else 0, HAS_DROPOUT=full, MASK_GRAD=full, ACC=tl.float32,
+                BLOCK_D=d, BLOCK_DV=d)
     return args
 
 

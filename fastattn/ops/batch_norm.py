@@ -22,28 +22,26 @@ from torch import Tensor
 from fastattn import _runtime, reference
 from fastattn.hwfit import KernelSpec
 from fastattn.kernels import batch_norm as K
+from fastattn.ops._common import (
+    KERNEL_DTYPES,
+    acc_tl,
+    bucket,
+    check_float_dtype,
+    dtype_name,
+    fallback_reason,
+    stat_dtype,
+)
 
 _OP = "batch_norm_add_relu"
-DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The saved rstd, the shift and dx's coefficients: fp32, or fp64 for fp64 inputs (interpreter gradchecks).
-    Partial sums and the saved training mean (:data:`MEAN_DTYPE`) are always fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# The batch mean is kept in fp64 (C values): the kernels subtract it as hi + lo (kernels/batch_norm._mean_hi_lo), so
-# an activation mean large against its spread costs no fp32 rounding of the mean in out, dx or dweight.
+# What a forward and a backward launch: training runs all three (statistics, combine, apply / reduce, combine, dx),
+# eval the apply pass and the backward reduction only (plus the combine for dweight/dbias).
+FORWARD_KERNELS = tuple(_runtime.kernel_name(k) for k in (K._bn_fwd_reduce, K._bn_fwd_combine, K._bn_fwd_apply))
+BACKWARD_KERNELS = tuple(_runtime.kernel_name(k) for k in (K._bn_bwd_reduce, K._bn_bwd_combine, K._bn_bwd_dx))
+# The saved rstd, the shift and dx's coefficients have ops._common.stat_dtype (fp32, fp64 for fp64 inputs);
+# partial sums and the saved training mean are always fp64. The batch mean is kept in fp64 (C values): the kernels
+# subtract it as hi + lo (kernels/batch_norm._mean_hi_lo), so an activation mean large against its spread costs no
+# fp32 rounding of the mean in out, dx or dweight.
 MEAN_DTYPE = torch.float64
-
-
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _bucket(n: int) -> int:
-    return triton.next_power_of_2(max(n, 1))
 
 
 def _layout(shape: torch.Size, *tensors: Tensor | None) -> tuple[int, int, int, list[tuple[int, int, int, int]]]:
@@ -91,6 +89,16 @@ def _num_partials(M: int, C: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(8 * sms * 32, C), triton.cdiv(M, 256), 4096))
 
 
+def lane_terms(x: Tensor) -> int:
+    """The most values one lane of the statistics or backward reduction adds in fp32 before the float64 partials
+    (the rounding floors of ``fastattn.testing.batch_norm_floors``): one value per tile of its partial's range, for
+    any config (tiles are at least 16 long on B)."""
+    N, C, H, W = x.shape
+    A, _, B, _ = _layout(x.shape, x)
+    S = _num_partials(N * H * W, C, x.device)
+    return max(1, triton.cdiv(A * triton.cdiv(B, min(b for b, _ in K.TILES)), S))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # launchers
 # ---------------------------------------------------------------------------------------------------------------
@@ -101,7 +109,7 @@ def _stats(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
     """Batch mean and 1/sqrt(var + eps) per channel (stat dtype); updates the running statistics in place."""
     N, C, H, W = x.shape
     M = N * H * W
-    sdt = _stat_dtype(x.dtype)
+    sdt = stat_dtype(x.dtype)
     mean = torch.empty(C, device=x.device, dtype=MEAN_DTYPE)
     rstd = torch.empty(C, device=x.device, dtype=sdt)
     if M == 0 or C == 0:  # as torch: empty batch, running statistics untouched
@@ -112,7 +120,7 @@ def _stats(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
     shift = torch.empty((C,), device=x.device, dtype=sdt)
     _runtime.launch(
         K._bn_fwd_reduce, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), S), x, partial, shift, *sx, A, A2, B, C, S,
-        _bucket(B), _bucket(C), _channels_inner(sx, B), ACC=_acc(x.dtype),
+        bucket(B), bucket(C), _channels_inner(sx, B), ACC=acc_tl(x.dtype),
     )
     has_running = running_mean is not None
     cumulative = has_running and num_batches_tracked is not None
@@ -120,7 +128,7 @@ def _stats(x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
         K._bn_fwd_combine, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),),
         # without running statistics the autotuner's restore_value still needs tensors: mean and rstd stand in
         partial, shift, mean, rstd, running_mean if has_running else mean, running_var if has_running else rstd,
-        num_batches_tracked if cumulative else None, C, S, M, _bucket(C), float(momentum), float(eps),
+        num_batches_tracked if cumulative else None, C, S, M, bucket(C), float(momentum), float(eps),
         HAS_RUNNING=has_running, CUMULATIVE=cumulative, BLOCK_S=K.BLOCK_S,
     )
     return mean, rstd
@@ -139,7 +147,7 @@ def _apply(x: Tensor, identity: Tensor | None, mean: Tensor, var_or_rstd: Tensor
 
     _runtime.launch(
         K._bn_fwd_apply, grid, x, identity, out, mean, var_or_rstd, weight, bias, *sx, *si, *so, A2, B, C,
-        _bucket(B), _bucket(C), _channels_inner(sx, B), float(eps), IS_EVAL=not training, ACC=_acc(x.dtype),
+        bucket(B), bucket(C), _channels_inner(sx, B), float(eps), IS_EVAL=not training, ACC=acc_tl(x.dtype),
     )
     return out
 
@@ -160,14 +168,14 @@ def _backward(dy: Tensor, x: Tensor, out: Tensor, mean: Tensor, var_or_rstd: Ten
     if M == 0 or C == 0:  # nothing to sum: zero gradients for the affine parameters
         return dx, did, dw.zero_(), db.zero_()
     need_sums = need_dw or need_db or (training and need_dx)
-    sdt = _stat_dtype(x.dtype)
+    sdt = stat_dtype(x.dtype)
     S = _num_partials(M, C, x.device)
     partial = torch.empty((2, S, C), device=x.device, dtype=torch.float64) if need_sums else None
     did_t = did if need_did else None
     dx_t = dx if need_dx else None
     A, A2, B, (sdy, so, sx, sdi, sdx) = _layout(x.shape, dy, out, x, did_t, dx_t)
-    keys = (_bucket(B), _bucket(C), _channels_inner(sx, B))
-    acc = _acc(x.dtype)
+    keys = (bucket(B), bucket(C), _channels_inner(sx, B))
+    acc = acc_tl(x.dtype)
     _runtime.launch(
         K._bn_bwd_reduce, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]), S),
         dy, out, x, mean, var_or_rstd, weight, did_t, None if training else dx_t, partial,
@@ -178,7 +186,7 @@ def _backward(dy: Tensor, x: Tensor, out: Tensor, mean: Tensor, var_or_rstd: Ten
     coef = torch.empty((3, C), device=x.device, dtype=sdt) if training and need_dx else None
     _runtime.launch(
         K._bn_bwd_combine, lambda meta: (triton.cdiv(C, meta["BLOCK_C"]),), partial, var_or_rstd, weight, coef,
-        dw if need_dw else None, db if need_db else None, C, S, M, _bucket(C), float(eps), IS_EVAL=not training,
+        dw if need_dw else None, db if need_db else None, C, S, M, bucket(C), float(eps), IS_EVAL=not training,
         BLOCK_S=K.BLOCK_S,
     )
     if coef is not None:
@@ -210,7 +218,7 @@ def batch_norm_stats_op(x: Tensor, running_mean: Tensor | None, running_var: Ten
 @batch_norm_stats_op.register_fake
 def _(x, running_mean, running_var, num_batches_tracked, momentum, eps):
     C = x.shape[1]
-    return x.new_empty((C,), dtype=MEAN_DTYPE), x.new_empty((C,), dtype=_stat_dtype(x.dtype))
+    return x.new_empty((C,), dtype=MEAN_DTYPE), x.new_empty((C,), dtype=stat_dtype(x.dtype))
 
 
 @torch.library.custom_op("fastattn::batch_norm_add_relu", mutates_args=(), device_types=None)
@@ -274,10 +282,6 @@ batch_norm_add_relu_op.register_autograd(_backward_autograd, setup_context=_setu
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _name_dtype(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def _check(x: Tensor, identity: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
            weight: Tensor | None, bias: Tensor | None, training: bool, momentum: float | None, eps: float,
            num_batches_tracked: Tensor | None) -> None:
@@ -295,7 +299,7 @@ def _check(x: Tensor, identity: Tensor | None, running_mean: Tensor | None, runn
         raise ValueError(f"fastattn.{_OP}: eps must be non-negative (as torch's batch_norm requires); got {eps!r}")
     if x.dim() != 4:
         raise ValueError(f"fastattn.{_OP}: x must be 4-D (N, C, H, W); got shape {tuple(x.shape)}")
-    _runtime.check_float_dtype(_OP, "x", x, DTYPES)
+    check_float_dtype(_OP, "x", x, KERNEL_DTYPES)
     C = x.shape[1]
     if identity is not None:
         if not isinstance(identity, Tensor):
@@ -304,8 +308,8 @@ def _check(x: Tensor, identity: Tensor | None, running_mean: Tensor | None, runn
             raise ValueError(f"fastattn.{_OP}: identity must have x's shape {tuple(x.shape)}; got "
                              f"{tuple(identity.shape)}")
         if identity.dtype != x.dtype:
-            raise TypeError(f"fastattn.{_OP}: identity must have x's dtype {_name_dtype(x.dtype)}; got "
-                            f"{_name_dtype(identity.dtype)}")
+            raise TypeError(f"fastattn.{_OP}: identity must have x's dtype {dtype_name(x.dtype)}; got "
+                            f"{dtype_name(identity.dtype)}")
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight),
                     ("bias", bias)):
         if t is None:
@@ -315,7 +319,7 @@ def _check(x: Tensor, identity: Tensor | None, running_mean: Tensor | None, runn
         if t.shape != (C,):
             raise ValueError(f"fastattn.{_OP}: {name} must have shape ({C},) (the channels of x {tuple(x.shape)}); "
                              f"got {tuple(t.shape)}")
-        _runtime.check_float_dtype(_OP, name, t, DTYPES)
+        check_float_dtype(_OP, name, t, KERNEL_DTYPES)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"fastattn.{_OP}: running_mean and running_var must both be tensors or both be None; got "
                          f"running_mean {'None' if running_mean is None else 'a tensor'} and running_var "
@@ -364,11 +368,7 @@ def batch_norm_add_relu(
     _check(x, identity, running_mean, running_var, weight, bias, training, momentum, eps, num_batches_tracked)
     training = bool(training)
     eps = float(eps)
-    reason = None
-    if not _runtime.triton_device_ok(x.device):
-        reason = _runtime.device_fallback_reason(x.device)
-    elif x.dtype == torch.float64 and x.device.type == "cuda":
-        reason = "float64 runs the Triton kernels only in the interpreter"
+    reason = fallback_reason(x.device, x.dtype)
     if reason is not None:
         _runtime.warn_fallback(_OP, reason)
         return reference.batch_norm_add_relu(x, identity, running_mean, running_var, weight, bias, training,
@@ -418,12 +418,12 @@ def kernel_specs() -> list[KernelSpec]:
     stat = torch.empty((4096,), device=meta, dtype=torch.float32)
     stat64 = torch.empty((4096,), device=meta, dtype=torch.float64)
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        dname = _name_dtype(dtype)
+        dname = dtype_name(dtype)
         for (_, _, layout), (cfg, fmt, N, C, H, W) in picks.items():
             x = torch.empty((N, C, H, W), device=meta, dtype=dtype).to(memory_format=fmt)
             A, A2, B, (sx,) = _layout(x.shape, x)
-            common = {"A": A, "A2": A2, "B": B, "C": C, "S": 132, "M": N * H * W, "B_BUCKET": _bucket(B),
-                      "C_BUCKET": _bucket(C), "C_INNER": _channels_inner(sx, B), "eps": 1e-5, "ACC": tl.float32}
+            common = {"A": A, "A2": A2, "B": B, "C": C, "S": 132, "M": N * H * W, "B_BUCKET": bucket(B),
+                      "C_BUCKET": bucket(C), "C_INNER": _channels_inner(sx, B), "eps": 1e-5, "ACC": tl.float32}
             for p in ("x", "i", "o", "dy", "di", "dx", "g"):
                 common.update({f"stride_{p}{d}": v for d, v in zip(("a1", "a2", "c", "b"), sx)})
             variant = f"{dname} {layout}"

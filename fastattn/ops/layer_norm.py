@@ -28,20 +28,12 @@ from torch import Tensor
 from fastattn import _runtime, reference
 from fastattn.hwfit import KernelSpec
 from fastattn.kernels import layer_norm as K
+from fastattn.ops._common import TL_DTYPES, draw_seed, dtype_name, fallback_reason, seed_int, stat_dtype
 
-_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What a forward and a backward launch (the reduction only with a weight or bias to differentiate).
+FORWARD_KERNELS = (_runtime.kernel_name(K._layer_norm_fwd),)
+BACKWARD_KERNELS = tuple(_runtime.kernel_name(k) for k in (K._layer_norm_bwd, K._layer_norm_bwd_reduce))
 MAX_ROWS = 2**31 - 2**16  # row indices are int32 in the kernels (element offsets are int64)
-
-
-def _rtne_bf16() -> bool:
-    """Whether kernels round float32 to bfloat16 on the bits (the interpreter's own conversion truncates)."""
-    return _runtime.interpreting()
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """mean / rstd and every accumulator: fp32, or fp64 for fp64 inputs (interpreter gradchecks)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def residual_dtype(x_dtype: torch.dtype, residual_in_fp32: bool) -> torch.dtype:
@@ -121,7 +113,7 @@ def _forward(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Te
              store_residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     lead, N = tuple(x.shape[:-1]), x.shape[-1]
     M = math.prod(lead)
-    stat = _stat_dtype(x.dtype)
+    stat = stat_dtype(x.dtype)
     z_dtype = residual_dtype(x.dtype, residual_in_fp32)
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     res_out = torch.empty(x.shape, device=x.device, dtype=z_dtype) if store_residual else _empty(x, z_dtype)
@@ -137,7 +129,7 @@ def _forward(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Te
         None if is_rms else mean, rstd,
         sxo, sxi, x.stride(-1), sro, sri, residual.stride(-1) if residual is not None else 0,
         M, N, m_inner, float(eps), seed, float(dropout_p),
-        IS_RMS=is_rms, HAS_DROPOUT=dropout_p > 0.0, Z_DT=_TL[z_dtype], ACC=_TL[stat], RTNE_BF16=_rtne_bf16(),
+        IS_RMS=is_rms, HAS_DROPOUT=dropout_p > 0.0, Z_DT=TL_DTYPES[z_dtype], ACC=TL_DTYPES[stat],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs,
     )
     return out, res_out, mean, rstd
@@ -154,7 +146,7 @@ def _backward(dy: Tensor, dz: Tensor | None, z: Tensor, weight: Tensor | None, m
               dbias_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     lead, N = tuple(z.shape[:-1]), z.shape[-1]
     M = math.prod(lead)
-    stat = _stat_dtype(z.dtype)
+    stat = stat_dtype(z.dtype)
     dx = torch.empty(z.shape, device=z.device, dtype=dx_dtype) if dx_dtype else _empty(z, z.dtype)
     dres = torch.empty(z.shape, device=z.device, dtype=dres_dtype) if dres_dtype else _empty(z, z.dtype)
     need_dweight = need_dweight and weight is not None
@@ -178,14 +170,14 @@ def _backward(dy: Tensor, dz: Tensor | None, z: Tensor, weight: Tensor | None, m
         dres if dres_dtype else None, dwp, dbp,
         szo, szi, z.stride(-1), syo, syi, dy.stride(-1), sdo, sdi, dz.stride(-1) if dz is not None else 0, width,
         M, N, m_inner, per, seed, float(dropout_p),
-        IS_RMS=is_rms, HAS_DROPOUT=dropout_p > 0.0, ACC=_TL[stat], RTNE_BF16=_rtne_bf16(),
+        IS_RMS=is_rms, HAS_DROPOUT=dropout_p > 0.0, ACC=TL_DTYPES[stat],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **cfg.kwargs,
     )
     if dwp is not None or dbp is not None:
         rc = K.REDUCE_CONFIG
         _runtime.launch(K._layer_norm_bwd_reduce, (triton.cdiv(N, rc.kwargs["BLOCK_N"]),), dwp, dbp,
-                        dw if need_dweight else None, db if dbias_dtype else None, width, programs, N, ACC=_TL[stat],
-                        RTNE_BF16=_rtne_bf16(), num_warps=rc.num_warps, **rc.kwargs)
+                        dw if need_dweight else None, db if dbias_dtype else None, width, programs, N,
+                        ACC=TL_DTYPES[stat], num_warps=rc.num_warps, **rc.kwargs)
     return dx, dres, dw, db
 
 
@@ -210,23 +202,19 @@ OptTensor = Optional[Tensor]  # noqa: UP045
 OptDtype = Optional[torch.dtype]  # noqa: UP045
 
 
-def _seed_int(seed: Tensor | None) -> int:
-    return int(seed.item()) if seed is not None else 0
-
-
 @torch.library.custom_op("fastattn::add_layer_norm", mutates_args=(), device_types=None)
 def add_layer_norm_op(x: Tensor, residual: OptTensor, weight: OptTensor, bias: OptTensor,
                       eps: float, dropout_p: float, seed: OptTensor, is_rms: bool, residual_in_fp32: bool,
                       store_residual: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, residual_out or empty, mean (empty for RMSNorm), rstd) over the last dim of ``x``."""
-    return _forward(x, residual, weight, bias, eps, dropout_p, _seed_int(seed), is_rms, residual_in_fp32,
+    return _forward(x, residual, weight, bias, eps, dropout_p, seed_int(seed), is_rms, residual_in_fp32,
                     store_residual)
 
 
 @add_layer_norm_op.register_fake
 def _(x, residual, weight, bias, eps, dropout_p, seed, is_rms, residual_in_fp32, store_residual):
     M = math.prod(x.shape[:-1])
-    stat = _stat_dtype(x.dtype)
+    stat = stat_dtype(x.dtype)
     z_dtype = residual_dtype(x.dtype, residual_in_fp32)
     res_out = x.new_empty(x.shape if store_residual else (0,), dtype=z_dtype)
     return (torch.empty_like(x, memory_format=torch.contiguous_format), res_out,
@@ -240,7 +228,7 @@ def add_layer_norm_backward_op(dout: Tensor, dresidual_out: OptTensor, z: Tensor
                                need_dweight: bool,
                                dbias_dtype: OptDtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dresidual, dweight, dbias) of ``fastattn::add_layer_norm``; each is empty where its dtype is None."""
-    return _backward(dout, dresidual_out, z, weight, mean, rstd, dropout_p, _seed_int(seed), is_rms, dx_dtype,
+    return _backward(dout, dresidual_out, z, weight, mean, rstd, dropout_p, seed_int(seed), is_rms, dx_dtype,
                      dresidual_dtype, need_dweight, dbias_dtype)
 
 
@@ -301,15 +289,11 @@ add_layer_norm_op.register_autograd(_backward_autograd, setup_context=_setup_con
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def _check(op: str, x, residual, weight, bias, eps, dropout_p, residual_in_fp32, norm_shape: tuple[int, ...]):
     if not isinstance(x, Tensor):
         raise TypeError(f"fastattn.{op}: x must be a Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"fastattn.{op}: x must be a floating-point tensor; got {_dtype_name(x.dtype)}")
+        raise TypeError(f"fastattn.{op}: x must be a floating-point tensor; got {dtype_name(x.dtype)}")
     if x.dim() == 0:
         raise ValueError(f"fastattn.{op}: x must have at least one dim (the normalised one); got a 0-dim tensor")
     if not norm_shape:  # torch raises too; flattening no dims would normalise every element on its own
@@ -326,8 +310,8 @@ def _check(op: str, x, residual, weight, bias, eps, dropout_p, residual_in_fp32,
         ok = (x.dtype,) + ((torch.float32,) if residual_in_fp32 else ())
         if residual.dtype not in ok:
             hint = "" if residual_in_fp32 else " (an fp32 residual stream needs residual_in_fp32=True)"
-            raise TypeError(f"fastattn.{op}: residual must have dtype {' or '.join(map(_dtype_name, ok))}; got "
-                            f"{_dtype_name(residual.dtype)}{hint}")
+            raise TypeError(f"fastattn.{op}: residual must have dtype {' or '.join(map(dtype_name, ok))}; got "
+                            f"{dtype_name(residual.dtype)}{hint}")
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
             continue
@@ -337,8 +321,8 @@ def _check(op: str, x, residual, weight, bias, eps, dropout_p, residual_in_fp32,
             raise ValueError(f"fastattn.{op}: {name} must have shape {norm_shape} (the normalised trailing dims of "
                              f"x); got {tuple(p.shape)}")
         if p.dtype not in (x.dtype, torch.float32):
-            allowed = _dtype_name(x.dtype) + (" or float32" if x.dtype != torch.float32 else "")
-            raise TypeError(f"fastattn.{op}: {name} must have x's dtype {allowed}; got {_dtype_name(p.dtype)}")
+            allowed = dtype_name(x.dtype) + (" or float32" if x.dtype != torch.float32 else "")
+            raise TypeError(f"fastattn.{op}: {name} must have x's dtype {allowed}; got {dtype_name(p.dtype)}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0.0 < float(eps) < math.inf):
         raise ValueError(f"fastattn.{op}: eps must be a positive finite float; got {eps!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not (0.0 <= float(dropout_p) < 1.0):
@@ -349,15 +333,10 @@ def _check(op: str, x, residual, weight, bias, eps, dropout_p, residual_in_fp32,
 
 
 def _fallback_reason(x: Tensor) -> str | None:
-    if not _runtime.triton_device_ok(x.device):
-        return _runtime.device_fallback_reason(x.device)
-    if math.prod(x.shape[:-1]) >= MAX_ROWS:
-        return f"{math.prod(x.shape[:-1])} rows exceed the kernels' int32 row index (at most {MAX_ROWS - 1})"
-    if x.dtype == torch.float64 and x.device.type == "cuda":
-        return "float64 runs the Triton kernels only in the interpreter"
-    if x.dtype not in KERNEL_DTYPES:
-        return f"dtype {_dtype_name(x.dtype)} is not supported by the kernels"
-    return None
+    reason = fallback_reason(x.device, x.dtype)
+    if reason is None and math.prod(x.shape[:-1]) >= MAX_ROWS:
+        reason = f"{math.prod(x.shape[:-1])} rows exceed the kernels' int32 row index (at most {MAX_ROWS - 1})"
+    return reason
 
 
 def _add_norm(op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None,
@@ -383,9 +362,7 @@ def _add_norm(op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None
             out, res_out = reference.add_layer_norm(x, residual, weight, bias, eps, dropout_p,
                                                     residual_in_fp32=residual_in_fp32)
     else:
-        seed = None
-        if dropout_p > 0.0:  # drawn from torch's default generator, so torch.manual_seed reproduces the mask
-            seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+        seed = draw_seed(dropout_p)
         z_is_x = residual is None and dropout_p == 0.0 and residual_dtype(x.dtype, residual_in_fp32) == x.dtype
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, residual, weight, bias))
@@ -489,7 +466,7 @@ def kernel_specs() -> list[KernelSpec]:
     specs: list[KernelSpec] = []
     M = 1000
     for dtype, rdtype in ((torch.float16, torch.float32), (torch.float32, torch.float32)):
-        dname = f"{_dtype_name(dtype)} (residual {_dtype_name(rdtype)})"
+        dname = f"{dtype_name(dtype)} (residual {dtype_name(rdtype)})"
 
         def t(n, dt):
             return torch.empty((M, n), device=meta, dtype=dt)
@@ -500,8 +477,8 @@ def kernel_specs() -> list[KernelSpec]:
             args = {"X": t(n, dtype), "R": t(n, rdtype), "W": t(n, dtype)[0], "B": t(n, dtype)[0], "Out": t(n, dtype),
                     "RO": t(n, rdtype), "Mean": stat, "Rstd": stat, "stride_xo": 0, "stride_xi": n, "stride_xn": 1,
                     "stride_ro": 0, "stride_ri": n, "stride_rn": 1, "M": M, "N": n, "M_INNER": M, "eps": 1e-5,
-                    "seed": 1234, "dropout_p": 0.1, "IS_RMS": False, "HAS_DROPOUT": True, "Z_DT": _TL[rdtype],
-                    "ACC": tl.float32, "RTNE_BF16": False}
+                    "seed": 1234, "dropout_p": 0.1, "IS_RMS": False, "HAS_DROPOUT": True, "Z_DT": TL_DTYPES[rdtype],
+                    "ACC": tl.float32}
             specs.append(KernelSpec("layer_norm", K._layer_norm_fwd, args, cfg, f"{dname} all features"))
         for cfg in K.all_bwd_configs():
             n = cfg.kwargs["BLOCK_N"] * (3 if cfg.kwargs["LOOPED"] else 1) - 3
@@ -512,14 +489,14 @@ def kernel_specs() -> list[KernelSpec]:
                     "stride_zi": n, "stride_zn": 1, "stride_dyo": 0, "stride_dyi": n, "stride_dyn": 1,
                     "stride_dzo": 0, "stride_dzi": n, "stride_dzn": 1, "stride_p": width, "M": M, "N": n, "M_INNER": M,
                     "BLOCKS_PER_PROG": 4, "seed": 1234, "dropout_p": 0.1, "IS_RMS": False, "HAS_DROPOUT": True,
-                    "ACC": tl.float32, "RTNE_BF16": False}
+                    "ACC": tl.float32}
             specs.append(KernelSpec("layer_norm", K._layer_norm_bwd, args, cfg, f"{dname} all features"))
         part = torch.empty((264, 4093), device=meta, dtype=torch.float32)
         vec = torch.empty((4093,), device=meta, dtype=dtype)
         args = {"DWp": part, "DBp": part, "DW": vec, "DB": vec, "stride_p": 4093, "G": 264, "N": 4093,
-                "ACC": tl.float32, "RTNE_BF16": False}
+                "ACC": tl.float32}
         specs.append(KernelSpec("layer_norm", K._layer_norm_bwd_reduce, args, K.REDUCE_CONFIG,
-                                f"{_dtype_name(dtype)} dweight+dbias"))
+                                f"{dtype_name(dtype)} dweight+dbias"))
     keep = torch.empty((M, 4093), device=meta, dtype=torch.bool)
     args = {"Keep": keep, "M": M, "N": 4093, "seed": 1234, "dropout_p": 0.1}
     specs.append(KernelSpec("layer_norm", K._layer_norm_dropout_mask, args, K.MASK_CONFIG, "bool mask"))

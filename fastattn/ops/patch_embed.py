@@ -18,9 +18,21 @@ from torch import Tensor
 from fastattn import _runtime, reference
 from fastattn.hwfit import KernelSpec
 from fastattn.kernels import patch_embed as K
+from fastattn.ops._common import (
+    KERNEL_DTYPES,
+    acc_tl,
+    bucket,
+    check_float_dtype,
+    dtype_name,
+    fallback_reason,
+    stat_dtype,
+)
 
 _OP = "patch_embed"
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What a forward and a backward launch (the backward's kernels each only for the gradients asked for).
+FORWARD_KERNELS = (_runtime.kernel_name(K._pe_fwd),)
+BACKWARD_KERNELS = tuple(_runtime.kernel_name(k) for k in (K._pe_bwd_dw, K._pe_bwd_reduce, K._pe_bwd_dpos,
+                                                           K._pe_bwd_dx))
 DPOS_BLOCKS = (8, 4, 128)  # _pe_bwd_dpos: images per step, token rows and features per program
 REDUCE_BLOCK = 1024
 
@@ -81,12 +93,7 @@ def _allow_tf32(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def _kernel_flags(dtype: torch.dtype, device: torch.device) -> dict:
-    return {"UPCAST": _runtime.dot_upcast(dtype), "PRECISION": "tf32" if _allow_tf32(dtype, device) else "ieee",
-                "ACC": tl.float64 if dtype == torch.float64 else tl.float32, "RTNE": _runtime.interpreting()}
-
-
-def _bucket(n: int) -> int:
-    return triton.next_power_of_2(max(n, 1))
+    return {"PRECISION": "tf32" if _allow_tf32(dtype, device) else "ieee", "ACC": acc_tl(dtype)}
 
 
 def _strides(t: Tensor | None, n: int) -> tuple[int, ...]:
@@ -128,7 +135,7 @@ def _forward(images: Tensor, weight: Tensor, bias: Tensor | None, pos: Tensor | 
     _runtime.launch(
         K._pe_fwd, grid, images, weight, bias, pos, cls, out,
         *images.stride(), *weight.stride(), *_strides(bias, 1), *_strides(pos, 2), *_strides(cls, 1), *out.stride(),
-        M, g.N, g.WP, g.K, g.D, _bucket(M),
+        M, g.N, g.WP, g.K, g.D, bucket(M),
         C=g.C, P=g.P, KORDER=g.korder, X_FLAT=g.x_flat, W_FLAT=g.w_flat, CLS=g.cls, SHIFT=g.shift,
         **_kernel_flags(images.dtype, images.device),
     )
@@ -162,22 +169,21 @@ def _backward(dout: Tensor, images: Tensor, weight: Tensor, bias: Tensor | None,
             DW, DB, dw_strides, db_strides = dw, db if need_dbias else None, (0, *dw.stride()), (0, *db.stride())
         else:  # fp32 partials per split, (D, K) in reduction order, added in a fixed order by _pe_bwd_reduce
             E = DK + (g.D if need_dbias else 0)
-            part = torch.empty((split, E), device=images.device,
-                               dtype=torch.float64 if images.dtype == torch.float64 else torch.float32)
+            part = torch.empty((split, E), device=images.device, dtype=stat_dtype(images.dtype))
             DW, DB = part, part[:, DK:] if need_dbias else None
             dw_strides, db_strides = (E, g.K, 0, 0, 0), (E, 1)
         _runtime.launch(
             K._pe_bwd_dw, lambda meta: (triton.cdiv(g.K, meta["BLOCK_M"]), triton.cdiv(g.D, meta["BLOCK_N"]), split),
             images, weight, dout, DW, DB,
             *images.stride(), *dout.stride(), *dw_strides, *db_strides,
-            M, g.N, g.WP, g.K, g.D, rows, _bucket(rows), X_FLAT=g.x_flat, DW_FLAT=dw_flat if split == 1 else 2,
+            M, g.N, g.WP, g.K, g.D, rows, bucket(rows), X_FLAT=g.x_flat, DW_FLAT=dw_flat if split == 1 else 2,
             **geo, **flags,
         )
         if split > 1:
             _runtime.launch(
                 K._pe_bwd_reduce, (triton.cdiv(E, REDUCE_BLOCK),), part, dw, db if need_dbias else None,
                 *dw.stride(), db.stride(0) if need_dbias else 0, split, g.D, g.K,
-                C=g.C, P=g.P, KORDER=g.korder, W_FLAT=dw_flat, ACC=flags["ACC"], RTNE=flags["RTNE"], BLOCK=REDUCE_BLOCK,
+                C=g.C, P=g.P, KORDER=g.korder, W_FLAT=dw_flat, ACC=flags["ACC"], BLOCK=REDUCE_BLOCK,
             )
         if not need_dw:
             dw = none()
@@ -189,7 +195,7 @@ def _backward(dout: Tensor, images: Tensor, weight: Tensor, bias: Tensor | None,
             K._pe_bwd_dpos, (triton.cdiv(rows_t, bt), triton.cdiv(g.D, bd)),
             dout, dpos if need_dpos else None, dcls if need_dcls else None,
             *dout.stride(), *_strides(dpos if need_dpos else None, 2), dcls.stride(0) if need_dcls else 0,
-            g.B, rows_t, g.D, g.shift, ACC=flags["ACC"], RTNE=flags["RTNE"], BLOCK_B=bb, BLOCK_T=bt, BLOCK_D=bd,
+            g.B, rows_t, g.D, g.shift, ACC=flags["ACC"], BLOCK_B=bb, BLOCK_T=bt, BLOCK_D=bd,
             num_warps=4,
         )
 
@@ -197,7 +203,7 @@ def _backward(dout: Tensor, images: Tensor, weight: Tensor, bias: Tensor | None,
         _runtime.launch(
             K._pe_bwd_dx, lambda meta: (triton.cdiv(g.K, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"])),
             dout, weight, dx, *dout.stride(), *weight.stride(), *dx.stride(),
-            M, g.N, g.WP, g.K, g.D, _bucket(M), X_FLAT=_image_flat(dx, g.korder), W_FLAT=g.w_flat, **geo, **flags,
+            M, g.N, g.WP, g.K, g.D, bucket(M), X_FLAT=_image_flat(dx, g.korder), W_FLAT=g.w_flat, **geo, **flags,
         )
     return dx, dw, db, dpos, dcls
 
@@ -264,10 +270,6 @@ patch_embed_op.register_autograd(_backward_autograd, setup_context=_setup_contex
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def _check(images: Tensor, weight: Tensor, bias: Tensor | None, pos_embed: Tensor | None,
            cls_token: Tensor | None) -> None:
     for name, t, optional in (("images", images, False), ("weight", weight, False), ("bias", bias, True),
@@ -282,15 +284,15 @@ def _check(images: Tensor, weight: Tensor, bias: Tensor | None, pos_embed: Tenso
     if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
         raise ValueError(f"fastattn.{_OP}: weight must be a Conv2d weight (D, C, P, P) with a square P x P patch; "
                          f"got shape {tuple(weight.shape)}")
-    _runtime.check_float_dtype(_OP, "images", images, KERNEL_DTYPES)
+    check_float_dtype(_OP, "images", images, KERNEL_DTYPES)
     if weight.dtype != images.dtype or (bias is not None and bias.dtype != images.dtype):
-        got = f"images {_name(images.dtype)}, weight {_name(weight.dtype)}"
-        got += f", bias {_name(bias.dtype)}" if bias is not None else ""
+        got = f"images {dtype_name(images.dtype)}, weight {dtype_name(weight.dtype)}"
+        got += f", bias {dtype_name(bias.dtype)}" if bias is not None else ""
         raise TypeError(f"fastattn.{_OP}: images, weight and bias must have one dtype (as conv2d requires); got {got}")
     for name, t in (("pos_embed", pos_embed), ("cls_token", cls_token)):
         if t is not None and t.dtype not in (images.dtype, torch.float32):
-            raise TypeError(f"fastattn.{_OP}: {name} must have the images' dtype {_name(images.dtype)} or float32; "
-                            f"got {_name(t.dtype)}")
+            raise TypeError(f"fastattn.{_OP}: {name} must have the images' dtype {dtype_name(images.dtype)} or "
+                            f"float32; got {dtype_name(t.dtype)}")
     _, C, H, W = images.shape
     D, CW, P, _ = weight.shape
     if C != CW:
@@ -335,11 +337,7 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None = None, pos_
     the tokens then come out in float32, as torch's type promotion gives.
     """
     _check(images, weight, bias, pos_embed, cls_token)
-    reason = None
-    if not _runtime.triton_device_ok(images.device):
-        reason = _runtime.device_fallback_reason(images.device)
-    elif images.dtype == torch.float64 and images.device.type != "cpu":
-        reason = "float64 runs the Triton kernels only in the interpreter"
+    reason = fallback_reason(images.device, images.dtype)
     if reason is not None:
         _runtime.warn_fallback(_OP, reason)
         return reference.patch_embed(images, weight, bias, pos_embed, cls_token)
@@ -383,13 +381,13 @@ def kernel_specs() -> list[KernelSpec]:
         pos = torch.empty((T, D), device=meta, dtype=tok_dtype)
         cls = torch.empty((D,), device=meta, dtype=tok_dtype)
         out = torch.empty((B, T, D), device=meta, dtype=tok_dtype)
-        flags = {"UPCAST": False, "ACC": tl.float32, "RTNE": False, "C": C, "P": P, "KORDER": g.korder, "CLS": 1,
+        flags = {"ACC": tl.float32, "C": C, "P": P, "KORDER": g.korder, "CLS": 1,
                  "PRECISION": "tf32" if dtype == torch.float32 else "ieee"}
         xs = dict(zip(("stride_xb", "stride_xc", "stride_xh", "stride_xw"), images.stride()))
         ws = dict(zip(("stride_wd", "stride_wc", "stride_wi", "stride_wj"), weight.stride()))
         dos = dict(zip(("stride_dob", "stride_dot", "stride_dod"), out.stride()))
         M = B * N
-        sizes = {"M": M, "N": N, "WP": W // P, "K": Kp, "D": D, "M_BUCKET": _bucket(M)}
+        sizes = {"M": M, "N": N, "WP": W // P, "K": Kp, "D": D, "M_BUCKET": bucket(M)}
         fwd = dict(X=images, Wt=weight, Bias=vec, Pos=pos, Cls=cls, Out=out, **xs, **ws, stride_bias=1,
                    stride_pt=D, stride_pd=1, stride_cls=1, stride_ob=T * D, stride_ot=D, stride_od=1, **sizes,
                    X_FLAT=g.x_flat, W_FLAT=g.w_flat, SHIFT=0, **flags)
@@ -408,11 +406,11 @@ def kernel_specs() -> list[KernelSpec]:
             continue
         red = {"Part": part, "DW": weight, "DB": vec, "stride_wd": Kp, "stride_wc": P * P, "stride_wi": P,
                "stride_wj": 1, "stride_bd": 1, "SPLIT": 4, "D": D, "K": Kp, "C": C, "P": P, "KORDER": 0, "W_FLAT": 2,
-               "ACC": tl.float32, "RTNE": False}
+               "ACC": tl.float32}
         specs.append(KernelSpec(_OP, K._pe_bwd_reduce, red, triton.Config({"BLOCK": REDUCE_BLOCK}, num_warps=4),
                                 vname))
         dpos = dict(DO=out, DPos=pos, DCls=cls, **dos, stride_pt=D, stride_pd=1, stride_cls=1, B=B, R=T, D=D,
-                    SHIFT=0, ACC=tl.float32, RTNE=False)
+                    SHIFT=0, ACC=tl.float32)
         bb, bt, bd = DPOS_BLOCKS
         specs.append(KernelSpec(_OP, K._pe_bwd_dpos, dpos, triton.Config({"BLOCK_B": bb, "BLOCK_T": bt,
                                                                           "BLOCK_D": bd}, num_warps=4), vname))

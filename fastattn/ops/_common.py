@@ -1,0 +1,72 @@
+"""What several op modules share, written once: statistic and accumulator dtypes, autotune buckets, the dropout
+seed, dtype names in messages and the reason an op falls back to eager.
+
+The device policy, kernel launching and the fallback warning itself live in :mod:`fastattn._runtime`; the
+interpreter's work-arounds inside kernels in :mod:`fastattn.kernels._common`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastattn import _runtime
+
+# torch dtype -> the Triton dtype a kernel's constexpr takes (residual streams, accumulators)
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+             torch.float64: tl.float64}
+
+# Activation dtypes the kernels take: fp16/bf16/fp32 everywhere, float64 only through the interpreter (gradcheck).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Saved statistics (log-sum-exp, mean, rstd) and partial sums: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def acc_tl(dtype: torch.dtype) -> tl.dtype:
+    """The kernels' accumulator (``ACC`` constexpr) for activations of ``dtype``: fp32, or fp64 for fp64."""
+    return TL_DTYPES[stat_dtype(dtype)]
+
+
+def bucket(n: int) -> int:
+    """The power-of-two bucket of a size, an autotune key (one timing per bucket, not per size)."""
+    return triton.next_power_of_2(max(n, 1))
+
+
+def draw_seed(dropout_p: float) -> Tensor | None:
+    """The dropout seed, drawn from torch's default (CPU) generator so that ``torch.manual_seed`` reproduces the
+    mask; None without dropout. A tensor, so ``torch.compile`` keeps the draw in the graph."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0.0 else None
+
+
+def seed_int(seed: Tensor | None) -> int:
+    """The kernels' seed argument (0 without dropout, where the kernels never read it)."""
+    return int(seed.item()) if seed is not None else 0
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``float16`` rather than ``torch.float16``, for messages and report labels."""
+    return str(dtype).replace("torch.", "")
+
+
+def check_float_dtype(op: str, name: str, t: Tensor, allowed: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> None:
+    if t.dtype not in allowed:
+        raise TypeError(f"fastattn.{op}: {name} must have dtype {', '.join(map(dtype_name, allowed))}; got "
+                        f"{dtype_name(t.dtype)}")
+
+
+def fallback_reason(device: torch.device, dtype: torch.dtype,
+                    dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> str | None:
+    """Why tensors of ``dtype`` on ``device`` cannot run the Triton kernels (None when they can): no GPU and no
+    interpreter, float64 outside the interpreter, or a dtype the kernels do not take."""
+    if not _runtime.triton_device_ok(device):
+        return _runtime.device_fallback_reason(device)
+    if dtype == torch.float64 and device.type != "cpu":
+        return "float64 runs the Triton kernels only in the interpreter"
+    if dtype not in dtypes:
+        return f"dtype {dtype_name(dtype)} is not supported by the kernels"
+    return None

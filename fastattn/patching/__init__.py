@@ -1,0 +1,48 @@
+"""``fastattn.patch(model)``: swap fastattn's fused ops into a model you already have, in place.
+
+``patch`` walks ``model.named_modules()`` and recognises modules by their *exact* type (a subclass may have a
+different ``forward``, so it is reported and left alone). A recognised module whose configuration the fused path
+reproduces exactly gets its ``__class__`` set, on that one instance, to a subclass whose ``forward`` calls the
+fused ops on the module's own submodules, parameters and buffers. Nothing is copied, re-created or cast: the
+``state_dict`` (keys, values, dtypes), the optimizer's parameter references and registered hooks are untouched,
+and other instances of the same class, the class itself and every library global stay as they were. Configurations
+it does not support are left alone and reported with the reason. ``unpatch`` restores every swapped instance's
+class; ``patch`` twice does nothing more.
+
+Recognised (each under its option):
+
+- ``attention``: ``nn.MultiheadAttention`` (the forward rebuilt around ``fastattn.scaled_dot_product_attention``),
+  timm's ``Attention``, fastattn's ``models.MultiHeadAttention``.
+- ``layer_norm``: ``nn.LayerNorm`` / ``nn.RMSNorm`` / timm's ``LayerNorm`` (-> ``fastattn.nn.LayerNorm`` /
+  ``RMSNorm``) and the blocks whose residual add is fused into the following norm: ``nn.TransformerEncoderLayer`` /
+  ``DecoderLayer`` (post-norm and pre-norm), torchvision's ViT ``EncoderBlock``, timm's ``Block``.
+  ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are also swapped whenever their attention is, so that
+  torch's eval fast path (``torch._transformer_encoder_layer_fwd``, nested tensors), which never calls
+  ``self_attn.forward``, cannot bypass the fused kernels.
+- ``patch_embed``: torchvision's and timm's ``VisionTransformer`` (projection, class token and position
+  embedding in one kernel) and fastattn's own.
+- ``batch_norm``: torchvision's and timm's ``BasicBlock`` / ``Bottleneck`` and the ResNet stems (BN + ReLU and
+  BN + add + ReLU; those BatchNorms become ``fastattn.nn.BatchNormAddReLU``), fastattn's own ResNet.
+
+The package:
+
+- :mod:`~fastattn.patching.walker`: ``patch`` / ``unpatch``: plans every swap against the original classes, then
+  applies them, then explains what it left alone.
+- :mod:`~fastattn.patching.report`: ``PatchReport`` / ``PatchEntry`` and ``patch_report(model)``.
+- :mod:`~fastattn.patching.rules`: the one registry: a ``Rule`` per recognised class (library, class path, option,
+  fused class or mixin, the signature of the method it replaces, the check); ``register`` adds rules.
+  :mod:`~fastattn.patching.checks`: the helpers checks are written with.
+- one module per library, each registering its rules and holding its fused forwards: ``torch_nn``,
+  ``torchvision``, ``timm``, ``fastattn_models``. The fused subclasses of library classes are built on first use and
+  kept in their library's module (``fastattn.patching.timm.FusedTimmBlock``), where pickling finds them.
+
+``fastattn.patch`` (the module of the same name as the function) is an alias kept for old import paths and for
+models pickled before this package existed.
+"""
+
+from fastattn.patching import fastattn_models, timm, torch_nn, torchvision  # noqa: F401  (each registers its rules)
+from fastattn.patching.report import PatchEntry, PatchReport, patch_report
+from fastattn.patching.rules import Rule, Skip, Swap, register
+from fastattn.patching.walker import patch, unpatch
+
+__all__ = ["PatchEntry", "PatchReport", "Rule", "Skip", "Swap", "patch", "patch_report", "register", "unpatch"]

@@ -1,0 +1,107 @@
+"""Helpers for writing a :class:`~fastattn.patching.rules.Rule`'s check: each raises
+:class:`~fastattn.patching.rules.Skip` with the reason a module is left alone, or returns the swaps.
+
+A fused forward reads a module's submodules directly (``self.bn1``, ``self.conv_proj.weight``), so a check proves
+that each is the exact type the fused forward assumes (:func:`exact`, :func:`identity`, :func:`patchify`) and that
+no forward hooks sit on the ones whose ``forward`` it bypasses (:func:`no_hooks`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from fastattn.nn import FUSED_NORMS, BatchNormAddReLU, _check_patchify
+from fastattn.patching.rules import REGISTRY, Options, Rule, Skip, Swap
+
+# attribute -> what is fused there, for the BatchNorms of a ResNet block and stem
+BLOCK_BNS = {"bn1": "BN + ReLU", "bn2": "BN + add + ReLU"}
+BOTTLENECK_BNS = {"bn1": "BN + ReLU", "bn2": "BN + ReLU", "bn3": "BN + add + ReLU"}
+STEM_BNS = {"bn1": "stem BN + ReLU"}
+
+
+def child(name: str, attr: str) -> str:
+    """The qualified name of submodule ``attr`` of the module at ``name``."""
+    return f"{name}.{attr}" if name else attr
+
+
+def no_hooks(module: nn.Module, attrs: tuple[str, ...]) -> None:
+    """The fused forward bypasses these submodules' ``forward``: refuse if hooks are registered on them."""
+    for attr in attrs:
+        m = getattr(module, attr, None)
+        if isinstance(m, nn.Module) and (m._forward_hooks or m._forward_pre_hooks):
+            raise Skip(f"its {attr} has forward hooks, which the fused forward would bypass")
+
+
+def exact(module: nn.Module, attr: str, cls: type | tuple[type, ...], what: str) -> None:
+    """``module.<attr>`` is exactly ``cls`` (one of them), not a subclass."""
+    m = getattr(module, attr, None)
+    classes = cls if isinstance(cls, tuple) else (cls,)
+    if type(m) not in classes:
+        got = "None" if m is None else type(m).__qualname__
+        raise Skip(f"{attr} is {got}, not {what}")
+
+
+def identity(module: nn.Module, attr: str, why: str) -> None:
+    """``module.<attr>`` is absent, None or ``nn.Identity``."""
+    m = getattr(module, attr, None)
+    if m is not None and not isinstance(m, nn.Identity):
+        raise Skip(f"{attr} is {type(m).__qualname__} ({why})")
+
+
+def patchify(conv: nn.Module, what: str) -> None:
+    """``conv`` is a plain ``nn.Conv2d`` with kernel size = stride, no padding, dilation or groups."""
+    if type(conv) is not nn.Conv2d:
+        raise Skip(f"{what} is {type(conv).__qualname__}, not a plain patchify nn.Conv2d")
+    try:
+        _check_patchify(conv)
+    except ValueError as err:
+        raise Skip(f"{what} is not a patchify convolution ({str(err).split('; ', 1)[-1]})") from None
+
+
+def norm_detail(*norms: nn.Module) -> str:
+    """Whether a residual add fused into these norms runs fused: they are fastattn's norms, or the registry swaps
+    them to one."""
+    def fusable(norm: nn.Module) -> bool:
+        if isinstance(norm, FUSED_NORMS):
+            return True
+        rule = REGISTRY.rule_for(norm)
+        fused = None if rule is None else (rule.mixin or rule.fused)
+        return isinstance(fused, type) and issubclass(fused, FUSED_NORMS)
+
+    if all(fusable(n) for n in norms):
+        return "fused"
+    return "eager (the norms are not nn.LayerNorm / nn.RMSNorm / timm's LayerNorm)"
+
+
+def norm_kernel(rule: Rule, name: str, m: nn.Module, opts: Options) -> list[Swap]:
+    """The check of a norm: swapped as it is (``"LayerNorm kernel"``)."""
+    return [rule.swap(name, m, f"{type(m).__name__} kernel")]
+
+
+def bn_swaps(name: str, module: nn.Module, tails: dict[str, str]) -> list[Swap]:
+    """BatchNorm2d -> BatchNormAddReLU for the given attributes (attr -> detail)."""
+    swaps = []
+    for attr, detail in tails.items():
+        bn = getattr(module, attr)
+        if type(bn) is nn.BatchNorm2d:
+            swaps.append(Swap(child(name, attr), bn, BatchNormAddReLU, detail))
+        elif not isinstance(bn, BatchNormAddReLU):
+            raise Skip(f"{attr} is {type(bn).__qualname__}, not nn.BatchNorm2d")
+    return swaps
+
+
+def relu_block(acts: tuple[str, ...], bns: dict[str, str], detail: str = "BN + ReLU and BN + add + ReLU fused",
+               also: Callable[[nn.Module], None] | None = None):
+    """The check of a ResNet block or stem whose fused forward runs ``bns`` as BatchNormAddReLU in place of each BN
+    and its ReLU (attributes ``acts``, each an ``nn.ReLU``); ``also(module)`` raises :class:`Skip` for what else
+    the fused forward cannot reproduce."""
+    def check(rule: Rule, name: str, m: nn.Module, opts: Options) -> list[Swap]:
+        for act in acts:
+            exact(m, act, nn.ReLU, "nn.ReLU")
+        if also is not None:
+            also(m)
+        no_hooks(m, acts)
+        return [rule.swap(name, m, detail)] + bn_swaps(name, m, bns)
+    return check

@@ -1,0 +1,398 @@
+"""Check a fused op against eager PyTorch the way fastattn checks itself.
+
+**The rule.** Compute a float64 reference ``ref`` and run eager PyTorch in the low precision (``eager``); the fused
+result ``ours`` in that precision passes when, in the max norm,
+
+    err(ours) <= 2 * err(eager) + u(dtype) * max|ref| + floor,          err(t) = max |t - ref|
+
+``u(dtype) * max|ref|`` is one rounding of the result. Twice eager's error covers the roundings the fused op
+shares with eager PyTorch (products and sums in fp32, operands rounded to fp16/bf16). The ``floor`` covers the
+ones it does not share -- where eager happens to be (nearly) exact there, twice its error says nothing: a gradient
+that cancels to zero, torch's CPU kernels summing fp32 data in float64, a recomputation eager never makes. Each
+op's floor function below derives it from the kernels' arithmetic, term by term, evaluated on the actual data in
+float64 (first order, worst case over every order of summation, so it holds on any CPU or GPU). It is never a
+constant chosen to pass; a kernel with a real defect (a dropped key, a wrong scale or eps, a misplaced mask)
+misses by orders of magnitude more, and ``tests/test_numerics.py`` shows the rule rejecting such results.
+
+**Rounding model** (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., ch. 2-4). Each fp32
+operation rounds with relative error at most ``u = 2^-24`` (float64 inputs run the kernels in float64:
+``2^-53``); a dot product of length ``n`` errs by at most ``n u sum|a_i b_i|`` in any order. A row sum inside a
+kernel (``tl.sum``) is a tree: compiled, each thread adds at most 32 of its values in sequence and the threads
+combine in a tree; interpreted, numpy's pairwise summation adds at most 16 values in sequence per partial before
+its tree; so ``n`` values err by at most ``(ceil(log2 n) + 32) u sum|x|`` (:func:`tree_sum_terms`), plus one
+rounding per chunk where a long row is summed in chunks. ``exp2``, ``log2``, ``sqrt`` and ``rsqrt`` err by at most
+2 ulp (``4u``; PTX's ``ex2.approx`` and ``rsqrt.approx`` are specified within 2 ulp, numpy's within 1). The floors
+assume IEEE fp32 products (TF32, ``allow_tf32``, is outside the model), as the tests run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+UNIT_ROUNDOFF = {
+    torch.float16: 2.0**-11,
+    torch.bfloat16: 2.0**-8,
+    torch.float32: 2.0**-24,
+    torch.float64: 2.0**-53,
+}
+
+__all__ = ["UNIT_ROUNDOFF", "assert_close_to_reference", "attention_floors", "batch_norm_floors", "blocked_terms",
+           "max_err", "norm_floors", "patch_embed_floors", "rule_bound", "tree_sum_terms"]
+
+
+def max_err(x: Tensor, ref: Tensor) -> float:
+    """``max |x - ref|`` in float64 (0 for empty tensors)."""
+    if ref.numel() == 0:
+        return 0.0
+    return (x.detach().double() - ref.detach().double()).abs().max().item()
+
+
+def rule_bound(eager: Tensor, ref: Tensor, dtype: torch.dtype, floor: float = 0.0, factor: float = 2.0) -> float:
+    """The largest error the rule allows: ``factor * err(eager) + u(dtype) * max|ref| + floor``."""
+    top = ref.detach().abs().max().item() if ref.numel() else 0.0
+    return factor * max_err(eager, ref) + UNIT_ROUNDOFF[dtype] * top + floor
+
+
+def assert_close_to_reference(ours: Tensor, eager: Tensor, ref: Tensor, dtype: torch.dtype, *, name: str = "output",
+                              floor: float = 0.0, factor: float = 2.0) -> None:
+    """Raise ``AssertionError`` unless ``err(ours) <= factor * err(eager) + u(dtype) * max|ref| + floor``.
+
+    ``ref`` is the float64 reference, ``eager`` eager PyTorch in ``dtype``, ``floor`` the fused computation's own
+    rounding bound (the ``*_floors`` functions here give it per output). ``ours`` must have ``ref``'s shape and be
+    finite wherever ``ref`` is."""
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(ours.detach().double()).all() or not torch.isfinite(ref).all(), f"{name}: non-finite values"
+    e_ours, bound = max_err(ours, ref), rule_bound(eager, ref, dtype, floor, factor)
+    assert e_ours <= bound, (f"{name}: max error {e_ours:.3e} > {bound:.3e} = {factor} x eager "
+                             f"{max_err(eager, ref):.3e} + one rounding + floor {floor:.3e} ({dtype})")
+
+
+def _roundoffs(dtype: torch.dtype) -> tuple[float, float, float]:
+    """(u of the kernels' arithmetic, u of results stored in ``dtype``, u of tensor-core operands cast to ``dtype``:
+    0 where the cast is exact, i.e. for fp32 and fp64)."""
+    compute = UNIT_ROUNDOFF[torch.float64 if dtype == torch.float64 else torch.float32]
+    return compute, UNIT_ROUNDOFF[dtype], UNIT_ROUNDOFF[dtype] if dtype in (torch.float16, torch.bfloat16) else 0.0
+
+
+def tree_sum_terms(n: int) -> int:
+    """The ``k`` of ``k u sum|x|``, the error bound of a kernel's ``tl.sum`` over ``n`` values of a row (see the
+    module docstring): ``ceil(log2 n) + 32``, plus one per 2048-column chunk beyond the first (the looped paths)."""
+    return math.ceil(math.log2(max(n, 2))) + 32 + max(0, math.ceil(n / 2048) - 1)
+
+
+def blocked_terms(n: int) -> int:
+    """The ``k`` of ``k u sum|a b|`` for a kernel's GEMM reduction over ``n`` terms: ``tl.dot`` tiles of at most 64
+    summed in any order, at least 16 per tile, the tiles accumulated in sequence (at most ``n - 1`` in all)."""
+    return min(max(n - 1, 0), 64 + math.ceil(n / 16))
+
+
+def _top(t: Tensor) -> float:
+    return t.max().item() if t.numel() else 0.0
+
+
+def _sum_to(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Sum a broadcast result back to ``shape`` (the gradient of an expanded input)."""
+    lead = t.dim() - len(shape)
+    t = t.sum(dim=tuple(range(lead))) if lead else t
+    dims = tuple(i for i, s in enumerate(shape) if s == 1 and t.size(i) != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor, *, dtype: torch.dtype,
+                     attn_mask: Tensor | None = None, is_causal: bool = False, causal_offset: int = 0,
+                     scale: float | None = None, enable_gqa: bool = False, dropout_p: float = 0.0,
+                     dropout_mask: Tensor | None = None, grad_lse: Tensor | None = None,
+                     out: Tensor | None = None) -> dict[str, float]:
+    """Floors of ``out``, ``lse``, ``dq``, ``dk``, ``dv``, ``dmask`` of fused attention (kernels/attention.py).
+
+    Shared with eager, so not in the floor: the fp32 dots and sums of q k^T, p v, dO v^T, dS k, dS^T q, p^T dO (torch's
+    SDPA forms the same products in fp32) and the fp16/bf16 roundings of operands and results. Fused only, per
+    query row i and key j (natural-log units), with ``a_ij = |scale| sum_d |q_id k_jd| + |mask_ij|``:
+
+    - online softmax in base 2: the ``log2(e)`` factor and its product (``2u |s_ij|`` relative in p), exp2's
+      ``4u``, the rescaling of the running sums by ``exp2(m_old - m_new)`` (two roundings per key block of at least
+      16 keys, ``nb = ceil(N / 16)``) and the final ``1 / l`` and product: ``err(out_i) = sum_j p'_ij f_ij |v_j -
+      o_i| + (2 nb + 2) u sum_j p'_ij |v_j|`` with ``f_ij = 2u |s_ij| + 4u`` (p' with dropout's mask and scale);
+    - ``lse = m + log(l)`` from the base-2 values: ``dl_i = sum_j p_ij f_ij + (2 nb + 4) u + 3u |lse_i|``;
+    - the backward recomputes ``p = exp2(s - lse)`` from scores of *another* kernel's dot (their rounding may
+      differ from the forward's by up to ``2 (D + 2) u a_ij``), against the forward's lse:
+      ``b_ij = 2 (D + 2) u a_ij + 2u |s_ij| + u |s_ij - lse_i| + 4u + dl_i`` relative;
+    - ``delta_i = rowsum(dO_i O_i) - dlse_i`` reads the *stored* output (FlashAttention-2; eager has no delta): its
+      error is ``|dO_i . (O_i - exact O_i)|`` -- measured, when ``out`` (ours) is given, else bounded by
+      ``|dO_i| . err(out_i)`` -- plus the dot's ``D u sum_d |dO_id O_id|``;
+    - ``dS_ij = p_ij (dP'_ij - delta_i)``, where eager's ``P (dP - rowsum(P dP))`` cancels its own errors, cancels
+      ours with their absolute size: ``g_ij = p_ij (b_ij |dP'_ij - delta_i| + (D + 1) u sum_d |dO_id v_jd| +
+      err(delta_i) + u (|dP'_ij| + |delta_i|)) + u |dS_ij|``;
+    - ``dq = scale dS k`` and ``dk = scale dS^T q`` carry ``g``, ``dv = p'^T dO`` carries ``b``, ``dmask`` is ``g``
+      summed over the dims where the mask broadcasts (fp32, ``count u sum |dS|``).
+
+    All inputs are float64 tensors holding the values the low-precision run sees; ``attn_mask`` is bool (True =
+    attends) or additive float; ``is_causal`` keeps key j for query i iff ``j <= i + causal_offset``; ``out`` is the
+    fused forward's output, if measured."""
+    u = _roundoffs(dtype)[0]
+    q, k, v, do = (t.detach().double() for t in (query, key, value, grad_out))
+    M, D, N = q.size(-2), q.size(-1), k.size(-2)
+    sc = 1.0 / math.sqrt(D) if scale is None and D > 0 else (1.0 if scale is None else float(scale))
+    nb = max(1, math.ceil(N / 16))
+    group = 1
+    if enable_gqa and q.dim() >= 3 and k.size(-3) != q.size(-3):
+        group = q.size(-3) // k.size(-3)
+        k, v = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
+    s = sc * (q @ k.mT)
+    a = abs(sc) * (q.abs() @ k.abs().mT)
+    valid = torch.ones(s.shape, dtype=torch.bool)
+    if is_causal:
+        valid = valid & (torch.arange(N)[None, :] <= torch.arange(M)[:, None] + causal_offset)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            valid = valid & attn_mask
+        else:
+            m = attn_mask.detach().double()
+            valid = valid & torch.isfinite(m)
+            s = s + torch.where(torch.isfinite(m), m, 0.0)
+            a = a + torch.where(torch.isfinite(m), m.abs(), 0.0)
+    s = s.masked_fill(~valid, -math.inf)
+    row_max = s.amax(-1, keepdim=True) if N else s.new_full((*s.shape[:-1], 1), -math.inf)
+    full = torch.isfinite(row_max)
+    mx = torch.where(full, row_max, 0.0)
+    p = (s - mx).exp()
+    den = p.sum(-1, keepdim=True)
+    p = p / torch.where(full, den, 1.0)
+    lse = torch.where(full, mx + den.clamp_min(1e-300).log(), 0.0)
+    keep = 1.0 / (1.0 - dropout_p) if dropout_mask is None else dropout_mask.double() / (1.0 - dropout_p)
+    pd = p * keep
+    o = pd @ v
+
+    def live(t: Tensor) -> Tensor:  # excluded keys contribute exact zeros in the kernels
+        return torch.where(valid, t, 0.0).expand(s.shape)
+
+    av, ado = v.abs(), do.abs()
+    f = live(2 * u * s.abs() + 4 * u)
+    err_out = (pd * f) @ av + o.abs() * (p * f).sum(-1, keepdim=True) + (2 * nb + 2) * u * (pd @ av)
+    dl = torch.where(full, (p * f).sum(-1, keepdim=True) + (2 * nb + 4) * u + 3 * u * lse.abs(), 0.0)
+    b = live(2 * (D + 2) * u * a + 2 * u * s.abs() + u * (s - lse).abs() + 4 * u + dl)
+    dp = (do @ v.mT) * keep
+    terms = (ado @ av.mT) * abs(keep) if isinstance(keep, float) else (ado @ av.mT) * keep.abs()
+    gl = grad_lse.detach().double()[..., None] if grad_lse is not None else torch.zeros(())
+    delta = (do * o).sum(-1, keepdim=True) - gl
+    if out is not None:
+        o_err = (do * (out.detach().double() - o)).sum(-1, keepdim=True).abs()
+    else:
+        o_err = (ado * err_out).sum(-1, keepdim=True)
+    err_delta = o_err + D * u * (do * o).abs().sum(-1, keepdim=True) + u * gl.abs()
+    ds = p * (dp - delta)
+    g = p * (b * (dp - delta).abs() + (D + 1) * u * terms + err_delta + u * (dp.abs() + delta.abs())) + u * ds.abs()
+    err_dq = abs(sc) * (g @ k.abs())
+    err_dk = abs(sc) * (g.mT @ q.abs())
+    err_dv = (pd.abs() * b).mT @ ado
+    if group > 1:  # dk, dv sum over the query heads of each key/value head
+        err_dk = err_dk.unflatten(-3, (-1, group)).sum(-3)
+        err_dv = err_dv.unflatten(-3, (-1, group)).sum(-3)
+    floors = {"out": _top(err_out), "lse": _top(dl), "dq": _top(_sum_to(err_dq, tuple(query.shape))),
+              "dk": _top(_sum_to(err_dk, tuple(key.shape))), "dv": _top(_sum_to(err_dv, tuple(value.shape)))}
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        count = g.numel() // max(attn_mask.numel(), 1)
+        floors["dmask"] = _top(_sum_to(g + count * u * ds.abs(), tuple(attn_mask.shape)))
+    return floors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# add + LayerNorm / RMSNorm
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def norm_floors(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, grad_out: Tensor,
+                grad_residual_out: Tensor | None = None, *, dtype: torch.dtype, eps: float, rms: bool = False,
+                dropout_p: float = 0.0, dropout_mask: Tensor | None = None) -> dict[str, float]:
+    """Floors of ``out``, ``residual_out``, ``dx``, ``dresidual``, ``dweight``, ``dbias`` of the fused add + norm
+    (kernels/layer_norm.py), over the last dim of ``x`` (n values per row, R rows).
+
+    Fused only: every sum, since torch's CPU kernels accumulate fp32 rows in float64 (fp16/bf16 in fp32, where the
+    floors are negligible against eager's own error). With ``T = tree_sum_terms(n)``:
+
+    - ``residual_out = dropout(x) + residual``: computed in fp32 and rounded once, as eager's add; dropout scales
+      by the fp32 reciprocal of ``1 - p`` (two roundings, eager divides once): ``2u |x'|``.
+    - ``mean = sum z / n``: ``T u mean|z| + u |mean|``; ``var = sum (z - mean)^2 / n`` from rounded differences:
+      ``(T + 3) u var`` (the mean's error enters at second order only: ``sum (z - mean) = 0``); RMSNorm's ``sum
+      z^2 / n``: ``(T + 2) u ms``. ``rstd = rsqrt(var + eps)``: relative ``(err(var) + u (var + eps)) / (2 (var +
+      eps)) + 4u``.
+    - ``xhat = (z - mean) rstd``: ``rstd (err(mean) + u |z - mean|) + |xhat| (err(rstd) + u)``;
+      ``out = xhat w + b``: ``|w| err(xhat) + 2u |xhat w| + u |out|``.
+    - backward, ``g = w dy``, ``c1 = mean(xhat g)``, ``c2 = mean(g)``: ``err(c1) = mean(|g| err(xhat)) + (T + 3) u
+      mean|xhat g|``, ``err(c2) = (T + 2) u mean|g|``; ``dz = (g - xhat c1 - c2) rstd``: ``rstd (u |g| +
+      err(xhat) |c1| + |xhat| err(c1) + err(c2) + 3u (|g| + |xhat c1| + |c2|)) + |dz| (err(rstd) + u)``, plus the
+      add of d residual_out (``u |dz|``) and, for dx, dropout's scale (``2u |dz|``).
+    - ``dweight = sum_rows dy xhat``, ``dbias = sum_rows dy`` (per-program sums, then the partial rows in order; any
+      order of R terms): ``sum |dy| err(xhat) + R u sum |dy xhat|`` and ``R u sum |dy|``.
+    """
+    u = _roundoffs(dtype)[0]
+    x64 = x.detach().double()
+    n = x64.size(-1)
+    tree = tree_sum_terms(n)
+    xs = x64 * (dropout_mask.double() / (1.0 - dropout_p)) if dropout_mask is not None else x64
+    z = xs + residual.detach().double() if residual is not None else xs
+    z, rows = z.reshape(-1, n), z.numel() // max(n, 1)
+    w = weight.detach().double().reshape(n).abs() if weight is not None else torch.ones(n, dtype=torch.float64)
+    bb = bias.detach().double().reshape(n).abs() if bias is not None else 0.0
+    if rms:
+        centred, err_mean = z, 0.0
+        var = z.square().mean(-1, keepdim=True)
+        err_var = (tree + 2) * u * var
+    else:
+        mean = z.mean(-1, keepdim=True)
+        centred = z - mean
+        err_mean = tree * u * z.abs().mean(-1, keepdim=True) + u * mean.abs()
+        var = centred.square().mean(-1, keepdim=True)
+        err_var = (tree + 3) * u * var
+    rstd = (var + eps).rsqrt()
+    err_rstd = (err_var + u * (var + eps)) / (2 * (var + eps)) + 4 * u
+    xhat = centred * rstd
+    err_xhat = rstd * (err_mean + u * centred.abs()) + xhat.abs() * (err_rstd + u)
+    out = xhat * w + bb
+    floors = {"out": _top(w * err_xhat + 2 * u * xhat.abs() * w + u * out.abs()),
+              "residual_out": _top(2 * u * xs.abs()) if dropout_mask is not None else 0.0}
+    dy = grad_out.detach().double().reshape(-1, n)
+    g = dy * w
+    c1 = (xhat * g).mean(-1, keepdim=True)
+    c2 = torch.zeros(()) if rms else g.mean(-1, keepdim=True)
+    err_c1 = (g.abs() * err_xhat).mean(-1, keepdim=True) + (tree + 3) * u * (xhat * g).abs().mean(-1, keepdim=True)
+    err_c2 = 0.0 if rms else (tree + 2) * u * g.abs().mean(-1, keepdim=True)
+    dz = (g - xhat * c1 - c2) * rstd
+    err_dz = (rstd * (u * g.abs() + err_xhat * c1.abs() + xhat.abs() * err_c1 + err_c2
+                      + 3 * u * (g.abs() + (xhat * c1).abs() + c2.abs())) + dz.abs() * (err_rstd + u))
+    if grad_residual_out is not None:
+        dz = dz + grad_residual_out.detach().double().reshape(-1, n)
+        err_dz = err_dz + u * dz.abs()
+    err_dx = err_dz + 2 * u * dz.abs() if dropout_mask is not None else err_dz
+    ady = dy.abs()
+    floors.update(dx=_top(err_dx / (1.0 - dropout_p)), dresidual=_top(err_dz),
+                  dweight=_top((ady * err_xhat).sum(0) + rows * u * (ady * xhat.abs()).sum(0)),
+                  dbias=_top(rows * u * ady.sum(0)))
+    return floors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# BatchNorm + add + activation
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def batch_norm_floors(x: Tensor, identity: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
+                      weight: Tensor | None, bias: Tensor | None, grad_out: Tensor | None, *, dtype: torch.dtype,
+                      training: bool, eps: float = 1e-5, momentum: float | None = 0.1,
+                      lane_terms: int | None = None) -> dict[str, float]:
+    """Floors of ``out``, ``dx``, ``didentity``, ``dweight``, ``dbias``, ``running_mean``, ``running_var`` of the
+    fused BatchNorm + add + ReLU (kernels/batch_norm.py), per channel over its ``M = N H W`` values.
+
+    Fused only (torch's CPU kernels compute fp32 batch norm in higher precision). Each lane of a program sums its
+    share of a channel in fp32 (``L = lane_terms`` values, at most ``M``; the launcher's schedule gives it), then the
+    lanes and the partials add in float64 (negligible). With ``K`` the shift (an average of some of the channel's
+    values, so ``|x - K| <= |x - mean| + max |x - mean|``):
+
+    - training statistics: ``err(mean) = L u mean|x - K|``, ``err(var) = (L + 2) u mean (x - K)^2 + 2 |mean - K|
+      err(mean)``; ``rstd`` from float64 rounded to fp32: relative ``err(var) / (2 (var + eps)) + u``. Eval: ``w
+      rstd`` from float64, rounded: ``u``.
+    - ``y = ((x - hi) - lo) (w rstd) + b + identity`` in fp32 (two subtractions, the product, two adds): ``|w| rstd
+      (err(mean) + 2u |x - mean|) + |xhat w| (err(rstd) + 2u) + 2u (|xhat w + b| + |y|)``. ReLU is exact.
+    - backward, ``g = dy [out > 0]`` (exact), lane sums of ``g`` and ``g xm`` (``xm = x - mean`` as above):
+      ``err(sum g) = L u sum|g|``, ``err(sum g xm) = (L + 3) u sum|g xm| + err(mean) |sum g|``;
+      ``dbias = sum g``, ``dweight = rstd sum g xm`` (relative ``err(rstd) + u`` more);
+      training ``dx = k1 g + k2 xm + k3`` from fp32 coefficients: ``|w| rstd ((3 err(rstd) + 6u) t + err(sum g) / M
+      + |xhat| rstd err(sum g xm) / M) + |w| rstd^2 |sum g xhat| / M (err(mean) + 2u |xm|)`` with ``t = |g| + |sum
+      g| / M + |xhat| |sum g xhat| / M``; eval ``dx = g (w rstd)``: ``3u |dx|``. ``didentity = g`` is exact.
+    - running statistics ``(1 - m) r + m stat`` (the variance unbiased by ``M / (M - 1)``): ``3u (|r| + |stat|) + m
+      err(stat)``.
+    """
+    u = _roundoffs(dtype)[0]
+    dims = (0, 2, 3)
+    x64 = x.detach().double()
+    C, M = x64.size(1), x64.numel() // max(x64.size(1), 1)
+    lanes = M if lane_terms is None else lane_terms
+
+    def per_channel(t: Tensor | None, default: float) -> Tensor:
+        if t is None:
+            return torch.full((1, C, 1, 1), default, dtype=torch.float64)
+        return t.detach().double().view(1, -1, 1, 1)
+
+    w, b = per_channel(weight, 1.0).abs(), per_channel(bias, 0.0).abs()
+    if training:
+        mean, var = x64.mean(dims, keepdim=True), x64.var(dims, unbiased=False, keepdim=True)
+        spread = (x64 - mean).abs()
+        worst = spread.amax(dims, keepdim=True)
+        err_mean = lanes * u * (spread.mean(dims, keepdim=True) + worst)
+        err_var = (lanes + 2) * u * (spread + worst).square().mean(dims, keepdim=True) + 2 * worst * err_mean
+        err_rstd = err_var / (2 * (var + eps)) + u
+    else:
+        mean, var = per_channel(running_mean, 0.0), per_channel(running_var, 1.0)
+        err_mean, err_var, err_rstd = 0.0, 0.0, u
+    rstd = (var + eps).rsqrt()
+    xm = x64 - mean
+    xhat = xm * rstd
+    ident = identity.detach().double().abs() if identity is not None else 0.0
+    y = xhat * w + b + ident
+    floors = {"out": _top(w * rstd * (err_mean + 2 * u * xm.abs()) + (xhat * w).abs() * (err_rstd + 2 * u)
+                          + 2 * u * ((xhat * w).abs() + b + y.abs())), "didentity": 0.0}
+    if training and running_mean is not None:
+        mom = 0.1 if momentum is None else float(momentum)
+        rm, rv = per_channel(running_mean, 0.0).abs(), per_channel(running_var, 1.0).abs()
+        unbias = M / max(M - 1, 1)
+        floors["running_mean"] = _top(3 * u * (rm + mean.abs()) + mom * err_mean)
+        floors["running_var"] = _top(3 * u * (rv + var * unbias) + mom * unbias * err_var)
+    if grad_out is None:
+        return floors
+    g = grad_out.detach().double().abs()  # |g| <= |dy| (the ReLU zeroes some)
+    sum_g, sum_gxm = g.sum(dims, keepdim=True), (g * xm.abs()).sum(dims, keepdim=True)
+    err_sum_g = lanes * u * sum_g
+    err_sum_gxm = (lanes + 3) * u * sum_gxm + err_mean * sum_g
+    floors["dbias"] = _top(err_sum_g)
+    floors["dweight"] = _top(rstd * err_sum_gxm + rstd * sum_gxm * (err_rstd + u))
+    if training:
+        sum_gxhat = rstd * sum_gxm
+        t = g + sum_g / M + xhat.abs() * sum_gxhat / M
+        err_dx = (w * rstd * ((3 * err_rstd + 6 * u) * t + err_sum_g / M + xhat.abs() * rstd * err_sum_gxm / M)
+                  + w * rstd * rstd * sum_gxhat / M * (err_mean + 2 * u * xm.abs()))
+    else:
+        err_dx = 3 * u * w * rstd * g
+    floors["dx"] = _top(err_dx)
+    return floors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# patch embedding
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def patch_embed_floors(images: Tensor, weight: Tensor, bias: Tensor | None, pos_embed: Tensor | None,
+                       cls_token: Tensor | None, grad_out: Tensor, *, dtype: torch.dtype) -> dict[str, float]:
+    """Floors of ``out``, ``dimages``, ``dweight``, ``dbias``, ``dpos_embed``, ``dcls_token`` of the fused patch
+    embedding (kernels/patch_embed.py).
+
+    The GEMMs' fp32 reductions -- over ``K = C P^2`` pixels (out), ``D`` features (dimages), the ``B N`` tokens
+    (dweight, dbias: split ranges whose partials add in order) -- count as fused only, since torch's CPU convolution
+    may sum in another precision: ``blocked_terms(n) u sum|terms|``, plus one rounding per add (bias, position
+    embedding, partials); dpos_embed and dcls_token sum ``B`` images in sequence. The op is linear in each input, so
+    running it on absolute values (in float64) gives every result's ``sum |terms|`` exactly."""
+    from fastattn import reference
+
+    u = _roundoffs(dtype)[0]
+    B, C, _, _ = images.shape
+    D, P = weight.shape[0], weight.shape[-1]
+    absolute = [t.detach().double().abs().requires_grad_() if t is not None else None
+                for t in (images, weight, bias, pos_embed, cls_token)]
+    out = reference.patch_embed(*absolute)
+    tokens = (out.shape[1] - (cls_token is not None)) * B
+    out.backward(grad_out.detach().double().abs())
+    counts = {"out": blocked_terms(C * P * P) + 2, "dimages": blocked_terms(D), "dweight": blocked_terms(tokens) + 1,
+              "dbias": blocked_terms(tokens) + 1, "dpos_embed": B, "dcls_token": B}
+    grads = dict(zip(("dimages", "dweight", "dbias", "dpos_embed", "dcls_token"), (t.grad if t is not None else None
+                                                                                  for t in absolute)))
+    floors = {"out": counts["out"] * u * _top(out.detach())}
+    floors.update({name: counts[name] * u * _top(g) for name, g in grads.items() if g is not None})
+    return floors

@@ -1,0 +1,60 @@
+"""The three-way run every op test uses, and the check that the Triton kernels (not the eager fallback) ran.
+
+``three_way(run, dtype, kernels=..., floors=...)`` calls ``run(label, lowp)`` three times: the float64 reference
+(``"ref"``), eager PyTorch in the low precision (``"eager"``) and fastattn in the low precision (``"ours"``, with
+its kernel launches recorded), each returning ``{name: tensor}`` for the outputs and gradients. Every name the
+reference returns is then held to the rule of :mod:`fastattn.testing` (twice eager's error, one rounding of the
+result in its own dtype, and the floor of the fused computation's rounding analysis for that name).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from fastattn import _runtime
+from fastattn.testing import assert_close_to_reference
+
+Results = dict[str, Tensor | None]
+
+
+def assert_launched(launches: Mapping[str, int], kernels: Iterable[str] | Mapping[str, int]) -> None:
+    """Each kernel launched at least once, or exactly as often as a mapping says."""
+    expected = kernels.items() if isinstance(kernels, Mapping) else ((name, None) for name in kernels)
+    for name, count in expected:
+        ran = launches.get(name, 0)
+        ok = ran >= 1 if count is None else ran == count
+        want = "at least once" if count is None else f"{count} time(s)"
+        assert ok, f"Triton kernel {name} should have run {want}, ran {ran}: {dict(launches)}"
+
+
+def three_way(run: Callable[[str, torch.dtype], Results], dtype: torch.dtype, *,
+              kernels: Iterable[str] | Mapping[str, int] = (),
+              floors: Mapping[str, float] | Callable[[dict[str, Results]], Mapping[str, float]] | None = None,
+              factor: float = 2.0) -> dict[str, Results]:
+    """Run ``ref``, ``eager`` and ``ours``; check the kernels ran in ``ours`` and every result under the rule.
+
+    ``floors`` maps result names to the fused computation's rounding floor (``fastattn.testing.*_floors``), or is a
+    function of the three runs' results returning that mapping. Results are compared in their own dtype (one
+    rounding of a float32 ``dweight`` is float32's). Returns the three runs' results by label, and ``"launches"``:
+    the kernel launches of ``ours``."""
+    results: dict = {}
+    for label in ("ref", "eager", "ours"):
+        lowp = torch.float64 if label == "ref" else dtype
+        with _runtime.record_launches() as launches:
+            results[label] = run(label, lowp)
+        if label == "ours":
+            assert_launched(launches, kernels)
+            results["launches"] = launches
+    floor = floors(results) if callable(floors) else (floors or {})
+    for name, ref in results["ref"].items():  # every result the reference has
+        if ref is None:
+            continue
+        ours, eager = results["ours"][name], results["eager"][name]
+        assert ours is not None and eager is not None, f"{name}: missing from ours or eager"
+        rule_dtype = ours.dtype if ours.dtype != torch.float64 else dtype
+        assert_close_to_reference(ours, eager, ref, rule_dtype, name=name, floor=floor.get(name, 0.0),
+                                  factor=factor)
+    return results
