@@ -208,7 +208,12 @@ def _inspect(a: argparse.Namespace) -> int:
 
 
 def _ceiling(a: argparse.Namespace) -> int:
+    from fastattn import hwfit
     from fastattn.perf import ceiling, refloop
+
+    if any(arch not in hwfit.MMA_FLOP_PER_CYCLE for arch in a.arch):
+        raise SystemExit(f"fastattn ceiling: --arch takes {', '.join(map(str, hwfit.MMA_FLOP_PER_CYCLE))} (the "
+                         f"archs with a peak MMA rate); got {', '.join(map(str, a.arch))}")
 
     reports = ceiling.compile_reports(a.arch, dtypes=a.dtype, head_dims=a.head_dim or refloop.HEAD_DIMS,
                                       kernels=a.kernel or ceiling.KERNELS, workers=a.workers, use_cache=not a.no_cache)

@@ -32,6 +32,7 @@ from fastattn.perf import report
 TEST_FILES = ("tests/test_attention.py", "tests/test_layer_norm.py", "tests/test_batch_norm.py",
               "tests/test_patch_embed.py")
 STEPS = ("tests", "agreement", "bench", "e2e")
+# the checkout (an editable install, as run.sh makes); tests/ and bench/ live there, not in an installed package
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -100,6 +101,10 @@ def run(*, out_dir: str | None = None, ops: Sequence[str] | None = None, dtype: 
     CPU stand-ins). An error in a step is that step's failure, never the end of the run."""
     from fastattn.perf import cases, cpu, gpu
 
+    missing = [f for f in test_files if not os.path.exists(os.path.join(ROOT, f))]
+    if missing and "tests" not in skip:
+        raise FileNotFoundError(f"fastattn gpu-check runs from a checkout (./run.sh gpu-check): {', '.join(missing)} "
+                                f"not found under {ROOT}")
     env = report.environment()
     out_dir = out_dir or os.path.join(ROOT, "bench", "results", report.device_slug(env["device"]))
     ops = cases.select_ops(ops)
