@@ -4,6 +4,8 @@
 #   ./run.sh test  [args]   the test suite (on a CPU it runs the Triton kernels through the interpreter), in
 #                           parallel on every core (pytest-xdist) unless the arguments choose (-n N, -p no:xdist)
 #   ./run.sh lint           ruff, with the project's configuration
+#   ./run.sh gpu-check [args]  on a CUDA GPU: the op tests on the compiled kernels, agreement and a bounded
+#                           benchmark (`fastattn gpu-check`, ~8 min); without a GPU it says so and exits 2
 # Set-up goes into ./.venv once. A machine whose python3 already has torch and triton (the GPU images) reuses
 # them and installs nothing from the network; elsewhere the CPU build of torch 2.13 is installed before anything
 # else, since an unpinned torch pulls gigabytes of CUDA packages.
@@ -54,8 +56,12 @@ case "$cmd" in
     setup
     exec "$VENV/bin/python" -m fastattn.cli bench "$@"
     ;;
+  gpu-check)
+    setup
+    exec "$VENV/bin/python" -m fastattn.cli gpu-check "$@"
+    ;;
   *)
-    echo "usage: ./run.sh bench [args] | ./run.sh test [pytest args] | ./run.sh lint" >&2
+    echo "usage: ./run.sh bench [args] | ./run.sh test [pytest args] | ./run.sh lint | ./run.sh gpu-check [args]" >&2
     exit 2
     ;;
 esac

@@ -117,8 +117,8 @@ def record_launches() -> Iterator[collections.Counter]:
     try:
         yield counter
     finally:
-        with _lock:
-            _recorders.remove(counter)
+        with _lock:  # by identity: list.remove compares Counters by value, and nested empty ones are equal
+            _recorders[:] = [c for c in _recorders if c is not counter]
 
 
 # -- visible fallback -----------------------------------------------------------------------------------------

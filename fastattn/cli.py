@@ -1,8 +1,12 @@
-"""The ``fastattn`` command: ``bench`` (GPU timings, or the measured CPU report where there is no GPU) and
-``inspect`` (the hardware-fit report of every kernel config, compiled for sm_80 / sm_89 / sm_90 without a GPU).
+"""The ``fastattn`` command: ``bench`` (GPU timings, or the measured CPU report where there is no GPU),
+``inspect`` (the hardware-fit report of every kernel config, compiled for sm_80 / sm_89 / sm_90 without a GPU),
+``ceiling`` (the issue-slot ceiling of the attention kernels beside minimal reference loops, no GPU needed) and
+``gpu-check`` (tests, agreement and a bounded benchmark on a CUDA GPU).
 
     fastattn bench [--ops attention] [--dtype fp16] [--quick] [--out DIR]
     fastattn inspect [--ops attention] [--arch 80,90] [--json] [--dump DIR] [--filter TEXT]
+    fastattn ceiling [--arch 90] [--dtype fp16] [--head-dim 128] [--kernel fwd,dkdv,dq] [--json]
+    fastattn gpu-check [--skip tests,agreement,bench,e2e] [--test-timeout S] [--out DIR]
     fastattn demo [--task all|vit|transformer] [--steps N]   (= python -m fastattn.demo)
 """
 
@@ -32,6 +36,38 @@ def _archs(text: str) -> list[int]:
     if bad or not archs:
         raise argparse.ArgumentTypeError(f"--arch takes a comma list of {', '.join(map(str, ARCHS))}; got {text!r}")
     return archs
+
+
+def _dtypes(text: str) -> list[str]:
+    names = {"fp16": "float16", "bf16": "bfloat16", "float16": "float16", "bfloat16": "bfloat16"}
+    got = [t.strip() for t in text.split(",") if t.strip()]
+    if not got or any(t not in names for t in got):
+        raise argparse.ArgumentTypeError(f"--dtype takes a comma list of fp16, bf16; got {text!r}")
+    return [names[t] for t in got]
+
+
+def _head_dims(text: str) -> list[int]:
+    from fastattn.perf import refloop
+
+    try:
+        dims = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        dims = []
+    if not dims or any(d not in refloop.HEAD_DIMS for d in dims):
+        raise argparse.ArgumentTypeError(f"--head-dim takes a comma list of {', '.join(map(str, refloop.HEAD_DIMS))}; "
+                                         f"got {text!r}")
+    return dims
+
+
+def _kernels(text: str) -> list[str]:
+    from fastattn.perf import ceiling
+
+    got = [t.strip() for t in text.split(",") if t.strip()]
+    out = [ceiling.SHORT.get(t, t) for t in got]
+    if not out or any(k not in ceiling.KERNELS for k in out):
+        raise argparse.ArgumentTypeError(f"--kernel takes a comma list of {', '.join(ceiling.SHORT)} (or "
+                                         f"{', '.join(ceiling.KERNELS)}); got {text!r}")
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +105,29 @@ def _parser() -> argparse.ArgumentParser:
                    help="keep specs whose '<kernel> <variant> <config>' contains TEXT (repeat: all must match)")
     i.add_argument("--no-cache", action="store_true", help="compile even where a cached report exists")
     i.add_argument("--workers", type=int, default=None, help="compile processes (default: all cores)")
+    c = sub.add_parser("ceiling", help="issue-slot ceiling of the attention kernels beside minimal reference loops",
+                       description="Compile the plain specialisation of every attention kernel and the minimal "
+                       "FlashAttention-2 reference loops (fastattn/perf/refloop.py) for real GPU targets (no GPU "
+                       "needed), find the loop holding the MMAs in the SASS and print the issue-slot ceiling of the "
+                       "best config of each beside the reference's: an upper bound, not a speed.")
+    c.add_argument("--arch", type=_archs, default=[80, 90], help="comma list of 80, 90 (default 80,90)")
+    c.add_argument("--dtype", type=_dtypes, default=["float16", "bfloat16"], help="fp16, bf16 (default both)")
+    c.add_argument("--head-dim", type=_head_dims, default=None, help="comma list of 64, 128 (default both)")
+    c.add_argument("--kernel", type=_kernels, default=None, help="comma list of fwd, dkdv, dq (default all)")
+    c.add_argument("--json", action="store_true", help="the rows as JSON on stdout")
+    c.add_argument("--no-cache", action="store_true", help="compile even where a cached report exists")
+    c.add_argument("--workers", type=int, default=None, help="compile processes (default: all cores)")
+
+    g = sub.add_parser("gpu-check", help="on a CUDA GPU: the op tests, agreement and a bounded benchmark (~8 min)",
+                       description="Run the op test files on the compiled kernels, an agreement check at model "
+                       "shapes and the benchmark on a bounded set; write bench/results/<gpu>/gpu-check*.csv and a "
+                       "log (copied to $OUT when set). Exit status 1 on any failure, 2 without a GPU.")
+    g.add_argument("--ops", type=_ops, default=None, help="ops to benchmark and check (default: all)")
+    g.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="benchmark dtype (default fp16)")
+    g.add_argument("--out", default=None, help="results directory (default bench/results/<gpu name>)")
+    g.add_argument("--skip", type=_ops, default=[], help="steps to skip: tests, agreement, bench, e2e")
+    g.add_argument("--test-timeout", type=float, default=330.0, help="seconds per test file (default 330)")
+    g.add_argument("--parallel", type=int, default=4, help="test files run at once (default 4)")
     sub.add_parser("demo", add_help=False, help="train a tiny ViT and a tiny Transformer, fused vs eager "
                    "(python -m fastattn.demo; `fastattn demo --help` for its options)")
     return p
@@ -136,6 +195,9 @@ def _inspect(a: argparse.Namespace) -> int:
         print(json.dumps([fit.as_dict(r) for r in reports], indent=1))
     else:
         print(fit.table(reports))
+        notes = [f"- {r.kernel} [{r.variant}] {r.config} sm_{r.arch}: {r.loop_note}" for r in reports if r.loop_note]
+        if notes:
+            print("\nMMA loop notes (issue-slot ceiling):\n" + "\n".join(notes))
         print()
         print(fit.summary(reports))
         bad = fit.problems(reports)
@@ -145,6 +207,48 @@ def _inspect(a: argparse.Namespace) -> int:
     return 1 if fit.problems(reports) else 0
 
 
+def _ceiling(a: argparse.Namespace) -> int:
+    from fastattn import hwfit
+    from fastattn.perf import ceiling, refloop
+
+    if any(arch not in hwfit.MMA_FLOP_PER_CYCLE for arch in a.arch):
+        raise SystemExit(f"fastattn ceiling: --arch takes {', '.join(map(str, hwfit.MMA_FLOP_PER_CYCLE))} (the "
+                         f"archs with a peak MMA rate); got {', '.join(map(str, a.arch))}")
+
+    reports = ceiling.compile_reports(a.arch, dtypes=a.dtype, head_dims=a.head_dim or refloop.HEAD_DIMS,
+                                      kernels=a.kernel or ceiling.KERNELS, workers=a.workers, use_cache=not a.no_cache)
+    rows = ceiling.rows(reports)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(ceiling.table(rows))
+        print()
+        print(ceiling.NOTE)
+    missing = [f"{r['kernel']} sm_{r['arch']} {r['dtype']} D<={r['head_dim']}" for r in rows if r["ceiling"] is None]
+    if missing:
+        print("no ceiling (no config fits, or no MMA loop was found): " + "; ".join(missing), file=sys.stderr)
+    return 1 if missing or not rows else 0
+
+
+def _gpu_check(a: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        print("fastattn gpu-check: no CUDA GPU here (torch.cuda.is_available() is False), so nothing was checked "
+              "(exit status 2). It runs the op tests on the compiled kernels and a bounded benchmark on a GPU; on a "
+              "CPU run ./run.sh test and ./run.sh bench instead.", file=sys.stderr)
+        return 2
+    from fastattn.perf import cases, gpucheck
+
+    bad = [s for s in a.skip if s not in gpucheck.STEPS]
+    if bad:
+        raise SystemExit(f"fastattn gpu-check: unknown step(s) {', '.join(bad)} for --skip; "
+                         f"steps: {', '.join(gpucheck.STEPS)}")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
+    return gpucheck.run(out_dir=a.out, ops=_check_ops(a.ops, cases.available_ops()), dtype=dtype, skip=a.skip,
+                        test_timeout_s=a.test_timeout, parallel=a.parallel)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:  # the demo parses its own options
@@ -152,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return demo.main(argv[1:])
     a = _parser().parse_args(argv)
-    return _bench(a) if a.command == "bench" else _inspect(a)
+    commands = {"bench": _bench, "inspect": _inspect, "ceiling": _ceiling, "gpu-check": _gpu_check}
+    return commands[a.command](a)
 
 
 if __name__ == "__main__":

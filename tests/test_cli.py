@@ -26,13 +26,15 @@ from fastattn.perf import blocks, cases, gpu, memory, plots, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIT_FIELDS = {"op", "kernel", "variant", "config", "arch", "registers", "spill_stores", "local_bytes", "shared_bytes",
-              "hmma", "hgmma", "occupancy", "needs_tensor_cores", "ok", "problems"}
+              "hmma", "hgmma", "occupancy", "needs_tensor_cores", "ok", "problems", "loop_instructions", "loop_mma",
+              "issues_per_kflop", "ceiling", "loop_note"}
 
 
 def _cli(args: list[str], tmp_path, timeout: int = 400) -> subprocess.CompletedProcess:
-    """``python -m fastattn.cli ARGS`` as a user runs it: no interpreter switch, an empty cache."""
+    """``python -m fastattn.cli ARGS`` as a user runs it: no interpreter switch. The compile cache is the one the
+    suite shares (``$FASTATTN_CACHE_DIR`` or ``~/.cache/fastattn``; tests/test_hwfit.py fills it): content-keyed, so
+    a spec compiled there is not compiled again, and any change to what is compiled misses it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["FASTATTN_CACHE_DIR"] = str(tmp_path / "cache")
     return subprocess.run([sys.executable, "-m", "fastattn.cli", *args], capture_output=True, text=True, env=env,
                           cwd=tmp_path, timeout=timeout, check=False)
 
@@ -70,6 +72,11 @@ def test_inspect_json_and_dump(tmp_path):
         assert r["ok"] and r["problems"] == [] and r["spill_stores"] == 0 and r["local_bytes"] == 0
         assert r["registers"] > 0 and 0 < r["occupancy"] <= 1 and r["shared_bytes"] > 0
         assert r["needs_tensor_cores"] and r["hmma"] > 0 and r["hgmma"] == 0
+        # the issue-slot ceiling of the key loop: 2 GEMMs of BLOCK_M x BLOCK_N x 64 per iteration, 2048 FLOP/cycle
+        bm, bn, warps = (int(x) for x in re.fullmatch(r"BLOCK_M(\d+)-BLOCK_N(\d+)-w(\d+)-s\d+", r["config"]).groups())
+        assert 0 < r["loop_mma"] <= r["hmma"] < r["loop_instructions"], r
+        assert r["issues_per_kflop"] == pytest.approx(1000 * r["loop_instructions"] * warps / (4 * bm * bn * 64))
+        assert r["ceiling"] == pytest.approx(min(1.0, 4 / (r["issues_per_kflop"] / 1000 * 2048)))
     assert sorted(r["config"] for r in rows) == sorted(f"BLOCK_M{m}-BLOCK_N{n}-w{w}-s{s}" for m, n, w, s in tiles)
     # <kernel function name>-<config>-<arch>.cubin, the config part led by the variant
     names = sorted(os.listdir(dump))
@@ -261,6 +268,85 @@ def test_blocks_fused_and_eager_agree():
     for name, buf in eager.named_buffers():  # running statistics and batch counts, downsample's BN included
         torch.testing.assert_close(dict(fused.named_buffers())[name], buf, atol=1e-5, rtol=1e-5, msg=name)
     assert blocks.ResNet50(blocks.EAGER_OPS, classes=5)(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+
+
+# -- gpu-check, with the CPU standing in for the device ---------------------------------------------------------
+
+
+def test_gpu_check_standin_writes_results_and_fails_on_any_step(monkeypatch, tmp_path):
+    from fastattn.perf import gpucheck
+
+    _cpu_standin(monkeypatch)
+    outcome = {f: 0 for f in gpucheck.TEST_FILES}
+    calls = []
+
+    def fake_pytest(files, env, log_dir, timeout_s, parallel):  # stands in for run_pytest_files
+        calls.append((list(files), env.get("FASTATTN_TEST_DEVICE"), "TRITON_INTERPRET" in env))
+        rows = []
+        for f in files:
+            log = os.path.join(log_dir, f"gpu-check-pytest-{os.path.basename(f)}.log")
+            with open(log, "w") as fh:
+                fh.write("3 passed\n" if outcome[f] == 0 else "1 failed, 2 passed\n")
+            rows.append({"file": f, "rc": outcome[f], "seconds": 0.1, "summary": "x", "log": log})
+        return rows
+
+    work = [(cases.get("layer_norm", "small")[0], torch.float16)]
+
+    def check(name: str) -> tuple[int, str]:
+        out = tmp_path / name
+        monkeypatch.setenv("OUT", str(tmp_path / f"{name}-OUT"))
+        rc = gpucheck.run(out_dir=str(out), ops=["layer_norm"], dtype=torch.float32, suite="small", skip=["e2e"],
+                          agreement_work=work, test_runner=fake_pytest)
+        return rc, (out / "gpu-check.log").read_text()
+
+    with fastattn.record_launches() as launches:
+        rc, log = check("ok")
+    assert rc == 0, log
+    assert calls == [(list(gpucheck.TEST_FILES), "cuda", False)]  # the op test files, on CUDA, not interpreted
+    assert launches["_layer_norm_fwd"] > 0 and "PASS" in log
+    for name in ("gpu-check.csv", "gpu-check-agreement.csv", "gpu-check-tests.csv", "gpu-check.log"):
+        assert (tmp_path / "ok" / name).exists() and (tmp_path / "ok-OUT" / name).exists(), name
+    with open(tmp_path / "ok" / "gpu-check.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"device", "torch", "triton", "date"} <= set(rows[0])
+    assert {r["impl"] for r in rows} >= {"eager", "fastattn"} and all(r["status"] == "ok" for r in rows)
+
+    outcome["tests/test_batch_norm.py"] = 1  # a failing test file
+    rc, log = check("tests-fail")
+    assert rc == 1 and "tests/test_batch_norm.py" in log.split("## result: FAIL")[1]
+
+    outcome["tests/test_batch_norm.py"] = 0
+
+    def broken(*args, **kwargs):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(cases, "_layer_norm_case", broken)
+    rc, log = check("bench-error")  # an error in a step fails the run; the other steps still run
+    assert rc == 1 and "bench: ValueError: boom" in log
+    assert (tmp_path / "bench-error" / "gpu-check-agreement.csv").exists()
+
+
+def test_gpu_check_pytest_runner_rc_and_timeout(tmp_path):
+    from fastattn.perf import gpucheck
+
+    files = {"test_pass.py": "def test_a():\n    pass\n", "test_fail.py": "def test_a():\n    assert False\n",
+             "test_slow.py": "import time\n\ndef test_a():\n    time.sleep(60)\n"}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    rows = gpucheck.run_pytest_files([str(tmp_path / n) for n in files], env, str(tmp_path), timeout_s=20, parallel=3)
+    got = {os.path.basename(r["file"]): r for r in rows}
+    assert got["test_pass.py"]["rc"] == 0 and "1 passed" in got["test_pass.py"]["summary"]
+    assert got["test_fail.py"]["rc"] == 1 and "1 failed" in got["test_fail.py"]["summary"]
+    assert got["test_slow.py"]["rc"] is None and "timed out" in got["test_slow.py"]["summary"]
+    assert all(os.path.exists(r["log"]) for r in rows)
+
+
+def test_gpu_check_without_gpu_says_so(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: gpu-check would run")
+    res = _cli(["gpu-check"], tmp_path, timeout=120)
+    assert res.returncode == 2 and "no CUDA GPU" in res.stderr and not res.stdout
 
 
 # -- the memory / traffic tracer -------------------------------------------------------------------------------

@@ -25,3 +25,7 @@ def test_every_config_fits_sm80_and_sm90(op):
     if op in TENSOR_CORE_OPS:
         assert gemm, f"{op} is a GEMM op but marks no kernel spec needs_tensor_cores"
     assert all(r.hmma + r.hgmma > 0 for r in gemm)
+    # every tensor-core config has an MMA loop whose FLOPs match its spec's loop_flops, so it has a ceiling
+    no_ceiling = [f"{r.kernel} [{r.variant}] {r.config} sm_{r.arch}: {r.loop_note or 'no ceiling'}" for r in gemm
+                  if r.ceiling is None or r.loop_instructions is None]
+    assert not no_ceiling, "GEMM configs without an issue-slot ceiling:\n" + "\n".join(no_ceiling)

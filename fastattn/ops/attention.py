@@ -424,6 +424,12 @@ def _example_args(dtype: torch.dtype, d: int, full: bool) -> dict:
     return args
 
 
+# BLOCK_M x BLOCK_N x BLOCK_D GEMMs per iteration of each kernel's key (or query) loop, as the work is split today:
+# forward S = QK^T, O += PV; dK/dV S^T = KQ^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q; dQ S = QK^T, dP = dO V^T,
+# dQ += dS K. hwfit's issue-slot ceiling divides by these FLOPs (loop_flops); change them with the split.
+_LOOP_GEMMS = {"_attn_fwd": 2, "_attn_bwd_dkdv": 4, "_attn_bwd_dq": 3}
+
+
 def kernel_specs() -> list[KernelSpec]:
     """Every (kernel, config, specialisation) the launchers can pick on a GPU, for ``fastattn.hwfit``.
 
@@ -444,7 +450,8 @@ def kernel_specs() -> list[KernelSpec]:
                     name = _runtime.kernel_name(kern)
                     for tile in K.tiles_for(name, dtype.itemsize, precision, d):
                         specs.append(KernelSpec("attention", kern, args, K._config(tile), variant,
-                                                needs_tensor_cores=precision == "tf32" or dtype != torch.float32))
+                                                needs_tensor_cores=precision == "tf32" or dtype != torch.float32,
+                                                loop_flops=2 * _LOOP_GEMMS[name] * tile[0] * tile[1] * d))
             pre = {**_example_args(dtype, d, False), "BLOCK_DV": d}
             specs.append(KernelSpec("attention", K._attn_bwd_preprocess, pre,
                                     triton.Config({"BLOCK_M": _PRE_BLOCK}, num_warps=4), f"{dname} D<={d}"))

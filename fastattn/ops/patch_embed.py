@@ -399,7 +399,9 @@ def kernel_specs() -> list[KernelSpec]:
         dx = dict(DO=out, Wt=weight, DX=images, **dos, **ws, **xs, **sizes, X_FLAT=g.x_flat, W_FLAT=g.w_flat, **flags)
         for kern, args in ((K._pe_fwd, fwd), (K._pe_bwd_dw, dw), (K._pe_bwd_dx, dx)):
             for cfg in K.gemm_prune(K.gemm_configs(), args):
-                specs.append(KernelSpec(_OP, kern, args, cfg, vname, needs_tensor_cores=True))
+                tile = cfg.kwargs  # one BLOCK_M x BLOCK_N x BLOCK_K MMA step per iteration of the reduction loop
+                specs.append(KernelSpec(_OP, kern, args, cfg, vname, needs_tensor_cores=True,
+                                        loop_flops=2 * tile["BLOCK_M"] * tile["BLOCK_N"] * tile["BLOCK_K"]))
         if P != 16 or channels_last:
             continue
         red = {"Part": part, "DW": weight, "DB": vec, "stride_wd": Kp, "stride_wc": P * P, "stride_wi": P,

@@ -9,5 +9,8 @@
 - ``memory``: saved-for-backward bytes, peak live bytes and HBM traffic, measured on FakeTensors at real shapes.
 - ``cpu``: the CPU report (hardware fit, measured memory, traffic, interpreter agreement).
 - ``fit``: the hardware-fit report over ``fastattn.hwfit`` with an on-disk cache.
+- ``ceiling``: the issue-slot ceiling table (``fastattn ceiling``); ``refloop``: the minimal FlashAttention-2
+  reference loops it compiles beside the shipped kernels.
+- ``gpucheck``: ``fastattn gpu-check``, the op tests, agreement and a bounded benchmark on a CUDA GPU.
 - ``report``: environment stamp, text tables, CSV, progress; ``plots``: the PNGs.
 """

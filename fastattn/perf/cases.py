@@ -5,7 +5,8 @@ Suites:
 - ``"quick"``: a few of them (``fastattn bench --quick``);
 - ``"model"``: real model shapes for the CPU report's measured memory and traffic (FakeTensors: no data, so
   size does not matter);
-- ``"small"``: one or two small awkward shapes for the interpreter agreement check.
+- ``"small"``: one or two small awkward shapes for the interpreter agreement check;
+- ``"check"``: ``fastattn gpu-check``'s bounded set: the quick cases, plus LM attention at 4k and 8k tokens.
 
 To add an op, write ``@register("<op module>") def <op>_cases(suite) -> list[Case]`` below (the op module name
 is the one in ``fastattn.ops.OPS``), and, where a backward kernel allocates scratch that its fake implementation
@@ -28,7 +29,7 @@ from torch import Tensor
 import fastattn
 from fastattn import reference
 
-SUITES = ("gpu", "quick", "model", "small")
+SUITES = ("gpu", "quick", "model", "small", "check")
 
 
 @dataclasses.dataclass
@@ -199,7 +200,7 @@ def _attention_case(label: str, B: int, H: int, L: int, D: int, causal: bool, su
     return Case(
         op="attention", label=label, shape=f"B={B} H={H} L={L} D={D}" + (" causal" if causal else ""),
         make=make, fused=fastattn.scaled_dot_product_attention, eager=reference.scaled_dot_product_attention,
-        baselines=_sdpa_baselines() if suite in ("gpu", "quick") else {}, flops=flops, bwd_flops_factor=2.5,
+        baselines=_sdpa_baselines() if suite in ("gpu", "quick", "check") else {}, flops=flops, bwd_flops_factor=2.5,
         min_bytes=min_bytes, check_saved=check_saved, saved_note="saves only q, k, v, out and O(L) statistics",
         lowp_baseline=F.scaled_dot_product_attention,
         kernels=("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"),
@@ -225,6 +226,8 @@ def attention_cases(suite: str) -> list[Case]:
         shapes += [lm(L, D, c) for D in (64, 128) for c in (False, True) for L in (1024, 2048, 4096, 8192, 16384)]
     elif suite == "quick":
         shapes = [vit_b, lm(4096, 64, False), lm(4096, 128, True)]
+    elif suite == "check":
+        shapes = [vit_b] + [lm(L, D, c) for L in (4096, 8192) for D in (64, 128) for c in (False, True)]
     elif suite == "model":
         shapes = [vit_b, vit_l, tbase, lm(4096, 128, True), lm(16384, 128, True)]
     else:  # small: odd lengths and head dims for the interpreter
@@ -303,7 +306,7 @@ def layer_norm_cases(suite: str) -> list[Case]:
     llm_rms = ("LLM 4096x4096 RMSNorm", (4096,), 4096, True)
     if suite == "gpu":
         shapes = [vit_b, vit_l, vit_b1, llm, llm_rms]
-    elif suite == "quick":
+    elif suite in ("quick", "check"):
         shapes = [vit_b, llm_rms]
     elif suite == "model":
         shapes = [vit_b, vit_l, llm, llm_rms]
@@ -404,7 +407,7 @@ def patch_embed_cases(suite: str) -> list[Case]:
     if suite == "gpu":
         shapes = [(f"ViT-B/16 {s}px B{b}", b, s, s, False) for s in (224, 384) for b in (64, 256)]
         shapes.append(("ViT-B/16 224px B64 +dimages", 64, 224, 224, True))
-    elif suite == "quick":
+    elif suite in ("quick", "check"):
         shapes = [("ViT-B/16 224px B64", 64, 224, 224, False)]
     elif suite == "model":
         shapes = [("ViT-B/16 224px B64", 64, 224, 224, False), ("ViT-B/16 384px B64", 64, 384, 384, False),
@@ -542,7 +545,7 @@ def batch_norm_cases(suite: str) -> list[Case]:
     if suite == "gpu":
         return [case(b, c, s, t, cl) for b in (64, 256) for c, s in stages for t in (True, False)
                 for cl in (False, True)]
-    if suite == "quick":
+    if suite in ("quick", "check"):
         return [case(64, 256, 56, True, True), case(64, 2048, 7, True, False)]
     if suite == "model":  # FakeTensors: the layout changes no byte count
         return [case(64, c, s, True, False) for c, s in stages] + [case(64, 256, 56, False, False)]

@@ -1,6 +1,7 @@
 """``fastattn bench`` without a GPU: what is real on this machine, measured, never a timing.
 
-1. Hardware fit: every kernel config compiled for sm_80 / sm_90 (:mod:`fastattn.perf.fit`).
+1. Hardware fit: every kernel config compiled for sm_80 / sm_90 (:mod:`fastattn.perf.fit`), with the issue-slot
+   ceiling of the attention loops beside minimal reference loops (:mod:`fastattn.perf.ceiling`).
 2. Memory: bytes saved for backward and peak live bytes, fused vs eager, per op and for a ViT-B/16 block and a
    ResNet-50 bottleneck at real shapes, traced on FakeTensors (:mod:`fastattn.perf.memory`).
 3. Traffic: bytes the eager sequence moves, counted op by op, against the minimum each fused op must move.
@@ -102,21 +103,28 @@ def _top(by_op: dict[str, dict[str, int]], n: int = 3) -> str:
 
 def _agreement(ops: Sequence[str], dtypes: Sequence[torch.dtype], quick: bool) -> list[dict]:
     """Section 4: outputs and every gradient, fused (interpreted) vs eager in low precision vs float64."""
-    from fastattn import _runtime
     from fastattn.perf import cases
-    from fastattn.perf.gpu import _grad_outputs
-    from fastattn.perf.report import Progress
-    from fastattn.testing import max_err, rule_bound
 
     if quick:  # one case of each op in the first dtype
         work = [(cases.get(op, "small")[0], dtypes[0]) for op in ops]
     else:
         work = [(c, d) for op in ops for c in cases.get(op, "small") for d in dtypes]
-    progress = Progress("interpreter agreement (TRITON_INTERPRET=1)", len(work))
+    return agreement(work, torch.device("cpu"), "interpreter agreement (TRITON_INTERPRET=1)")
+
+
+def agreement(work: Sequence[tuple[Any, torch.dtype]], device: torch.device, title: str) -> list[dict]:
+    """Rows of max errors, fused vs eager in ``dtype`` vs the float64 eager reference, for each ``(case, dtype)``,
+    under the test suite's 2x-eager rule, on ``device`` (the CPU report's interpreter check; gpu-check on CUDA)."""
+    from fastattn import _runtime
+    from fastattn.perf.gpu import _grad_outputs
+    from fastattn.perf.report import Progress
+    from fastattn.testing import max_err, rule_bound
+
+    progress = Progress(title, len(work))
     rows = []
     for case, dtype in work:
         torch.manual_seed(0)
-        master = case.make(torch.device("cpu"), torch.float64)
+        master = case.make(device, torch.float64)
         grad_out = [torch.randn_like(o) for o in _grad_outputs(master.call(case.eager))]
         results = {}
         t0 = time.monotonic()
@@ -204,6 +212,27 @@ def _run_child(ops: Sequence[str], dtype: str, quick: bool, skip: Sequence[str])
             return json.load(f)
 
 
+def _ceiling_section(out: _Printer, reports: Sequence[Any], archs: Sequence[int], quick: bool, workers: int | None,
+                     out_dir: str, env: dict) -> None:
+    """Section 1's ceiling table: the plain attention configs just compiled beside the reference loops."""
+    from fastattn.perf import ceiling, fit
+    from fastattn.perf.report import write_csv
+
+    out()
+    out("### Issue-slot ceiling of the attention loops (an upper bound, not a speed)")
+    out()
+    if quick:
+        out("Skipped in quick mode (it needs every plain config at head dims 64 and 128): `fastattn ceiling`.")
+        return
+    refs = fit.run([ceiling.REFERENCE], [a for a in archs if a in (80, 90)], select=ceiling.select(),
+                   workers=workers)
+    rows = ceiling.rows([*reports, *refs])
+    out(ceiling.table(rows))
+    out()
+    out(ceiling.NOTE + f" {len(refs)} reference compiles; CSV: ceiling.csv.")
+    write_csv(os.path.join(out_dir, "ceiling.csv"), rows, env)
+
+
 def run(ops: Sequence[str], *, dtype: str = "fp16", out_dir: str, quick: bool = False, skip_inspect: bool = False,
         archs: Sequence[int] = (80, 90), workers: int | None = None, skip: Sequence[str] = (),
         gpu_present: bool = False) -> int:
@@ -243,6 +272,8 @@ def run(ops: Sequence[str], *, dtype: str = "fp16", out_dir: str, quick: bool = 
                 failed.append(f"hardware fit: {len(bad)} of {len(reports)} compiles spill or exceed shared memory "
                               "(all listed in hwfit.csv and by `fastattn inspect`), e.g.:")
                 failed += [f"  {p}" for p in bad[:8]]
+            if "attention" in ops:
+                _ceiling_section(out, reports, archs, quick, workers, out_dir, env)
         except Exception as err:  # noqa: BLE001 - the other sections still run
             out(f"FAILED: {type(err).__name__}: {err}")
             failed.append(f"hardware fit: {err}")
@@ -341,7 +372,9 @@ def run(ops: Sequence[str], *, dtype: str = "fp16", out_dir: str, quick: bool = 
 
         plot = plots.cpu_memory(mem, data["traffic"], os.path.join(out_dir, "memory.png"), dtype)
     out()
-    written = ["hwfit.csv"] * (not skip_inspect) + ["memory.csv", "traffic.csv", "agreement.csv"]
+    written = ["hwfit.csv"] * (not skip_inspect) + ["ceiling.csv"] * (not skip_inspect and not quick
+                                                                        and "attention" in ops)
+    written += ["memory.csv", "traffic.csv", "agreement.csv"]
     if plot:
         written.append("memory.png")
     elif mem or data["traffic"]:

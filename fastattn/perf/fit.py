@@ -1,16 +1,17 @@
 """The hardware-fit report (``fastattn inspect``, and section 1 of the CPU report) over :mod:`fastattn.hwfit`.
 
-Compiling every spec for two or three architectures takes minutes on a small machine, so finished reports are
-cached per (op, arch) in ``$FASTATTN_CACHE_DIR`` (default ``~/.cache/fastattn``), keyed by the Triton version and
-a hash of the op's kernel sources (with the shared ``_common.py``), the op module and ``hwfit.py``: any change to
-what is compiled, or how, misses that op's cache. ``--dump`` always compiles (the cubins are written by the compile).
+Compiling every spec for two or three architectures takes minutes on a small machine, so reports are cached in
+``$FASTATTN_CACHE_DIR`` (default ``~/.cache/fastattn``) at two levels: every compile by its content
+(``hwfit.spec_key``: kernel source, arguments, config, arch, Triton version), shared by ``fastattn inspect``,
+``fastattn bench``, ``fastattn ceiling`` and the tests, and whole (op, arch) reports keyed by the Triton version and
+a hash of the op's kernel sources (with the shared ``_common.py``), the op module and ``hwfit.py``, which spare a
+fully cached run its compile workers. ``--dump`` always compiles (the cubins are written by the compile).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -20,10 +21,7 @@ import triton
 from fastattn import hwfit
 from fastattn.perf.report import Progress, format_table, say
 
-
-def cache_dir() -> str:
-    return os.environ.get("FASTATTN_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastattn")
+cache_dir = hwfit.cache_dir
 
 
 def _source_key(op: str, arch: int) -> str:
@@ -36,7 +34,7 @@ def _source_key(op: str, arch: int) -> str:
 
     h = hashlib.sha256(f"triton {triton.__version__} arch {arch}".encode())
     kdir = os.path.dirname(kernels_pkg.__file__)
-    module = importlib.import_module(f"fastattn.ops.{op}")
+    module = hwfit.spec_module(op)
     own = {os.path.abspath(m.__file__) for m in vars(module).values() if isinstance(m, types.ModuleType)
            and m.__name__.startswith(kernels_pkg.__name__ + ".")}
     shared = {os.path.abspath(os.path.join(kdir, f)) for f in os.listdir(kdir) if f.endswith(".py") and f[0] == "_"}
@@ -87,8 +85,10 @@ def matches(filters: Sequence[str]) -> Callable[[hwfit.SpecInfo], bool] | None:
     return select
 
 
-def _selector(filters: Sequence[str], first_per_kernel: bool) -> Callable[[hwfit.SpecInfo], bool] | None:
-    keep = matches(filters)
+def _selector(filters: Sequence[str], first_per_kernel: bool,
+              select: Callable[[hwfit.SpecInfo], bool] | None = None) -> Callable[[hwfit.SpecInfo], bool] | None:
+    by_text = matches(filters)
+    keep = by_text if select is None else (lambda i: (by_text is None or by_text(i)) and select(i))
     if not first_per_kernel:
         return keep
     seen: set[str] = set()
@@ -103,13 +103,16 @@ def _selector(filters: Sequence[str], first_per_kernel: bool) -> Callable[[hwfit
 
 
 def run(ops: Iterable[str], archs: Sequence[int], *, filters: Sequence[str] = (), dump_dir: str | None = None,
-        use_cache: bool = True, workers: int | None = None, first_per_kernel: bool = False) -> list[hwfit.FitReport]:
+        use_cache: bool = True, workers: int | None = None, first_per_kernel: bool = False,
+        select: Callable[[hwfit.SpecInfo], bool] | None = None) -> list[hwfit.FitReport]:
     """Fit reports for every spec of ``ops`` (optionally filtered) on every arch, with a progress line.
 
-    ``first_per_kernel`` keeps only the first spec of each kernel function (``--quick``). Only whole, undumped
-    runs use and fill the cache.
+    ``first_per_kernel`` keeps only the first spec of each kernel function (``--quick``); ``select`` keeps the
+    specs it returns True for (after ``filters``). ``ops`` are op names or spec module names
+    (``hwfit.spec_module``). Only whole, undumped runs use and fill the per-op cache; every compile uses the
+    per-spec cache unless ``use_cache`` is False.
     """
-    whole = not filters and not first_per_kernel and dump_dir is None
+    whole = not filters and not first_per_kernel and dump_dir is None and select is None
     ops = list(ops)
     found: dict[tuple[str, int], list[hwfit.FitReport]] = {}
     groups: dict[tuple[int, ...], list[str]] = {}  # archs to compile -> ops missing exactly those
@@ -135,11 +138,12 @@ def run(ops: Iterable[str], archs: Sequence[int], *, filters: Sequence[str] = ()
             progress[0].update(done, f"{r.op} {r.kernel} {r.config}")
 
         say(f"{label} (listing the configs)")
-        reports = hwfit.check(group, archs=todo, workers=workers, dump_dir=dump_dir,
-                              select=_selector(filters, first_per_kernel), progress=report)
+        pairs = hwfit.check_pairs(group, archs=todo, workers=workers, dump_dir=dump_dir,
+                                  select=_selector(filters, first_per_kernel, select), progress=report,
+                                  use_cache=use_cache)
         for op in group:
             for arch in todo:
-                found[(op, arch)] = [r for r in reports if r.op == op and r.arch == arch]
+                found[(op, arch)] = [r for info, r in pairs if info.op == op and r.arch == arch]
                 if whole:
                     _store(_cache_path(op, arch), found[(op, arch)])
     return [r for op in ops for arch in archs for r in found.get((op, arch), [])]
@@ -160,11 +164,23 @@ def status(r: hwfit.FitReport) -> str:
     return ", ".join(out) or "; ".join(r.problems)
 
 
+def pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.0f}%"
+
+
+def _num(x: float | None, spec: str = ".2f") -> str:
+    return "" if x is None else format(x, spec)
+
+
 def table(reports: Sequence[hwfit.FitReport]) -> str:
+    """One row per compile; GEMM kernels also show their MMA loop: instructions per iteration, warp-issues per
+    1000 FLOPs and the issue-slot ceiling (``hwfit.loop_analysis``)."""
     rows = [(r.kernel, r.variant, r.config, f"sm_{r.arch}", r.registers, r.spill_stores, f"{r.shared_bytes / 1024:.1f}",
-             r.hmma, r.hgmma, f"{100 * r.occupancy:.0f}%", status(r)) for r in reports]
+             r.hmma, r.hgmma, f"{100 * r.occupancy:.0f}%", _num(r.loop_instructions, "d"), _num(r.issues_per_kflop),
+             pct(r.ceiling), status(r)) for r in reports]
     return format_table(("kernel", "variant", "config", "arch", "regs", "spills", "smem KB", "HMMA", "HGMMA",
-                         "occupancy", "status"), rows, align="llllrrrrrrl")
+                         "occupancy", "loop instr", "issues/kFLOP", "ceiling", "status"), rows,
+                        align="llllrrrrrrrrrl")
 
 
 def summary(reports: Sequence[hwfit.FitReport]) -> str:
@@ -176,12 +192,14 @@ def summary(reports: Sequence[hwfit.FitReport]) -> str:
     for (kernel, arch), rs in groups.items():
         mma = "HMMA " + _span([r.hmma for r in rs]) + (f", HGMMA {_span([r.hgmma for r in rs])}" if arch >= 90 else "")
         bad = sum(1 for r in rs if not r.ok)
+        ceilings = [r.ceiling for r in rs if r.ceiling is not None]
         rows.append((kernel, f"sm_{arch}", len(rs), max(r.registers for r in rs), sum(r.spill_stores for r in rs),
                      f"{max(r.shared_bytes for r in rs) / 1024:.1f}", mma,
                      f"{100 * min(r.occupancy for r in rs):.0f}-{100 * max(r.occupancy for r in rs):.0f}%",
+                     f"{pct(min(ceilings))}-{pct(max(ceilings))}" if ceilings else "",
                      "all OK" if not bad else f"{bad} FAIL"))
     return format_table(("kernel", "arch", "configs", "max regs", "spills", "max smem KB", "tensor-core instr",
-                         "occupancy", "status"), rows, align="llrrrrlrl")
+                         "occupancy", "ceiling", "status"), rows, align="llrrrrlrrl")
 
 
 def _span(values: Sequence[int]) -> str:

@@ -297,8 +297,9 @@ def run(ops: Sequence[str], dtype: torch.dtype, suite: str = "gpu", with_compile
     for case in all_cases:
         rows += run_case(case, dtype, with_compile, progress=progress)
     if end_to_end:
-        rows += run_end_to_end(dtype, quick=suite == "quick", progress=progress)
-        rows += run_patched_models(dtype, quick=suite == "quick", progress=progress)
+        quick = suite in ("quick", "check")
+        rows += run_end_to_end(dtype, quick=quick, progress=progress)
+        rows += run_patched_models(dtype, quick=quick, progress=progress)
     return rows
 
 
