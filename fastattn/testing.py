@@ -28,6 +28,7 @@ assume IEEE fp32 products (TF32, ``allow_tf32``, is outside the model), as the t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -40,7 +41,7 @@ UNIT_ROUNDOFF = {
 }
 
 __all__ = ["UNIT_ROUNDOFF", "assert_close_to_reference", "attention_floors", "batch_norm_floors", "blocked_terms",
-           "max_err", "norm_floors", "patch_embed_floors", "rule_bound", "tree_sum_terms"]
+           "max_err", "merge_floors", "norm_floors", "patch_embed_floors", "rule_bound", "tree_sum_terms"]
 
 
 def max_err(x: Tensor, ref: Tensor) -> float:
@@ -201,6 +202,84 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         count = g.numel() // max(attn_mask.numel(), 1)
         floors["dmask"] = _top(_sum_to(g + count * u * ds.abs(), tuple(attn_mask.shape)))
+    return floors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# merge_attention (and the split-KV combine)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _exp_weight_terms(x: Tensor, shift: Tensor, u: float) -> Tensor:
+    """Relative error of a kernel's ``exp2((x - shift) * LOG2E)`` for exact ``x`` and ``shift``: the subtraction,
+    the rounded constant and the product each err by ``u |x - shift|`` in the exponent (relative in the result),
+    exp2 by ``4u``."""
+    return 3 * u * (x - shift).abs() + 4 * u
+
+
+def merge_floors(outs: Sequence[Tensor], lses: Sequence[Tensor], grad_out: Tensor | None = None,
+                 grad_lse: Tensor | None = None, *, dtype: torch.dtype, lse_ours: Tensor | None = None,
+                 out_errs: Sequence[Tensor] | None = None, lse_errs: Sequence[Tensor] | None = None
+                 ) -> dict[str, float]:
+    """Floors of ``out``, ``lse``, ``dout<s>``, ``dlse<s>`` of the merge (kernels/merge_attention.py), per row.
+
+    Eager computes the same formula in fp32 with other roundings (torch.logsumexp, exp, a broadcast product and a
+    sum), so all of the kernel's are counted. Per row, with ``m = max lse_s``, ``e_s = exp(lse_s - m)``,
+    ``w_s = e_s / l``, ``S`` parts:
+
+    - ``e_s`` errs by ``c_s = 3u |lse_s - m| + 4u`` relative (:func:`_exp_weight_terms`), plus ``lse_errs[s]`` where
+      the lse_s themselves carry an error (the split-KV combine's partials; the parts' outputs then carry
+      ``out_errs[s]``); ``acc = sum e_s o_s`` (products and S sequential adds) and ``l = sum e_s`` (S - 1 adds).
+    - ``out = acc / l``: the weights' errors common to acc and l cancel, leaving ``sum_s w_s (c_s |o_s - out| +
+      err(o_s)) + S u sum_s w_s |o_s| + S u |out|`` (the division included).
+    - ``lse = m + log2(l) ln2``: ``l``'s relative error ``sum w_s c_s + (S - 1) u`` plus log2's ``4u`` (2 ulp of
+      a result of magnitude at most ``max(1, log2 S)``), the product by ln2 and the add: ``u (|log l| + |lse|)``.
+    - backward, ``w_s = exp2((lse_s - lse') LOG2E)`` from the fused forward's lse' (``lse_ours``, else the floor
+      above bounds its error): ``b_s = 3u |lse_s - lse| + 4u + err(lse)``; ``dout_s = w_s dout``: ``w_s |dout|
+      (b_s + u)``; ``g_s = dout . o_s`` (fp32 tree sum over D): ``(tree_sum_terms(D) + 1) u sum |dout o_s|``;
+      ``G = sum w_t g_t - dlse``: ``sum_t w_t (b_t |g_t| + err(g_t)) + (S + 1) u (sum_t w_t |g_t| + |dlse|)``;
+      ``dlse_s = w_s (g_s - G)``: ``w_s (b_s |g_s - G| + err(g_s) + err(G) + u |g_s - G|) + u |dlse_s|``.
+
+    Inputs are float64 tensors holding the values the low-precision run sees."""
+    u = _roundoffs(dtype)[0]
+    o = torch.stack([t.detach().double() for t in outs])  # (S, ..., L, D)
+    x = torch.stack([t.detach().double() for t in lses])  # (S, ..., L)
+    S, D = o.size(0), o.size(-1)
+    live = torch.isfinite(x)
+    m = torch.where(live, x, -math.inf).amax(0)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    e = torch.where(live, (x - m).exp(), 0.0)
+    den = e.sum(0)
+    empty = den == 0
+    w = e / torch.where(empty, 1.0, den)
+    o = torch.where(live[..., None], o, 0.0)
+    out = (w[..., None] * o).sum(0)
+    lse = torch.where(empty, 0.0, m + torch.where(empty, 1.0, den).log())
+    c = torch.where(live, _exp_weight_terms(x, m, u), 0.0)
+    if lse_errs is not None:
+        c = c + torch.stack([t.double() for t in lse_errs])
+    o_err = torch.stack([t.double() for t in out_errs]) if out_errs is not None else torch.zeros(())
+    err_out = ((w * c)[..., None] * (o - out).abs() + w[..., None] * o_err).sum(0) \
+        + S * u * (w[..., None] * o.abs()).sum(0) + S * u * out.abs()
+    rel_l = (w * c).sum(0) + (S - 1) * u
+    err_lse = torch.where(empty, 0.0, rel_l + 4 * u * max(1.0, math.log2(max(S, 1))) * math.log(2)
+                          + u * (lse - m).abs() + u * lse.abs())
+    floors = {"out": _top(err_out), "lse": _top(err_lse)}
+    if grad_out is None:
+        return floors
+    do = grad_out.detach().double()
+    dl = grad_lse.detach().double() if grad_lse is not None else torch.zeros(())
+    lse_err = err_lse if lse_ours is None else (lse_ours.detach().double() - lse).abs().nan_to_num(0.0)
+    b = torch.where(live, _exp_weight_terms(x, lse, u) + lse_err, 0.0)
+    g = (do * o).sum(-1)
+    err_g = (tree_sum_terms(D) + 1) * u * (do.abs() * o.abs()).sum(-1)
+    big_g = (w * g).sum(0) - dl
+    err_big_g = (w * (b * g.abs() + err_g)).sum(0) + (S + 1) * u * ((w * g.abs()).sum(0) + dl.abs())
+    dlse = w * (g - big_g)
+    err_dlse = w * (b * (g - big_g).abs() + err_g + err_big_g + u * (g - big_g).abs()) + u * dlse.abs()
+    for s in range(S):
+        floors[f"dout{s}"] = _top((w[s] * (b[s] + u))[..., None] * do.abs())
+        floors[f"dlse{s}"] = _top(err_dlse[s])
     return floors
 
 
