@@ -21,6 +21,15 @@ from fastattn.patching import PatchEntry, PatchReport, patch, patch_report, unpa
 
 del _patch_module
 
+
+def __getattr__(name: str):
+    if name == "distributed":  # ring attention: imported on first use (fastattn.distributed)
+        import importlib
+
+        return importlib.import_module("fastattn.distributed")
+    raise AttributeError(f"module 'fastattn' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"
 
 __all__ = [

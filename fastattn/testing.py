@@ -41,7 +41,8 @@ UNIT_ROUNDOFF = {
 }
 
 __all__ = ["UNIT_ROUNDOFF", "assert_close_to_reference", "attention_floors", "batch_norm_floors", "blocked_terms",
-           "max_err", "merge_floors", "norm_floors", "patch_embed_floors", "rule_bound", "tree_sum_terms"]
+           "max_err", "merge_floors", "norm_floors", "patch_embed_floors", "ring_attention_floors", "rule_bound",
+           "tree_sum_terms"]
 
 
 def max_err(x: Tensor, ref: Tensor) -> float:
@@ -111,7 +112,7 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
                      attn_mask: Tensor | None = None, is_causal: bool = False, causal_offset: int = 0,
                      scale: float | None = None, enable_gqa: bool = False, dropout_p: float = 0.0,
                      dropout_mask: Tensor | None = None, grad_lse: Tensor | None = None,
-                     out: Tensor | None = None) -> dict[str, float]:
+                     out: Tensor | None = None, lse_err: float | None = None, partials: int = 0) -> dict[str, float]:
     """Floors of ``out``, ``lse``, ``dq``, ``dk``, ``dv``, ``dmask`` of fused attention (kernels/attention.py).
 
     Shared with eager, so not in the floor: the fp32 dots and sums of q k^T, p v, dO v^T, dS k, dS^T q, p^T dO (torch's
@@ -134,6 +135,10 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
       err(delta_i) + u (|dP'_ij| + |delta_i|)) + u |dS_ij|``;
     - ``dq = scale dS k`` and ``dk = scale dS^T q`` carry ``g``, ``dv = p'^T dO`` carries ``b``, ``dmask`` is ``g``
       summed over the dims where the mask broadcasts (fp32, ``count u sum |dS|``).
+    - ``lse_err``: the backward reads an lse computed elsewhere (ring attention's merge) with this error, in place of
+      ``dl``; ``partials``: each gradient is the fp32 sum of that many partial results over disjoint key (or query)
+      blocks, each rounded to ``dtype`` by the kernel: ``(u_dtype + partials u)`` times the partials' absolute sums
+      ``|scale| |dS| |k|``, ``|scale| |dS|^T |q|``, ``|p'|^T |dO|``.
 
     All inputs are float64 tensors holding the values the low-precision run sees; ``attn_mask`` is bool (True =
     attends) or additive float; ``is_causal`` keeps key j for query i iff ``j <= i + causal_offset``; ``out`` is the
@@ -179,6 +184,8 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
     f = live(2 * u * s.abs() + 4 * u)
     err_out = (pd * f) @ av + o.abs() * (p * f).sum(-1, keepdim=True) + (2 * nb + 2) * u * (pd @ av)
     dl = torch.where(full, (p * f).sum(-1, keepdim=True) + (2 * nb + 4) * u + 3 * u * lse.abs(), 0.0)
+    if lse_err is not None:
+        dl = torch.where(full, float(lse_err), 0.0)
     b = live(2 * (D + 2) * u * a + 2 * u * s.abs() + u * (s - lse).abs() + 4 * u + dl)
     dp = (do @ v.mT) * keep
     terms = (ado @ av.mT) * abs(keep) if isinstance(keep, float) else (ado @ av.mT) * keep.abs()
@@ -194,6 +201,11 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
     err_dq = abs(sc) * (g @ k.abs())
     err_dk = abs(sc) * (g.mT @ q.abs())
     err_dv = (pd.abs() * b).mT @ ado
+    if partials:
+        extra = UNIT_ROUNDOFF[dtype] + partials * u
+        err_dq = err_dq + extra * abs(sc) * (ds.abs() @ k.abs())
+        err_dk = err_dk + extra * abs(sc) * (ds.abs().mT @ q.abs())
+        err_dv = err_dv + extra * (pd.abs().mT @ ado)
     if group > 1:  # dk, dv sum over the query heads of each key/value head
         err_dk = err_dk.unflatten(-3, (-1, group)).sum(-3)
         err_dv = err_dv.unflatten(-3, (-1, group)).sum(-3)
@@ -281,6 +293,58 @@ def merge_floors(outs: Sequence[Tensor], lses: Sequence[Tensor], grad_out: Tenso
         floors[f"dout{s}"] = _top((w[s] * (b[s] + u))[..., None] * do.abs())
         floors[f"dlse{s}"] = _top(err_dlse[s])
     return floors
+
+
+def ring_attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor, *, dtype: torch.dtype,
+                          world_size: int, layout: str = "contiguous", is_causal: bool = False,
+                          scale: float | None = None, out: Tensor | None = None) -> dict[str, float]:
+    """Floors of ``out``, ``dq``, ``dk``, ``dv`` of ``fastattn.distributed.ring_attention`` over ``world_size`` ranks,
+    for the whole (gathered) sequence; ``out``: the ring's gathered output, if measured.
+
+    Forward, per rank, following ``ring_schedule``: each step's block attention has :func:`attention_floors` on its
+    tile, plus one rounding of the part to ``dtype`` (the kernel stores it so); the parts are folded into the
+    running fp32 result one merge at a time, each with :func:`merge_floors` given the errors of its two inputs, plus
+    one fp32 rounding of the stored result. Backward: each block's gradient is the fused backward of the whole
+    sequence restricted to the block (the same ``p = exp(s - lse)``, ``delta`` from the stored output), so
+    :func:`attention_floors` of the whole sequence holds with the merged lse's error and ``world_size`` partials per
+    gradient."""
+    from fastattn import reference
+    from fastattn.distributed import ring_schedule, shard_sequence
+
+    u = _roundoffs(dtype)[0]
+    q, k, v, do = (t.detach().double() for t in (query, key, value, grad_out))
+    gqa = k.size(-3) != q.size(-3)
+    sc = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+    local = q.size(-2) // world_size
+    out_err = lse_err = 0.0
+    for rank in range(world_size):
+        qs = shard_sequence(q, world_size, rank, layout=layout)
+        acc = None
+        for step in ring_schedule(world_size, rank, local, is_causal=is_causal, layout=layout):
+            if step.rows.stop == step.rows.start:
+                continue
+            kb, vb = (shard_sequence(t, world_size, step.source, layout=layout)[..., step.keys, :] for t in (k, v))
+            qr = qs[..., step.rows, :]
+            f = attention_floors(qr, kb, vb, qr.new_zeros((*qr.shape[:-1], vb.size(-1))), dtype=dtype,
+                                 is_causal=step.causal, scale=sc, enable_gqa=gqa)
+            o_b, l_b = reference.scaled_dot_product_attention(qr, kb, vb, is_causal=step.causal, scale=sc,
+                                                              enable_gqa=gqa, return_lse=True)
+            o = qs.new_zeros((*qs.shape[:-1], vb.size(-1)))
+            lse = qs.new_full(qs.shape[:-1], -math.inf)
+            o[..., step.rows, :], lse[..., step.rows] = o_b, l_b
+            part = (f["out"] + UNIT_ROUNDOFF[dtype] * o.abs(), torch.full_like(lse, f["lse"]))
+            if acc is None:
+                acc = (o, lse, *part)
+                continue
+            m = merge_floors([acc[0], o], [acc[1], lse], dtype=dtype, out_errs=[acc[2], part[0]],
+                             lse_errs=[acc[3], part[1]])
+            merged, merged_lse = reference.merge_attention([acc[0], o], [acc[1], lse])
+            acc = (merged, merged_lse, torch.full_like(o, m["out"] + u * _top(merged.abs())),
+                   torch.full_like(lse, m["lse"]))
+        out_err, lse_err = max(out_err, _top(acc[2])), max(lse_err, _top(acc[3]))
+    back = attention_floors(q, k, v, do, dtype=dtype, is_causal=is_causal, scale=sc, enable_gqa=gqa, out=out,
+                            lse_err=lse_err, partials=world_size)
+    return {"out": out_err, "dq": back["dq"], "dk": back["dk"], "dv": back["dv"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
