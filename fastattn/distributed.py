@@ -135,6 +135,8 @@ class _Ring:
         self.group = group
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError(f"fastattn.{_OP}: this process (global rank {dist.get_rank()}) is not in group")
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
 
