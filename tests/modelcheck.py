@@ -94,12 +94,11 @@ def step_results(model: nn.Module, out: torch.Tensor) -> Step:
 
 
 def assert_step_close(ours: Step, eager: Step, ref: Step, dtype: torch.dtype = torch.float32, what: str = "train",
-                      outputs: bool = True) -> None:
-    """A training step of ``ours`` against eager PyTorch's and the float64 reference's: the output under the 2x rule,
-    every gradient and floating-point buffer with the model-level factor (see the module docstring), other buffers
-    equal. ``dtype``: the precision both low-precision runs computed in."""
-    if outputs:
-        assert_close_to_reference(ours[0], eager[0], ref[0], dtype, name=f"{what} output")
+                      output_factor: float = 2.0) -> None:
+    """A training step of ``ours`` against eager PyTorch's and the float64 reference's: the output under the 2x rule
+    (``output_factor``), every gradient and floating-point buffer with the model-level factor (see the module
+    docstring), other buffers equal. ``dtype``: the precision both low-precision runs computed in."""
+    assert_close_to_reference(ours[0], eager[0], ref[0], dtype, name=f"{what} output", factor=output_factor)
     scale = max((g.abs().max().item() for g in ref[1].values() if g is not None), default=0.0)
     for name, g in ref[1].items():
         ours_g, eager_g = ours[1][name], eager[1][name]
