@@ -44,7 +44,7 @@ case "$cmd" in
     workers=()
     case " $* " in
       *" -n "*|*" -n="*|*" --numprocesses"*|*"no:xdist"*) ;;
-      *) workers=(-n "${FASTATTN_TEST_WORKERS:-auto}") ;;
+      *) workers=(-n "${FASTATTN_TEST_WORKERS:-auto}" --dist loadgroup) ;;  # loadgroup: test_distributed.py's ranks once
     esac
     exec "$VENV/bin/python" -m pytest "${workers[@]}" "$@"
     ;;

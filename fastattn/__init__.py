@@ -15,11 +15,21 @@ from fastattn._runtime import FallbackWarning, deterministic_backward, record_la
 from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.batch_norm import batch_norm_add_relu
 from fastattn.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from fastattn.ops.merge_attention import merge_attention
 from fastattn.ops.patch_embed import patch_embed
 from fastattn.patching import PatchEntry, PatchReport, patch, patch_report, unpatch
 from fastattn.sdpa_backend import register_sdpa_backend
 
 del _patch_module
+
+
+def __getattr__(name: str):
+    if name == "distributed":  # ring attention: imported on first use (fastattn.distributed)
+        import importlib
+
+        return importlib.import_module("fastattn.distributed")
+    raise AttributeError(f"module 'fastattn' has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 
@@ -33,6 +43,7 @@ __all__ = [
     "batch_norm_add_relu",
     "deterministic_backward",
     "layer_norm",
+    "merge_attention",
     "models",
     "nn",
     "patch",

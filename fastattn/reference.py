@@ -9,6 +9,7 @@ kernel drew.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,28 @@ def scaled_dot_product_attention(
         probs = F.dropout(probs, dropout_p)
     out = probs.to(value.dtype) @ value
     return (out, lse) if return_lse else out
+
+
+
+def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Attention over the union of disjoint key sets from each part's output ``(..., L, D)`` and log-sum-exp
+    ``(..., L)``: ``out = sum_s exp(lse_s - lse) o_s``, ``lse = logsumexp_s lse_s``, computed in the promoted dtype
+    of the outputs and the lses. A part with ``lse_s = -inf`` adds nothing (its output is not read); a row empty in
+    every part gives ``out = 0, lse = -inf``. Returns ``out`` in outs' dtype and ``lse`` fp32 (fp64 for fp64)."""
+    o = torch.stack(list(outs))  # (S, ..., L, D)
+    x = torch.stack(list(lses))  # (S, ..., L)
+    ct = torch.promote_types(o.dtype, x.dtype)
+    x = x.to(ct)
+    m = x.detach().amax(0)  # the shift cancels exactly; detached, it carries no gradient
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(x - m)  # -inf -> 0
+    den = e.sum(0)
+    empty = den == 0
+    w = e / torch.where(empty, torch.ones_like(den), den)
+    o = torch.where(torch.isneginf(x)[..., None], torch.zeros((), dtype=o.dtype, device=o.device), o)
+    out = (w[..., None] * o.to(ct)).sum(0)
+    lse = torch.where(empty, torch.full_like(den, float("-inf")), m + torch.log(torch.where(empty, 1.0, den)))
+    return out.to(o.dtype), lse.to(torch.float64 if o.dtype == torch.float64 else torch.float32)
 
 # ---------------------------------------------------------------------------------------------------------------
 # patch embedding

@@ -28,6 +28,7 @@ assume IEEE fp32 products (TF32, ``allow_tf32``, is outside the model), as the t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -40,7 +41,8 @@ UNIT_ROUNDOFF = {
 }
 
 __all__ = ["UNIT_ROUNDOFF", "assert_close_to_reference", "attention_floors", "batch_norm_floors", "blocked_terms",
-           "max_err", "norm_floors", "patch_embed_floors", "rule_bound", "tree_sum_terms"]
+           "max_err", "merge_floors", "norm_floors", "patch_embed_floors", "ring_attention_floors", "rule_bound",
+           "tree_sum_terms"]
 
 
 def max_err(x: Tensor, ref: Tensor) -> float:
@@ -110,7 +112,7 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
                      attn_mask: Tensor | None = None, is_causal: bool = False, causal_offset: int = 0,
                      scale: float | None = None, enable_gqa: bool = False, dropout_p: float = 0.0,
                      dropout_mask: Tensor | None = None, grad_lse: Tensor | None = None,
-                     out: Tensor | None = None) -> dict[str, float]:
+                     out: Tensor | None = None, lse_err: float | None = None, partials: int = 0) -> dict[str, float]:
     """Floors of ``out``, ``lse``, ``dq``, ``dk``, ``dv``, ``dmask`` of fused attention (kernels/attention.py).
 
     Shared with eager, so not in the floor: the fp32 dots and sums of q k^T, p v, dO v^T, dS k, dS^T q, p^T dO (torch's
@@ -137,6 +139,10 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
       err(delta_i) + u (|dP'_ij| + |delta_i|)) + u |dS_ij|``;
     - ``dq = scale dS k`` and ``dk = scale dS^T q`` carry ``g`` (and dS's operand rounding), ``dv = p'^T dO``
       carries ``b``, ``dmask`` is ``g`` summed over the dims where the mask broadcasts (fp32, ``count u sum |dS|``).
+    - ``lse_err``: the backward reads an lse computed elsewhere (ring attention's merge) with this error, in place of
+      ``dl``; ``partials``: each gradient is the fp32 sum of that many partial results over disjoint key (or query)
+      blocks, each rounded to ``dtype`` by the kernel: ``(u_dtype + partials u)`` times the partials' absolute sums
+      ``|scale| |dS| |k|``, ``|scale| |dS|^T |q|``, ``|p'|^T |dO|``.
 
     In fp32 the largest terms are the dP-versus-delta cancellation and delta's dot (``D u`` each, worst case); they
     leave the rule sensitive to a 0.1% error of the scale (tests/test_numerics.py).
@@ -183,6 +189,8 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
     f = live(2 * u * s.abs() + 4 * u)
     err_out = (pd * f) @ av + o.abs() * (p * f).sum(-1, keepdim=True) + ((2 * nb + 2) * u + up) * (pd.abs() @ av)
     dl = torch.where(full, (p * f).sum(-1, keepdim=True) + (2 * nb + 4) * u + 3 * u * lse.abs(), 0.0)
+    if lse_err is not None:
+        dl = torch.where(full, float(lse_err), 0.0)
     b = live(2 * u * s.abs() + u * (s - lse).abs() + 4 * u + dl)
     dp = (do @ v.mT) * keep
     terms = (ado @ av.mT) * abs(keep) if isinstance(keep, float) else (ado @ av.mT) * keep.abs()
@@ -199,6 +207,11 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
     err_dq = abs(sc) * (g_op @ k.abs())
     err_dk = abs(sc) * (g_op.mT @ q.abs())
     err_dv = (pd.abs() * (b + up)).mT @ ado
+    if partials:
+        extra = UNIT_ROUNDOFF[dtype] + partials * u
+        err_dq = err_dq + extra * abs(sc) * (ds.abs() @ k.abs())
+        err_dk = err_dk + extra * abs(sc) * (ds.abs().mT @ q.abs())
+        err_dv = err_dv + extra * (pd.abs().mT @ ado)
     if group > 1:  # dk, dv sum over the query heads of each key/value head
         err_dk = err_dk.unflatten(-3, (-1, group)).sum(-3)
         err_dv = err_dv.unflatten(-3, (-1, group)).sum(-3)
@@ -208,6 +221,136 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
         count = g.numel() // max(attn_mask.numel(), 1)
         floors["dmask"] = _top(_sum_to(g + count * u * ds.abs(), tuple(attn_mask.shape)))
     return floors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# merge_attention (and the split-KV combine)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _exp_weight_terms(x: Tensor, shift: Tensor, u: float) -> Tensor:
+    """Relative error of a kernel's ``exp2((x - shift) * LOG2E)`` for exact ``x`` and ``shift``: the subtraction,
+    the rounded constant and the product each err by ``u |x - shift|`` in the exponent (relative in the result),
+    exp2 by ``4u``."""
+    return 3 * u * (x - shift).abs() + 4 * u
+
+
+def merge_floors(outs: Sequence[Tensor], lses: Sequence[Tensor], grad_out: Tensor | None = None,
+                 grad_lse: Tensor | None = None, *, dtype: torch.dtype, lse_ours: Tensor | None = None,
+                 out_errs: Sequence[Tensor] | None = None, lse_errs: Sequence[Tensor] | None = None
+                 ) -> dict[str, float]:
+    """Floors of ``out``, ``lse``, ``dout<s>``, ``dlse<s>`` of the merge (kernels/merge_attention.py), per row.
+
+    Eager computes the same formula in fp32 with other roundings (torch.logsumexp, exp, a broadcast product and a
+    sum), so all of the kernel's are counted. Per row, with ``m = max lse_s``, ``e_s = exp(lse_s - m)``,
+    ``w_s = e_s / l``, ``S`` parts:
+
+    - ``e_s`` errs by ``c_s = 3u |lse_s - m| + 4u`` relative (:func:`_exp_weight_terms`), plus ``lse_errs[s]`` where
+      the lse_s themselves carry an error (the split-KV combine's partials; the parts' outputs then carry
+      ``out_errs[s]``); ``acc = sum e_s o_s`` (products and S sequential adds) and ``l = sum e_s`` (S - 1 adds).
+    - ``out = acc / l``: the weights' errors common to acc and l cancel, leaving ``sum_s w_s (c_s |o_s - out| +
+      err(o_s)) + S u sum_s w_s |o_s| + S u |out|`` (the division included).
+    - ``lse = m + log2(l) ln2``: ``l``'s relative error ``sum w_s c_s + (S - 1) u`` plus log2's ``4u`` (2 ulp of
+      a result of magnitude at most ``max(1, log2 S)``), the product by ln2 and the add: ``u (|log l| + |lse|)``.
+    - backward, ``w_s = exp2((lse_s - lse') LOG2E)`` from the fused forward's lse' (``lse_ours``, else the floor
+      above bounds its error): ``b_s = 3u |lse_s - lse| + 4u + err(lse)``; ``dout_s = w_s dout``: ``w_s |dout|
+      (b_s + u)``; ``g_s = dout . o_s`` (fp32 tree sum over D): ``(tree_sum_terms(D) + 1) u sum |dout o_s|``;
+      ``G = sum w_t g_t - dlse``: ``sum_t w_t (b_t |g_t| + err(g_t)) + (S + 1) u (sum_t w_t |g_t| + |dlse|)``;
+      ``dlse_s = w_s (g_s - G)``: ``w_s (b_s |g_s - G| + err(g_s) + err(G) + u |g_s - G|) + u |dlse_s|``.
+
+    Inputs are float64 tensors holding the values the low-precision run sees."""
+    u = _roundoffs(dtype)[0]
+    o = torch.stack([t.detach().double() for t in outs])  # (S, ..., L, D)
+    x = torch.stack([t.detach().double() for t in lses])  # (S, ..., L)
+    S, D = o.size(0), o.size(-1)
+    live = torch.isfinite(x)
+    m = torch.where(live, x, -math.inf).amax(0)
+    m = torch.where(torch.isfinite(m), m, 0.0)
+    e = torch.where(live, (x - m).exp(), 0.0)
+    den = e.sum(0)
+    empty = den == 0
+    w = e / torch.where(empty, 1.0, den)
+    o = torch.where(live[..., None], o, 0.0)
+    out = (w[..., None] * o).sum(0)
+    lse = torch.where(empty, 0.0, m + torch.where(empty, 1.0, den).log())
+    c = torch.where(live, _exp_weight_terms(x, m, u), 0.0)
+    if lse_errs is not None:
+        c = c + torch.stack([t.double() for t in lse_errs])
+    o_err = torch.stack([t.double() for t in out_errs]) if out_errs is not None else torch.zeros(())
+    err_out = ((w * c)[..., None] * (o - out).abs() + w[..., None] * o_err).sum(0) \
+        + S * u * (w[..., None] * o.abs()).sum(0) + S * u * out.abs()
+    rel_l = (w * c).sum(0) + (S - 1) * u
+    err_lse = torch.where(empty, 0.0, rel_l + 4 * u * max(1.0, math.log2(max(S, 1))) * math.log(2)
+                          + u * (lse - m).abs() + u * lse.abs())
+    floors = {"out": _top(err_out), "lse": _top(err_lse)}
+    if grad_out is None:
+        return floors
+    do = grad_out.detach().double()
+    dl = grad_lse.detach().double() if grad_lse is not None else torch.zeros(())
+    lse_err = err_lse if lse_ours is None else (lse_ours.detach().double() - lse).abs().nan_to_num(0.0)
+    b = torch.where(live, _exp_weight_terms(x, lse, u) + lse_err, 0.0)
+    g = (do * o).sum(-1)
+    err_g = (tree_sum_terms(D) + 1) * u * (do.abs() * o.abs()).sum(-1)
+    big_g = (w * g).sum(0) - dl
+    err_big_g = (w * (b * g.abs() + err_g)).sum(0) + (S + 1) * u * ((w * g.abs()).sum(0) + dl.abs())
+    dlse = w * (g - big_g)
+    err_dlse = w * (b * (g - big_g).abs() + err_g + err_big_g + u * (g - big_g).abs()) + u * dlse.abs()
+    for s in range(S):
+        floors[f"dout{s}"] = _top((w[s] * (b[s] + u))[..., None] * do.abs())
+        floors[f"dlse{s}"] = _top(err_dlse[s])
+    return floors
+
+
+def ring_attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor, *, dtype: torch.dtype,
+                          world_size: int, layout: str = "contiguous", is_causal: bool = False,
+                          scale: float | None = None, out: Tensor | None = None) -> dict[str, float]:
+    """Floors of ``out``, ``dq``, ``dk``, ``dv`` of ``fastattn.distributed.ring_attention`` over ``world_size`` ranks,
+    for the whole (gathered) sequence; ``out``: the ring's gathered output, if measured.
+
+    Forward, per rank, following ``ring_schedule``: each step's block attention has :func:`attention_floors` on its
+    tile, plus one rounding of the part to ``dtype`` (the kernel stores it so); the parts are folded into the
+    running fp32 result one merge at a time, each with :func:`merge_floors` given the errors of its two inputs, plus
+    one fp32 rounding of the stored result. Backward: each block's gradient is the fused backward of the whole
+    sequence restricted to the block (the same ``p = exp(s - lse)``, ``delta`` from the stored output), so
+    :func:`attention_floors` of the whole sequence holds with the merged lse's error and ``world_size`` partials per
+    gradient."""
+    from fastattn import reference
+    from fastattn.distributed import ring_schedule, shard_sequence
+
+    u = _roundoffs(dtype)[0]
+    q, k, v, do = (t.detach().double() for t in (query, key, value, grad_out))
+    gqa = k.size(-3) != q.size(-3)
+    sc = 1.0 / math.sqrt(q.size(-1)) if scale is None else float(scale)
+    local = q.size(-2) // world_size
+    out_err = lse_err = 0.0
+    for rank in range(world_size):
+        qs = shard_sequence(q, world_size, rank, layout=layout)
+        acc = None
+        for step in ring_schedule(world_size, rank, local, is_causal=is_causal, layout=layout):
+            if step.rows.stop == step.rows.start:
+                continue
+            kb, vb = (shard_sequence(t, world_size, step.source, layout=layout)[..., step.keys, :] for t in (k, v))
+            qr = qs[..., step.rows, :]
+            f = attention_floors(qr, kb, vb, qr.new_zeros((*qr.shape[:-1], vb.size(-1))), dtype=dtype,
+                                 is_causal=step.causal, scale=sc, enable_gqa=gqa)
+            o_b, l_b = reference.scaled_dot_product_attention(qr, kb, vb, is_causal=step.causal, scale=sc,
+                                                              enable_gqa=gqa, return_lse=True)
+            o = qs.new_zeros((*qs.shape[:-1], vb.size(-1)))
+            lse = qs.new_full(qs.shape[:-1], -math.inf)
+            o[..., step.rows, :], lse[..., step.rows] = o_b, l_b
+            part = (f["out"] + UNIT_ROUNDOFF[dtype] * o.abs(), torch.full_like(lse, f["lse"]))
+            if acc is None:
+                acc = (o, lse, *part)
+                continue
+            m = merge_floors([acc[0], o], [acc[1], lse], dtype=dtype, out_errs=[acc[2], part[0]],
+                             lse_errs=[acc[3], part[1]])
+            merged, merged_lse = reference.merge_attention([acc[0], o], [acc[1], lse])
+            acc = (merged, merged_lse, torch.full_like(o, m["out"] + u * _top(merged.abs())),
+                   torch.full_like(lse, m["lse"]))
+        out_err, lse_err = max(out_err, _top(acc[2])), max(lse_err, _top(acc[3]))
+    back = attention_floors(q, k, v, do, dtype=dtype, is_causal=is_causal, scale=sc, enable_gqa=gqa, out=out,
+                            lse_err=lse_err, partials=world_size)
+    return {"out": out_err, "dq": back["dq"], "dk": back["dk"], "dv": back["dv"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,10 @@ def interpreting() -> bool:
 # kernel takes an argument for them.
 INTERPRETED = tl.constexpr(interpreting())
 
+LOG2E = tl.constexpr(1.4426950408889634)  # scores and log-sum-exps go to base 2 for exp2 / log2
+LN2 = tl.constexpr(0.6931471805599453)
+NEG_INF = tl.constexpr(float("-inf"))
+
 
 def pick_configs(gpu_configs, interpreter_config):
     """The autotuner's candidates: the GPU list, or one interpreter config (autotune cannot time on a CPU)."""

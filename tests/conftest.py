@@ -12,34 +12,11 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when 
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from shims import torchvision_cpu_shim  # noqa: E402
 
 import fastattn  # noqa: E402,F401  (decorates the kernels now, under the setting above)
 
-
-def _torchvision_cpu_shim() -> None:
-    """PyPI's torchvision wheels are CUDA builds. Beside the CPU torch their import fails on registering fake
-    kernels for ``torchvision::nms``/``qnms``, whose schemas live in the (missing) CUDA extension; defining the two
-    schemas first lets torchvision (and timm, which imports it) import. Tests only: the ops stay unimplemented."""
-    try:
-        import torchvision  # noqa: F401
-        return
-    except ImportError:
-        return  # not installed: the tests that need it skip
-    except RuntimeError as err:
-        if "torchvision::" not in str(err):
-            raise
-    import sys
-
-    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-        del sys.modules[name]
-    global _TORCHVISION_LIB
-    _TORCHVISION_LIB = torch.library.Library("torchvision", "FRAGMENT")
-    _TORCHVISION_LIB.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _TORCHVISION_LIB.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
-
-
-_TORCHVISION_LIB = None
-_torchvision_cpu_shim()
+torchvision_cpu_shim()  # tests/shims.py: also called by the worker processes of tests/ranks.py
 
 
 @pytest.fixture

@@ -84,6 +84,44 @@ def to_device(x, device):
     return x
 
 
+Step = tuple[torch.Tensor, dict, dict]  # a training step's output, {parameter: gradient or None}, {buffer: tensor}
+
+
+def step_results(model: nn.Module, out: torch.Tensor) -> Step:
+    """The output, the parameters' gradients and the buffers of ``model`` after a training step."""
+    return (out.detach(), {n: p.grad for n, p in model.named_parameters()},
+            {n: b.detach() for n, b in model.named_buffers()})
+
+
+def assert_step_close(ours: Step, eager: Step, ref: Step, dtype: torch.dtype = torch.float32, what: str = "train",
+                      output_factor: float = 2.0) -> None:
+    """A training step of ``ours`` against eager PyTorch's and the float64 reference's: the output under the 2x rule
+    (``output_factor``), every gradient and floating-point buffer with the model-level factor (see the module
+    docstring), other buffers equal. ``dtype``: the precision both low-precision runs computed in."""
+    assert_close_to_reference(ours[0], eager[0], ref[0], dtype, name=f"{what} output", factor=output_factor)
+    scale = max((g.abs().max().item() for g in ref[1].values() if g is not None), default=0.0)
+    for name, g in ref[1].items():
+        ours_g, eager_g = ours[1][name], eager[1][name]
+        if g is None:
+            assert ours_g is None, f"{what}: {name}: gradient where the eager model has none"
+            continue
+        if g.abs().max().item() <= 1e-9 * scale:  # zero in exact arithmetic
+            bound = MODEL_FACTOR * max_err(eager_g, g) + UNIT_ROUNDOFF[dtype] * scale
+            assert max_err(ours_g, g) <= bound, f"{what}: grad {name} (zero in exact arithmetic): error too large"
+            continue
+        assert_close_to_reference(ours_g, eager_g, g, dtype, name=f"{what}: grad {name}", factor=MODEL_FACTOR)
+    for name, b in ref[2].items():
+        if b.is_floating_point():  # floor: the module's statistics scale (a running mean near 0 is a
+            # cancellation of O(sqrt(running_var)) values)
+            prefix = name.rpartition(".")[0]
+            scale = max(v.abs().max().item() for k, v in ref[2].items()
+                        if k.rpartition(".")[0] == prefix and v.is_floating_point())
+            bound = MODEL_FACTOR * max_err(eager[2][name], b) + UNIT_ROUNDOFF[dtype] * scale
+            assert max_err(ours[2][name], b) <= bound, f"{what}: buffer {name}: error above {bound:.3e}"
+        else:
+            assert torch.equal(ours[2][name], eager[2][name]), f"{what}: buffer {name} differs"
+
+
 def compare_models(ours: nn.Module, eager: nn.Module, inputs: tuple, kwargs: dict | None = None, *, eval_kernels=(),
                    train_kernels=(), train: bool = True, evaluate: bool = True,
                    device: torch.device = DEVICE) -> None:
@@ -114,27 +152,6 @@ def compare_models(ours: nn.Module, eager: nn.Module, inputs: tuple, kwargs: dic
                 if grad_out is None:
                     grad_out = torch.randn(out.shape, dtype=torch.float64)
                 out.backward(grad_out.to(out.dtype))
-            res[label] = (out, dict(m.named_parameters()), dict(m.named_buffers()))
-        assert_close_to_reference(res["ours"][0], res["eager"][0], res["ref"][0], torch.float32, name="train output")
-        scale = max((p.grad.abs().max().item() for p in res["ref"][1].values() if p.grad is not None), default=0.0)
-        for name, p in res["ref"][1].items():
-            if p.grad is None:
-                assert res["ours"][1][name].grad is None, f"{name}: gradient where the eager model has none"
-                continue
-            ours_g, eager_g = res["ours"][1][name].grad, res["eager"][1][name].grad
-            if p.grad.abs().max().item() <= 1e-9 * scale:  # zero in exact arithmetic
-                bound = MODEL_FACTOR * max_err(eager_g, p.grad) + UNIT_ROUNDOFF[torch.float32] * scale
-                assert max_err(ours_g, p.grad) <= bound, f"grad {name} (zero in exact arithmetic): error too large"
-                continue
-            assert_close_to_reference(ours_g, eager_g, p.grad, torch.float32, name=f"grad {name}", factor=MODEL_FACTOR)
-        for name, b in res["ref"][2].items():
-            if b.is_floating_point():  # floor: the module's statistics scale (a running mean near 0 is a
-                # cancellation of O(sqrt(running_var)) values)
-                prefix = name.rpartition(".")[0]
-                scale = max(v.abs().max().item() for k, v in res["ref"][2].items()
-                            if k.rpartition(".")[0] == prefix and v.is_floating_point())
-                bound = MODEL_FACTOR * max_err(res["eager"][2][name], b) + UNIT_ROUNDOFF[torch.float32] * scale
-                assert max_err(res["ours"][2][name], b) <= bound, f"buffer {name}: error above {bound:.3e}"
-            else:
-                assert torch.equal(res["ours"][2][name], res["eager"][2][name]), f"buffer {name} differs"
+            res[label] = step_results(m, out)
+        assert_step_close(res["ours"], res["eager"], res["ref"])
         assert_kernels(launches, train_kernels, "training")

@@ -53,7 +53,8 @@ def test_every_op_has_benchmark_cases():
                 assert 0 < fwd and 0 < bwd and c.work("fwd", torch.float16)[1] in ("TFLOP/s", "GB/s"), c.name
     # the units the issue asks for: GEMMs in TFLOP/s, memory-bound ops in GB/s
     assert {op: cases.get(op, "gpu")[0].work("fwd", torch.float16)[1] for op in OPS} == {
-        "attention": "TFLOP/s", "patch_embed": "TFLOP/s", "layer_norm": "GB/s", "batch_norm": "GB/s"}
+        "attention": "TFLOP/s", "patch_embed": "TFLOP/s", "layer_norm": "GB/s", "batch_norm": "GB/s",
+        "merge_attention": "GB/s"}
 
 
 def test_inspect_json_and_dump(tmp_path):
@@ -184,7 +185,7 @@ def test_gpu_runner_rows_ratios_and_failures(monkeypatch, tmp_path):
     assert sorted(os.path.basename(p) for p in pngs) == ["attention_lm_tflops.png", "attention_speedup.png"]
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "patch_embed", "batch_norm"])
+@pytest.mark.parametrize("op", ["layer_norm", "patch_embed", "batch_norm", "merge_attention"])
 def test_gpu_runner_on_every_op(monkeypatch, op):
     _cpu_standin(monkeypatch)
     case = cases.get(op, "small")[0]

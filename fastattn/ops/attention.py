@@ -308,6 +308,18 @@ def _mask_to4d(mask: Tensor, outer: tuple[int, ...], heads: int, M: int, N: int)
     return m.expand(*outer, *m.shape[len(outer):]).reshape(-1, *m.shape[len(outer):])
 
 
+def fused_reason(query: Tensor, D: int, DV: int) -> str | None:
+    """Why the kernels cannot run attention on ``query``'s device and dtype at head dims ``D`` / ``DV`` (None: they
+    can)."""
+    reason = fallback_reason(query.device, query.dtype)
+    if reason is None and max(D, DV) > MAX_HEAD_DIM:
+        reason = f"head dim {max(D, DV)} is above the kernels' limit of {MAX_HEAD_DIM}"
+    elif reason is None and not K.supported(query.element_size(), _precision(query.dtype), _block(max(D, DV))):
+        reason = (f"no kernel tile fits {query.dtype} (TF32 {'on' if _precision(query.dtype) == 'tf32' else 'off'}) "
+                  f"at head dim {max(D, DV)} in the registers of sm_80/sm_90")
+    return reason
+
+
 def attention(
     query: Tensor,
     key: Tensor,
@@ -357,12 +369,7 @@ def attention(
     # E = 0: every score is the empty sum 0 whatever the scale, so the rows average v (as torch gives)
     sm_scale = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)
 
-    reason = fallback_reason(query.device, query.dtype)
-    if reason is None and max(D, DV) > MAX_HEAD_DIM:
-        reason = f"head dim {max(D, DV)} is above the kernels' limit of {MAX_HEAD_DIM}"
-    elif reason is None and not K.supported(query.element_size(), _precision(query.dtype), _block(max(D, DV))):
-        reason = (f"no kernel tile fits {query.dtype} (TF32 {'on' if _precision(query.dtype) == 'tf32' else 'off'}) "
-                  f"at head dim {max(D, DV)} in the registers of sm_80/sm_90")
+    reason = fused_reason(query, D, DV)
     if reason is not None:
         _runtime.warn_fallback(_OP, reason)
         if return_lse or causal_offset != 0:

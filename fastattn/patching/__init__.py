@@ -37,6 +37,8 @@ The package:
 - :mod:`~fastattn.patching.rules`: the one registry: a ``Rule`` per recognised class (library, class path, option,
   fused class or mixin, the signature of the method it replaces, the check); ``register`` adds rules.
   :mod:`~fastattn.patching.checks`: the helpers checks are written with.
+- :mod:`~fastattn.patching.wrappers`: the classes FSDP2's ``fully_shard`` generates (``FSDP<Class>``), seen through
+  for the rule lookup and kept around the fused class (``FSDP<FusedTimmBlock>``), and restored by ``unpatch``.
 - one module per library, each registering its rules and holding its fused forwards: ``torch_nn``,
   ``torchvision``, ``timm``, ``transformers`` (with ``transformers_attention``, the attention function it
   registers), ``fastattn_models``. The fused subclasses of library classes are built on first use and

@@ -20,6 +20,7 @@ from torch import nn
 
 from fastattn.nn import FUSED_NORMS, BatchNormAddReLU, _check_patchify
 from fastattn.patching.rules import REGISTRY, Options, Rule, Skip, Swap
+from fastattn.patching.wrappers import SHARDED, sharded, unwrap
 
 # attribute -> what is fused there, for the BatchNorms of a ResNet block and stem
 BLOCK_BNS = {"bn1": "BN + ReLU", "bn2": "BN + add + ReLU"}
@@ -33,9 +34,12 @@ def child(name: str, attr: str) -> str:
 
 
 def no_hooks(module: nn.Module, attrs: tuple[str, ...]) -> None:
-    """The fused forward bypasses these submodules' ``forward``: refuse if hooks are registered on them."""
+    """The fused forward bypasses these submodules' ``forward``: refuse if hooks are registered on them (FSDP's,
+    on a submodule ``fully_shard`` was applied to, among them)."""
     for attr in attrs:
         m = getattr(module, attr, None)
+        if sharded(m):
+            raise Skip(f"its {attr} is {SHARDED} (the fused forward bypasses its forward and FSDP's hooks)")
         if isinstance(m, nn.Module) and (m._forward_hooks or m._forward_pre_hooks):
             raise Skip(f"its {attr} has forward hooks, which the fused forward would bypass")
 
@@ -102,6 +106,8 @@ def exact(module: nn.Module, attr: str, cls: type | tuple[type, ...], what: str)
     """``module.<attr>`` is exactly ``cls`` (one of them), not a subclass."""
     m = getattr(module, attr, None)
     classes = cls if isinstance(cls, tuple) else (cls,)
+    if sharded(m):
+        raise Skip(f"{attr} is {SHARDED}")
     if type(m) not in classes:
         got = "None" if m is None else type(m).__qualname__
         raise Skip(f"{attr} is {got}, not {what}")
@@ -116,6 +122,8 @@ def identity(module: nn.Module, attr: str, why: str) -> None:
 
 def patchify(conv: nn.Module, what: str) -> None:
     """``conv`` is a plain ``nn.Conv2d`` with kernel size = stride, no padding, dilation or groups."""
+    if sharded(conv):
+        raise Skip(f"{what} is {SHARDED}")
     if type(conv) is not nn.Conv2d:
         raise Skip(f"{what} is {type(conv).__qualname__}, not a plain patchify nn.Conv2d")
     try:
@@ -149,7 +157,7 @@ def norm_detail(*norms: nn.Module) -> str:
 
 def norm_kernel(rule: Rule, name: str, m: nn.Module, opts: Options) -> list[Swap]:
     """The check of a norm: swapped as it is (``"LayerNorm kernel"``)."""
-    return [rule.swap(name, m, f"{type(m).__name__} kernel")]
+    return [rule.swap(name, m, f"{unwrap(type(m)).__name__} kernel")]
 
 
 def bn_swaps(name: str, module: nn.Module, tails: dict[str, str]) -> list[Swap]:
@@ -157,6 +165,8 @@ def bn_swaps(name: str, module: nn.Module, tails: dict[str, str]) -> list[Swap]:
     swaps = []
     for attr, detail in tails.items():
         bn = getattr(module, attr)
+        if sharded(bn):
+            raise Skip(f"{attr} is {SHARDED}")
         if type(bn) is nn.BatchNorm2d:
             swaps.append(Swap(child(name, attr), bn, BatchNormAddReLU, detail))
         elif not isinstance(bn, BatchNormAddReLU):

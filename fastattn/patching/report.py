@@ -7,6 +7,8 @@ import weakref
 
 from torch import nn
 
+from fastattn.patching.wrappers import describe
+
 
 @dataclasses.dataclass(frozen=True)
 class PatchEntry:
@@ -40,7 +42,12 @@ class PatchReport:
 
 def type_name(cls: type) -> str:
     """fastattn's classes with their public module (``fastattn.nn.LayerNorm``, ``fastattn.models.ResNet``,
-    ``fastattn.patching.timm.FusedTimmBlock``), others by their own name."""
+    ``fastattn.patching.timm.FusedTimmBlock``), others by their own name; a class FSDP made from one as
+    ``FSDP<...>``."""
+    return describe(cls, _plain_name)
+
+
+def _plain_name(cls: type) -> str:
     if cls.__module__.startswith("fastattn."):
         module = cls.__module__.rsplit(".", 1)[0] if cls.__module__.startswith("fastattn.models.") else cls.__module__
         return f"{module}.{cls.__qualname__}"

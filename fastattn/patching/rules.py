@@ -2,8 +2,9 @@
 
 A rule names its library and the class it recognises by path (``"timm.models.vision_transformer.Block"``), which is
 resolved only when that module is already imported: a model holding one has imported it, and fastattn imports no
-library for you. A rule may instead match by a predicate on the module (``matches=``), for classes recognised by
-their structure rather than their name; exact-class rules are tried first.
+library for you. A module that ``fully_shard`` made an ``FSDP<Class>`` is matched as a ``Class``
+(:mod:`~fastattn.patching.wrappers`). A rule may instead match by a predicate on the module (``matches=``), for
+classes recognised by their structure rather than their name; exact-class rules are tried first.
 
 What the walker does with the rule of a module:
 
@@ -47,6 +48,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from torch import nn
+
+from fastattn.patching.wrappers import unwrap
 
 OPTIONS = ("attention", "layer_norm", "patch_embed", "batch_norm")
 
@@ -238,9 +241,10 @@ class Registry:
         return Resolved(exact, [r for r in self.rules if r.matches is not None], reasons, tuple(self.built_fused))
 
     def rule_for(self, module: nn.Module, resolved: Resolved | None = None) -> Rule | None:
-        """The rule of ``module``: its exact class's, else the first predicate rule that matches it."""
+        """The rule of ``module``: its exact class's (seen through the class FSDP's ``fully_shard`` generates around
+        it, :mod:`~fastattn.patching.wrappers`), else the first predicate rule that matches it."""
         resolved = resolved or self.resolve()
-        rule = resolved.exact.get(type(module))
+        rule = resolved.exact.get(unwrap(type(module)))
         if rule is None:
             rule = next((r for r in resolved.predicates if r.matches(module)), None)
         return rule

@@ -38,6 +38,7 @@ from fastattn.patching.checks import (
     relu_block,
 )
 from fastattn.patching.rules import Options, Rule, Skip, Swap, fused_class_getattr, register
+from fastattn.patching.wrappers import SHARDED, sharded
 
 __getattr__ = fused_class_getattr(__name__)  # the fused classes, built on first access (also when unpickling)
 
@@ -140,6 +141,8 @@ def _block(rule: Rule, name: str, m: nn.Module, opts: Options) -> list[Swap]:
 def _vit(rule: Rule, name: str, m: nn.Module, opts: Options) -> list[Swap]:
     pe = m.patch_embed
     timm_pe = sys.modules.get("timm.layers.patch_embed")
+    if sharded(pe):
+        raise Skip(f"patch_embed is {SHARDED}")
     if timm_pe is None or type(pe) is not timm_pe.PatchEmbed:
         raise Skip(f"patch_embed is {type(pe).__qualname__}, not timm's PatchEmbed")
     patchify(pe.proj, "patch_embed.proj")

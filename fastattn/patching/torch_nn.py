@@ -251,11 +251,20 @@ def _encoder(rule: Rule, name: str, m: nn.Module, opts: Options) -> list[Swap]:
     return [rule.swap(name, m, "no nested-tensor fast path (its layers run the fused kernels)")]
 
 
+_SYNC_BN = ("SyncBatchNorm reduces its statistics across ranks, which fastattn's BatchNorm kernels do not: it stays "
+            "torch's (convert_sync_batchnorm after fastattn.patch gives the same; a patched block calls it unfused)")
+
+
+def _sync_bn(rule: Rule, name: str, m: nn.Module, opts: Options) -> list[Swap]:
+    raise Skip(_SYNC_BN)
+
+
 def _subclass(cls: str) -> str:
     return f"a subclass of torch.nn.{cls}; its forward may differ from torch's, so it is left alone"
 
 
 register(
+    Rule("torch.nn", "torch.nn.modules.batchnorm.SyncBatchNorm", _sync_bn, option="batch_norm", left_alone=_SYNC_BN),
     Rule("torch.nn", "torch.nn.modules.batchnorm._BatchNorm",
          left_alone="no ReLU follows it inside a block fastattn recognises (e.g. a shortcut's BatchNorm), so there is "
                     "nothing to fuse; it stays torch's"),  # BatchNorms are fused by the block around them

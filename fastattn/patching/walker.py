@@ -4,8 +4,10 @@
    built is reported as fused; otherwise the registry's rule for its exact class (or the first predicate rule that
    matches it) returns the swaps or the reason it is left alone. A module a rule has planned (a block's BatchNorm)
    is not planned again on its own.
-2. Apply: each planned module keeps its original class in its ``__dict__`` and gets the fused class; a planned
-   :class:`~fastattn.patching.rules.Setting` (not a class swap) is applied and its undo kept in the ``__dict__``.
+2. Apply: each planned module keeps its original class in its ``__dict__`` and gets the fused class (wrapped as
+   FSDP wrapped the original, for a module ``fully_shard`` was applied to: :mod:`~fastattn.patching.wrappers`); a
+   planned :class:`~fastattn.patching.rules.Setting` (not a class swap) is applied and its undo kept in the
+   ``__dict__``.
 3. Explain: the modules no rule handled are reported with a reason where one is known (a subclass of a recognised
    class, a BatchNorm with no ReLU after it) or where their class name looks fusable.
 """
@@ -19,6 +21,7 @@ from torch import nn
 from fastattn.patching import report as _report
 from fastattn.patching.report import PatchEntry, PatchReport, type_name
 from fastattn.patching.rules import REGISTRY, Options, Resolved, Setting, Skip, Swap
+from fastattn.patching.wrappers import rewrap, unwrap
 
 ORIGINAL = "_fastattn_unpatched_class"  # instance attribute: the class to restore
 UNDO = "_fastattn_undo"  # instance attribute: [(undo, state)] of the settings applied to the module
@@ -29,7 +32,7 @@ _LOOKS_FUSABLE = re.compile(r"Attention|Attn|Norm|Block|Transformer|Encoder|Deco
 
 def _fused_already(m: nn.Module, resolved: Resolved) -> bool:
     return (ORIGINAL in m.__dict__ or UNDO in m.__dict__ or isinstance(m, resolved.built_fused)
-            or type(m).__module__.startswith("fastattn.patching."))
+            or unwrap(type(m)).__module__.startswith("fastattn.patching."))
 
 
 def _plan(modules: list[tuple[str, nn.Module]], opts: Options, resolved: Resolved,
@@ -70,9 +73,10 @@ def _apply(swaps: list[Swap | Setting], report: PatchReport) -> None:
             swap.module.__dict__.setdefault(UNDO, []).append((swap.undo, state))
             report.fused.append(PatchEntry(swap.name, type_name(type(swap.module)), swap.fused_as, swap.detail))
             continue
-        report.fused.append(PatchEntry(swap.name, type_name(type(swap.module)), type_name(swap.fused), swap.detail))
+        fused = rewrap(type(swap.module), swap.fused)  # FSDP<Class> -> FSDP<Fused...>
+        report.fused.append(PatchEntry(swap.name, type_name(type(swap.module)), type_name(fused), swap.detail))
         swap.module.__dict__[ORIGINAL] = type(swap.module)
-        swap.module.__class__ = swap.fused
+        swap.module.__class__ = fused
 
 
 def _left_alone_reason(m: nn.Module, reasons: list[tuple[type, str]]) -> str | None:
@@ -116,7 +120,10 @@ def patch(model: nn.Module, *, attention: bool = True, layer_norm: bool = True, 
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo ``fastattn.patch`` on ``model`` (every swapped module gets its original class back) and return it."""
+    """Undo ``fastattn.patch`` on ``model`` (every swapped module gets its original class back) and return it.
+
+    A module sharded by ``fully_shard`` after it was patched gets FSDP's class of its original class, so that it
+    stays sharded (``FSDP<FusedTimmBlock>`` -> ``FSDP<Block>``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastattn.unpatch: model must be a torch.nn.Module, got {type(model).__name__}")
     for _, m in model.named_modules():
@@ -124,6 +131,6 @@ def unpatch(model: nn.Module) -> nn.Module:
             undo(m, state)
         orig = m.__dict__.pop(ORIGINAL, None)
         if orig is not None:
-            m.__class__ = orig
+            m.__class__ = rewrap(type(m), orig)
     _report.keep(model, None)
     return model

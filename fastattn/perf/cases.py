@@ -588,3 +588,7 @@ SCRATCH["fastattn::batch_norm_add_relu_backward"] = _batch_norm_backward_scratch
 SCRATCH_NOTES["fastattn::batch_norm_stats"] = "batch_norm's fp64 partial sums of the statistics"
 SCRATCH_NOTES["fastattn::batch_norm_add_relu_backward"] = (
     "batch_norm backward's fp64 partial sums and dx coefficients")
+
+
+# The partial-attention ops (merge_attention, kvcache) register their cases from their own module.
+from fastattn.perf import cases_kv  # noqa: E402,F401
