@@ -100,6 +100,87 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
     return out.to(o.dtype), lse.to(torch.float64 if o.dtype == torch.float64 else torch.float32)
 
 # ---------------------------------------------------------------------------------------------------------------
+# attention_with_kvcache (decoding against a dense or paged KV cache)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cache_rows(cache: Tensor, b: int, positions: Tensor, block_table: Tensor | None) -> tuple:
+    """Index of sequence ``b``'s ``positions`` in a dense ``(B, L, H, D)`` or paged ``(pages, P, H, D)`` cache."""
+    if block_table is None:
+        return (b, positions)
+    page = cache.size(1)
+    return (block_table[b].long()[positions // page], positions % page)
+
+
+def kvcache_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
+                   block_table: Tensor | None = None) -> None:
+    """Write ``k, v (B, L_new, H_kv, D)`` into the caches in place at positions ``cache_seqlens[b] ...``."""
+    for b, start in enumerate(cache_seqlens.tolist()):
+        pos = torch.arange(start, start + k.size(1), device=k.device)
+        index = _cache_rows(k_cache, b, pos, block_table)
+        k_cache[index] = k[b]
+        v_cache[index] = v[b]
+
+
+def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None = None,
+                           v: Tensor | None = None, *, cache_seqlens: Tensor | int, block_table: Tensor | None = None,
+                           scale: float | None = None, is_causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Tensor | None = None, num_splits: int = 0,
+                           return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """``fastattn.attention_with_kvcache``, one sequence at a time (``num_splits`` changes nothing here).
+
+    Appends ``k, v`` to the caches in place at ``cache_seqlens[b] ...``, then ``q[b] (Lq, H, D)`` attends to the
+    first ``N_b = cache_seqlens[b] + L_new`` keys of its cache: scores ``x = scale q . k`` (fp32, or float64 for
+    float64 inputs), ``x = softcap tanh(x / softcap)``, ``x -= slope_h |i + N_b - Lq - j|``, key j visible iff
+    ``i + N_b - Lq - left <= j <= i + N_b - Lq + right`` (causal: right = 0), softmax, the probabilities cast to
+    v's dtype before ``p @ v``. Rows with no visible key give zeros and lse = -inf. Reads ``cache_seqlens`` on the
+    host (a sync on a GPU): this is the oracle and the fallback, not the fast path."""
+    B, Lq, H, _ = q.shape
+    Hkv = k_cache.size(2)
+    lens = [int(cache_seqlens)] * B if isinstance(cache_seqlens, int) else cache_seqlens.tolist()
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=q.device)
+    if k is not None:
+        kvcache_append(k_cache, v_cache, k, v, seqlens, block_table)
+    L_new = 0 if k is None else k.size(1)
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    sc = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    left, right = window_size
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    outs, lses = [], []
+    for b, start in enumerate(lens):
+        N = start + L_new
+        index = _cache_rows(k_cache, b, torch.arange(N, device=q.device), block_table)
+        kb = k_cache[index].transpose(0, 1).repeat_interleave(H // Hkv, 0)  # (H, N, D)
+        vb = v_cache[index].transpose(0, 1).repeat_interleave(H // Hkv, 0)
+        x = (q[b].transpose(0, 1).to(ct) @ kb.to(ct).mT) * sc  # (H, Lq, N)
+        if softcap > 0:
+            x = softcap * torch.tanh(x / softcap)
+        i = torch.arange(Lq, device=q.device)[:, None] + N - Lq
+        j = torch.arange(N, device=q.device)[None, :]
+        if alibi_slopes is not None:
+            slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b]
+            x = x - slopes.to(ct)[:, None, None] * (i - j).abs().to(ct)
+        visible = torch.ones(Lq, N, dtype=torch.bool, device=q.device)
+        if left >= 0:
+            visible &= j >= i - left
+        if right >= 0:
+            visible &= j <= i + right
+        x = x.masked_fill(~visible, float("-inf"))
+        row_max = x.amax(-1, keepdim=True) if N else x.new_full((H, Lq, 1), float("-inf"))
+        empty = row_max == float("-inf")
+        e = (x - torch.where(empty, 0.0, row_max)).exp()
+        den = e.sum(-1, keepdim=True)
+        p = e / torch.where(empty, 1.0, den)
+        outs.append((p.to(vb.dtype) @ vb).transpose(0, 1))  # (Lq, H, DV)
+        lses.append(torch.where(empty, row_max, row_max + den.log()).squeeze(-1))  # (H, Lq)
+    out = torch.stack(outs).to(q.dtype) if outs else q.new_empty((0, Lq, H, v_cache.size(-1)))
+    lse = torch.stack(lses) if lses else q.new_empty((0, H, Lq), dtype=ct)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # patch embedding
 # ---------------------------------------------------------------------------------------------------------------
 
