@@ -26,9 +26,9 @@ from ._common import LN2, LOG2E, NEG_INF, cast, edge_block, key_blocks, mma, tan
 # sm_80 and sm_90 with every feature on (paged, causal, window, softcap, ALiBi, split partials) at BLOCK_M 64:
 # tests/test_hwfit.py enforces it. A head dim without an entry is not served: the launcher runs the reference.
 TILES = {
-    "16": {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 2), 256: (32, 8, 2)},
-    "tf32": {16: (32, 4, 2), 32: (32, 4, 2), 64: (32, 4, 2), 128: (32, 4, 2), 256: (16, 8, 1)},
-    "ieee": {16: (32, 4, 2), 32: (32, 4, 2), 64: (32, 4, 2), 128: (16, 8, 1)},
+    "16": {32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 2), 256: (32, 8, 2)},
+    "tf32": {32: (32, 4, 2), 64: (32, 4, 2), 128: (32, 4, 2), 256: (16, 8, 1)},
+    "ieee": {32: (32, 4, 2), 64: (32, 4, 2), 128: (16, 8, 1)},
 }
 APPEND_BLOCK_T = 16  # new tokens per program of the append
 

@@ -106,6 +106,30 @@ def check(case: Case, dtype, *, paged=False, num_splits=0, alibi=None, **kw):
     return res
 
 
+def test_reference_is_per_sequence_attention():
+    """The oracle itself (masked over the cache's capacity, so it needs no host sync) against plain attention on
+    each sequence's own first N_b keys, sliced out one sequence at a time: ragged lengths (0 and 1 included), GQA,
+    the bottom-right window and ALiBi as an explicit mask and bias, paged."""
+    case = Case(B=4, Lq=3, H=4, Hkv=2, D=16, L_cache=48, lens=(0, 1, 30, 45), L_new=3, page=16)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.float64)
+    kc, vc, table = case.caches(torch.float64, True)
+    out, lse = reference.attention_with_kvcache(case.q, kc, vc, case.k, case.v, cache_seqlens=case.lens,
+                                                block_table=table, window_size=(6, 0), alibi_slopes=slopes,
+                                                return_lse=True)
+    dense_k, dense_v = case.expected_caches(torch.float64)
+    for b, n0 in enumerate(case.lens.tolist()):
+        N, Lq = n0 + 3, 3
+        i = torch.arange(Lq)[:, None] + N - Lq
+        j = torch.arange(N)[None, :]
+        keep = (j <= i) & (j >= i - 6)
+        bias = (-slopes[:, None, None] * (i - j).abs()).masked_fill(~keep, float("-inf"))
+        o, x = reference.scaled_dot_product_attention(
+            case.q[b].transpose(0, 1), dense_k[b, :N].transpose(0, 1), dense_v[b, :N].transpose(0, 1),
+            attn_mask=bias, enable_gqa=True, return_lse=True)
+        torch.testing.assert_close(out[b], o.transpose(0, 1), msg=f"out of sequence {b}")
+        torch.testing.assert_close(lse[b], x, msg=f"lse of sequence {b}")
+
+
 # -- decoding: ragged lengths, GQA, dtypes ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
@@ -230,6 +254,25 @@ def test_schedule_is_a_pure_function_of_shapes():
     assert fixed.splits == math.ceil(1000 / fixed.block_n)  # clamped to the key blocks
     assert kv_ops.schedule(2, 4, 2, 37, 100, 32, 32, torch.float16, num_sms=4).block_m == 64
     assert kv_ops.schedule(1, 1, 1, 1, 64, 512, 512, torch.float16, num_sms=4) is None  # no tile: the reference
+
+
+def test_scratch_is_the_schedules():
+    """The bytes the launcher allocates beyond its results are the schedule's scratch_bytes, which the memory
+    tracer's SCRATCH entry reads from the same schedule."""
+    from test_cli import _scratch_of
+
+    from fastattn.ops._common import INTERPRETER_SMS
+    from fastattn.perf import cases_kv
+
+    case = Case(B=2, Lq=1, H=8, Hkv=1, D=32, L_cache=600, lens=(599, 300))
+    q = case.q.half()
+    kc, vc, _ = case.caches(torch.float16, False)
+    for splits in (0, 1, 5):
+        sched = kv_ops.launch_schedule(q, kc, vc, None, splits)
+        args = (q, kc, vc, case.lens, None, None, 1, 0.125, False, -1, -1, 0.0, splits)
+        got, _ = _scratch_of(kv_ops._attention, *args, sched)
+        assert got == sched.scratch_bytes == cases_kv._kvcache_scratch(args, {}, sms=INTERPRETER_SMS)
+        assert (got > 0) == (sched.splits > 1)
 
 
 # -- what the kernels do where the host cannot check --------------------------------------------------------------

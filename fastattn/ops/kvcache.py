@@ -33,7 +33,7 @@ COMBINE_KERNELS = merge_ops.FORWARD_KERNELS
 
 
 def _block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(32, triton.next_power_of_2(d))
 
 
 # ---------------------------------------------------------------------------------------------------------------
