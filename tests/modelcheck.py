@@ -1,6 +1,6 @@
 """Model-level comparison: a fused model against its eager twin and a float64 copy of the eager one.
 
-Outputs follow the 2x-eager rule of tests/numerics.py. Gradients and buffers use a factor of 4: at model level each
+Outputs follow the 2x-eager rule of fastattn.testing. Gradients and buffers use a factor of 4: at model level each
 gradient has passed through several fused backward kernels (BN -> conv -> BN ...), each rounding differently from
 torch's, so the 2x bound of a single op compounds. A gradient that is zero in exact arithmetic (the key projection's
 bias: softmax ignores a constant added to a row of scores) is pure cancellation noise in both runs; its floor is one
@@ -18,20 +18,25 @@ import os
 
 import pytest
 import torch
-from numerics import UNIT_ROUNDOFF, assert_close_rule, max_err
 from torch import nn
 
 import fastattn
+from fastattn.ops import attention as attn_ops
+from fastattn.ops import batch_norm as bn_ops
+from fastattn.ops import layer_norm as ln_ops
+from fastattn.ops import patch_embed as pe_ops
+from fastattn.testing import UNIT_ROUNDOFF, assert_close_to_reference, max_err
 
-ATTN = ("_attn_fwd",)
-ATTN_BWD = ("_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
-LN = ("_layer_norm_fwd",)
-LN_BWD = ("_layer_norm_bwd",)
-PE = ("_pe_fwd",)
-PE_BWD = ("_pe_bwd_dw",)
-BN_EVAL = ("_bn_fwd_apply",)
-BN_TRAIN = ("_bn_fwd_reduce", "_bn_fwd_combine", "_bn_fwd_apply")
-BN_BWD = ("_bn_bwd_reduce", "_bn_bwd_dx")
+# The kernels a fused model's forward (and backward) must launch, from the op modules' own lists.
+ATTN = attn_ops.FORWARD_KERNELS
+ATTN_BWD = attn_ops.BACKWARD_KERNELS
+LN = ln_ops.FORWARD_KERNELS
+LN_BWD = ln_ops.BACKWARD_KERNELS[:1]  # the reduction runs only for affine norms
+PE = pe_ops.FORWARD_KERNELS
+PE_BWD = pe_ops.BACKWARD_KERNELS[:1]  # dweight; the others depend on what requires grad
+BN_EVAL = bn_ops.FORWARD_KERNELS[-1:]  # eval: the apply pass only
+BN_TRAIN = bn_ops.FORWARD_KERNELS
+BN_BWD = (bn_ops.BACKWARD_KERNELS[0], bn_ops.BACKWARD_KERNELS[2])
 MODEL_FACTOR = 4.0
 DEVICE = torch.device(os.environ.get("FASTATTN_TEST_DEVICE", "cpu"))  # as tests/conftest.py
 
@@ -97,7 +102,7 @@ def compare_models(ours: nn.Module, eager: nn.Module, inputs: tuple, kwargs: dic
             m.eval()
             with torch.no_grad(), fastattn.record_launches() as launches:
                 outs[label] = _first(m(*ins, **kw))
-        assert_close_rule("eval output", outs["ours"], outs["eager"], outs["ref"], torch.float32)
+        assert_close_to_reference(outs["ours"], outs["eager"], outs["ref"], torch.float32, name="eval output")
         assert_kernels(launches, eval_kernels, "eval")
     if train:
         grad_out = None
@@ -110,7 +115,7 @@ def compare_models(ours: nn.Module, eager: nn.Module, inputs: tuple, kwargs: dic
                     grad_out = torch.randn(out.shape, dtype=torch.float64)
                 out.backward(grad_out.to(out.dtype))
             res[label] = (out, dict(m.named_parameters()), dict(m.named_buffers()))
-        assert_close_rule("train output", res["ours"][0], res["eager"][0], res["ref"][0], torch.float32)
+        assert_close_to_reference(res["ours"][0], res["eager"][0], res["ref"][0], torch.float32, name="train output")
         scale = max((p.grad.abs().max().item() for p in res["ref"][1].values() if p.grad is not None), default=0.0)
         for name, p in res["ref"][1].items():
             if p.grad is None:
@@ -121,7 +126,7 @@ def compare_models(ours: nn.Module, eager: nn.Module, inputs: tuple, kwargs: dic
                 bound = MODEL_FACTOR * max_err(eager_g, p.grad) + UNIT_ROUNDOFF[torch.float32] * scale
                 assert max_err(ours_g, p.grad) <= bound, f"grad {name} (zero in exact arithmetic): error too large"
                 continue
-            assert_close_rule(f"grad {name}", ours_g, eager_g, p.grad, torch.float32, factor=MODEL_FACTOR)
+            assert_close_to_reference(ours_g, eager_g, p.grad, torch.float32, name=f"grad {name}", factor=MODEL_FACTOR)
         for name, b in res["ref"][2].items():
             if b.is_floating_point():  # floor: the module's statistics scale (a running mean near 0 is a
                 # cancellation of O(sqrt(running_var)) values)

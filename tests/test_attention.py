@@ -1,4 +1,4 @@
-"""fastattn.scaled_dot_product_attention against torch's, outputs and every gradient (2x-eager rule, tests/numerics.py).
+"""fastattn.scaled_dot_product_attention against torch's, outputs and every gradient (2x-eager rule, fastattn.testing).
 
 Each case runs three times: torch's SDPA in float64 (the reference), torch's SDPA in the low precision (eager's
 error) and ours in the low precision, with a check that the Triton kernels, not the eager fallback, ran.
@@ -60,7 +60,8 @@ def check_case(q, k, v, *, dtype, mask=None, mask_grad=False, is_causal=False, s
                      "is_causal": is_causal}
             if mask is not None and mask.dtype == torch.bool:
                 extra["attn_mask"] = mask
-        return attention_floors(*lowp, grad_out, dtype=dtype, scale=scale, enable_gqa=enable_gqa, **extra)
+        return attention_floors(*lowp, grad_out, dtype=dtype, scale=scale, enable_gqa=enable_gqa,
+                                out=results["ours"]["out"], **extra)
 
     return three_way(run, dtype, kernels=attn_ops.FORWARD_KERNELS + attn_ops.BACKWARD_KERNELS, floors=floors)
 
@@ -324,8 +325,10 @@ def test_dropout_matches_reference_with_the_kernels_mask(dtype):
         out.backward(grad_out.to(lowp))
         return dict(zip(("out", "dq", "dk", "dv"), [out] + [t.grad for t in ts]))
 
-    floors = attention_floors(*(t.to(dtype).double() for t in (q, k, v)), grad_out, dtype=dtype, attn_mask=mask,
-                              is_causal=True, dropout_p=p, dropout_mask=keep)
+    def floors(results):
+        return attention_floors(*(t.to(dtype).double() for t in (q, k, v)), grad_out, dtype=dtype, attn_mask=mask,
+                                is_causal=True, dropout_p=p, dropout_mask=keep, out=results["ours"]["out"])
+
     three_way(run, dtype, kernels={"_attn_fwd": 1}, floors=floors)
 
 

@@ -1,5 +1,5 @@
 """fastattn.batch_norm_add_relu against relu(F.batch_norm(...) + identity): output, every gradient and the running
-statistics (2x-eager rule, tests/numerics.py).
+statistics (2x-eager rule, fastattn.testing).
 
 Each case runs three times on the same inputs (low-precision values, so every run sees exactly the same numbers):
 eager PyTorch in float64 (the reference), eager PyTorch in the low precision (eager's error) and ours in the low

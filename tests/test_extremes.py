@@ -4,7 +4,7 @@ Every case compares ours with a float64 reference computed from the same (exactl
 with eager PyTorch in the same low precision:
 
 - where the true result is representable, ours must be finite, and within the 2x-eager rule of
-  ``tests/numerics.py``; where eager itself is not finite, within twice the error of eager in float32 plus two
+  ``fastattn.testing``; where eager itself is not finite, within twice the error of eager in float32 plus two
   roundings to the low precision (ours computes in fp32 and rounds once);
 - where eager overflows (or the true value exceeds the dtype's range), the test pins down what we return, and
   README ("Robustness") documents it.
@@ -12,24 +12,34 @@ with eager PyTorch in the same low precision:
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import UNIT_ROUNDOFF, max_err
+from harness import assert_launched
 
 import fastattn
 from fastattn import _runtime, reference
+from fastattn.ops import attention as attn_ops
+from fastattn.ops import batch_norm as bn_ops
+from fastattn.ops import layer_norm as ln_ops
+from fastattn.testing import (
+    UNIT_ROUNDOFF,
+    attention_floors,
+    batch_norm_floors,
+    max_err,
+    norm_floors,
+    patch_embed_floors,
+)
 
 
 def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t.detach()).all())
 
 
-def check_extreme(name, ours, eager, eager32, ref, dtype, extra=0.0):
-    """``err(ours) <= 2 err(eager) + u max|ref| + extra``, or with eager non-finite ``2 err(eager32) +
-    2 u max|ref| + extra``; ours must be finite wherever the float64 result fits the dtype."""
+def check_extreme(name, ours, eager, eager32, ref, dtype, floor=0.0):
+    """``err(ours) <= 2 err(eager) + u max|ref| + floor``, or with eager non-finite ``2 err(eager32) +
+    2 u max|ref| + floor``; ours must be finite wherever the float64 result fits the dtype. ``floor``: the fused
+    computation's own rounding floor (fastattn.testing)."""
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
     fits = _finite(ref) and ref.abs().max().item() <= torch.finfo(dtype).max
     assert fits, f"{name}: the true result does not fit {dtype}; this case belongs in a documented-overflow test"
@@ -37,9 +47,9 @@ def check_extreme(name, ours, eager, eager32, ref, dtype, extra=0.0):
     u, top = UNIT_ROUNDOFF[dtype], ref.abs().max().item()
     e = max_err(ours, ref)
     if _finite(eager):
-        bound = 2.0 * max_err(eager, ref) + u * top + extra
+        bound = 2.0 * max_err(eager, ref) + u * top + floor
     else:
-        bound = 2.0 * max_err(eager32, ref) + 2.0 * u * top + extra
+        bound = 2.0 * max_err(eager32, ref) + 2.0 * u * top + floor
     assert e <= bound, f"{name}: max error {e:.3e} > bound {bound:.3e} ({dtype}, eager finite: {_finite(eager)})"
 
 
@@ -52,8 +62,11 @@ def _run(fn, masters, dtype, grads, **kw):
     return outs + [leaf.grad for leaf in leaves]
 
 
-def compare(fn_ours, fn_eager, masters, dtype, names, n_out=1, extra=None, kernels=(), **kw):
-    """Runs float64, eager low precision, eager fp32 and ours; checks every output and gradient."""
+def compare(fn_ours, fn_eager, masters, dtype, names, n_out=1, floors=None, kernels=(), **kw):
+    """Runs float64, eager low precision, eager fp32 and ours; checks every output and gradient.
+
+    ``floors(masters, grads, ours) -> {name: floor}`` gives the fused computation's rounding floors
+    (fastattn.testing), from the low-precision values, the incoming gradients and our results."""
     masters = [m.to(dtype).double() for m in masters]  # representable in dtype: every run sees the same numbers
     probe = fn_eager(*masters, **kw)
     probe = list(probe) if isinstance(probe, tuple) else [probe]
@@ -64,18 +77,23 @@ def compare(fn_ours, fn_eager, masters, dtype, names, n_out=1, extra=None, kerne
     eager32 = _run(fn_eager, masters, torch.float32, grads, **kw)
     with _runtime.record_launches() as launches:
         ours = _run(fn_ours, masters, dtype, grads, **kw)
-    for kernel in kernels:
-        assert launches[kernel] >= 1, f"Triton kernel {kernel} did not run: {dict(launches)}"
-    extra = extra or {}
+    assert_launched(launches, kernels)
+    floor = floors(masters, grads, dict(zip(names, ours))) if floors is not None else {}
     for name, o, e, e32, r in zip(names, ours, eager, eager32, ref):
-        check_extreme(name, o, e, e32, r, o.dtype, extra.get(name, 0.0))  # residual_out may be fp32
+        check_extreme(name, o, e, e32, r, o.dtype, floor.get(name, 0.0))  # residual_out may be fp32
     return {"ours": ours, "eager": eager, "ref": ref}
 
 
 # -- attention ---------------------------------------------------------------------------------------------------------
 
 ATTN = ("out", "dq", "dk", "dv")
-ATTN_KERNELS = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
+ATTN_KERNELS = attn_ops.FORWARD_KERNELS + attn_ops.BACKWARD_KERNELS
+
+
+def _attention_floors(dtype, **kw):
+    def floors(masters, grads, ours):
+        return attention_floors(*masters, grads[0], dtype=dtype, out=ours["out"], **kw)
+    return floors
 
 
 def _qkv(seed=0, L=37, D=64):
@@ -85,7 +103,7 @@ def _qkv(seed=0, L=37, D=64):
 
 def _attention(q, k, v, dtype, **kw):
     return compare(fastattn.scaled_dot_product_attention, F.scaled_dot_product_attention, [q, k, v], dtype, ATTN,
-                   kernels=ATTN_KERNELS, **kw)
+                   kernels=ATTN_KERNELS, floors=_attention_floors(dtype, **kw), **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -121,24 +139,28 @@ def test_attention_all_equal_keys(mult):
 @pytest.mark.parametrize("scale", [1e4, -1e4, 1e-6], ids=["1e4", "-1e4", "1e-6"])
 def test_attention_huge_and_tiny_scale(scale):
     """scale 1e4: logits up to ~4e5, one-hot rows, finite everywhere (true dq, dk ~1e-10; ours and eager alike
-    give errors ~0.1-0.2, from rounding O to fp16 in delta = rowsum(dO * O)). The backward recomputes
-    p = exp(s - lse) from fp32 logits, whose rounding at |s| ~ 4e5 is ~0.03: dv carries up to one such rounding
-    relative to eager (``extra``; measured 0.06 against eager's 0.004 at max |dv| 6). scale 1e-6: uniform rows."""
-    q, k, v = _qkv()
-    qh, kh = q.half().double(), k.half().double()
-    max_logit2 = abs(scale) * math.log2(math.e) * (qh @ kh.transpose(-1, -2)).abs().max().item()
-    recompute = 2.0 * math.log(2.0) * 2.0**-23 * max_logit2  # one fp32 rounding of the largest base-2 logit
-    extra = {}
-    if abs(scale) > 1.0:
-        extra = {"dv": recompute * 8.0, "dq": 0.0, "dk": 0.0}  # 8: max |dv| over these inputs is below 8
-    compare(fastattn.scaled_dot_product_attention, F.scaled_dot_product_attention, [q, k, v], torch.float16, ATTN,
-            extra=extra, kernels=ATTN_KERNELS, scale=scale)
+    give errors ~0.1-0.2, from rounding O to fp16 in delta = rowsum(dO * O), which the floor of
+    ``attention_floors`` measures). The backward recomputes p = exp(s - lse) from fp32 logits, whose rounding at
+    |s| ~ 4e5 is ~0.03: dv may carry that relative to eager (the floor's recomputation term). scale 1e-6: uniform
+    rows."""
+    _attention(*_qkv(), torch.float16, scale=scale)
 
 
 # -- LayerNorm / RMSNorm -----------------------------------------------------------------------------------------------
 
-LN_KERNELS = ("_layer_norm_fwd", "_layer_norm_bwd")
+LN_KERNELS = ln_ops.FORWARD_KERNELS + ln_ops.BACKWARD_KERNELS
 N = 97
+
+
+def _norm_floors(dtype, rms=False, eps=None, residual=False, **kw):
+    def floors(masters, grads, ours):
+        x, rest = masters[0], masters[1:]
+        r = rest.pop(0) if residual else None
+        w = rest.pop(0) if rest else None
+        b = rest.pop(0) if rest and not rms else None
+        return norm_floors(x, r, w, b, grads[0], grads[1] if len(grads) > 1 else None, dtype=dtype,
+                           eps=eps if eps is not None else (1e-6 if rms else 1e-5), rms=rms, **kw)
+    return floors
 
 
 def _rows(seed=0):
@@ -170,13 +192,11 @@ def _rms_ours(x, w):
 def test_layer_norm_zero_variance_rows(dtype):
     """Constant rows (0.3, 0, -1000, 60000): variance 0, rstd = 1/sqrt(eps), out = bias, dx ~1e3. In fp16/bf16
     every row sums exactly, so out is exactly the bias, where eager fp16 misses it by ~3. In fp32 the 0.3 row's
-    mean rounds (torch's CPU kernel accumulates in float64) and rstd amplifies that rounding: ``extra``."""
+    mean rounds (torch's CPU kernel accumulates in float64) and rstd amplifies that rounding in out, dx and
+    dweight: the floor's mean term."""
     x, w, b = _rows()
     x[0], x[1], x[2], x[3] = 0.3, 0.0, -1000.0, 60000.0
-    extra = {}
-    if dtype == torch.float32:  # the mean's tree-sum rounding, times rstd = 1/sqrt(eps) and |w|
-        extra["out"] = math.ceil(math.log2(N)) * 2.0**-24 * 0.3 * w.abs().max().item() / math.sqrt(1e-5)
-    res = compare(_ln_ours, _ln, [x, w, b], dtype, ("out", "dx", "dweight", "dbias"), extra=extra,
+    res = compare(_ln_ours, _ln, [x, w, b], dtype, ("out", "dx", "dweight", "dbias"), floors=_norm_floors(dtype),
                   kernels=LN_KERNELS)
     if dtype != torch.float32:
         torch.testing.assert_close(res["ours"][0][:4].double(), b.to(dtype).double().expand(4, N), atol=0, rtol=0)
@@ -186,7 +206,8 @@ def test_layer_norm_zero_variance_rows(dtype):
 def test_rms_norm_zero_rows(dtype):
     x, w, _ = _rows()
     x[0], x[1] = 0.0, 0.3
-    compare(_rms_ours, _rms, [x, w], dtype, ("out", "dx", "dweight"), kernels=LN_KERNELS)
+    compare(_rms_ours, _rms, [x, w], dtype, ("out", "dx", "dweight"), floors=_norm_floors(dtype, rms=True),
+            kernels=LN_KERNELS)
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
@@ -195,9 +216,11 @@ def test_norm_values_near_fp16_max(rms):
     x, w, b = _rows()
     x = (x * 20000).clamp(-65000, 65000)
     if rms:
-        compare(_rms_ours, _rms, [x, w], torch.float16, ("out", "dx", "dweight"), kernels=LN_KERNELS)
+        compare(_rms_ours, _rms, [x, w], torch.float16, ("out", "dx", "dweight"),
+                floors=_norm_floors(torch.float16, rms=True), kernels=LN_KERNELS)
     else:
-        compare(_ln_ours, _ln, [x, w, b], torch.float16, ("out", "dx", "dweight", "dbias"), kernels=LN_KERNELS)
+        compare(_ln_ours, _ln, [x, w, b], torch.float16, ("out", "dx", "dweight", "dbias"),
+                floors=_norm_floors(torch.float16), kernels=LN_KERNELS)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy on the inf/NaN row
@@ -233,13 +256,22 @@ def test_add_layer_norm_sum_overflowing_fp16():
 
     compare(ours32, eager32, [x, r, w, b], torch.float16, ("out", "residual_out", "dx", "dresidual",
                                                                     "dweight", "dbias"), n_out=2,
-            kernels=LN_KERNELS)
+            floors=_norm_floors(torch.float16, residual=True), kernels=LN_KERNELS)
 
 
 # -- BatchNorm ---------------------------------------------------------------------------------------------------------
 
 BN_GRADS = ("out", "dx", "didentity", "dweight", "dbias")
 C = 5
+
+
+def _bn_floors(dtype, training, running_var=1.0, eps=1e-5):
+    def floors(masters, grads, ours):
+        x, identity, w, b = masters
+        rm, rv = torch.zeros(C, dtype=torch.float64), torch.full((C,), running_var, dtype=torch.float64)
+        return batch_norm_floors(x, identity, rm, rv, w, b, grads[0], dtype=dtype, training=training, eps=eps,
+                                 lane_terms=bn_ops.lane_terms(x))
+    return floors
 
 
 def _bn_inputs(seed=0):
@@ -268,7 +300,8 @@ def test_batch_norm_zero_variance_channels(dtype):
     x, identity, w, b = _bn_inputs()
     x[:, 0], x[:, 1], x[:, 2] = 0.7, 1000.0, 0.0
     ours, eager = _bn(True)
-    compare(ours, eager, [x, identity, w, b], dtype, BN_GRADS, kernels=("_bn_fwd_reduce", "_bn_bwd_dx"))
+    compare(ours, eager, [x, identity, w, b], dtype, BN_GRADS, floors=_bn_floors(dtype, True),
+            kernels=("_bn_fwd_reduce", "_bn_bwd_dx"))
 
 
 @pytest.mark.parametrize("spread", ["wide", "narrow"])
@@ -278,14 +311,16 @@ def test_batch_norm_values_near_fp16_max(spread):
     x, identity, w, b = _bn_inputs()
     x = (x * 20000).clamp(-65000, 65000) if spread == "wide" else (x * 100 + 60000).clamp(max=65000)
     ours, eager = _bn(True)
-    compare(ours, eager, [x, identity, w, b], torch.float16, BN_GRADS, kernels=("_bn_fwd_reduce", "_bn_bwd_dx"))
+    compare(ours, eager, [x, identity, w, b], torch.float16, BN_GRADS, floors=_bn_floors(torch.float16, True),
+            kernels=("_bn_fwd_reduce", "_bn_bwd_dx"))
 
 
 def test_batch_norm_eval_zero_running_variance():
     """Eval with running_var = 0: the scale is weight / sqrt(eps) ~ 300."""
     x, identity, w, b = _bn_inputs()
     ours, eager = _bn(False, running_var=0.0)
-    compare(ours, eager, [x * 0.01, identity, w, b], torch.float16, BN_GRADS, kernels=("_bn_fwd_apply",))
+    compare(ours, eager, [x * 0.01, identity, w, b], torch.float16, BN_GRADS,
+            floors=_bn_floors(torch.float16, False, running_var=0.0), kernels=("_bn_fwd_apply",))
 
 
 # -- patch embedding ---------------------------------------------------------------------------------------------------
@@ -306,8 +341,9 @@ def test_patch_embed_pixels_near_fp16_max():
     with _runtime.record_launches() as launches:
         ours = _run(fastattn.patch_embed, masters, torch.float16, [grad])
     assert launches["_pe_fwd"] == 1 and launches["_pe_bwd_dw"] == 1
+    floor = patch_embed_floors(*masters, None, None, grad, dtype=torch.float16)
     for i, name in ((0, "out"), (1, "dimages"), (3, "dbias")):
-        check_extreme(name, ours[i], eager[i], eager32[i], ref[i], torch.float16)
+        check_extreme(name, ours[i], eager[i], eager32[i], ref[i], torch.float16, floor[name])
     # dweight: inf exactly where the true value rounds to inf in fp16 (|value| >= 65520, half an ulp past the
     # largest finite 65504), up to one rounding at that boundary; compared with the float64 truth, not with one CPU's
     # eager result (torch's fp16 convolution backward rounds differently per CPU).

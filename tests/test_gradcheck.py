@@ -19,15 +19,19 @@ from torch.nn.attention.bias import causal_lower_right
 
 import fastattn
 from fastattn import _runtime
+from fastattn.ops import attention as attn_ops
+from fastattn.ops import batch_norm as bn_ops
+from fastattn.ops import layer_norm as ln_ops
+from fastattn.ops import patch_embed as pe_ops
 
 pytestmark = pytest.mark.skipif(not _runtime.interpreting(),
                                 reason="float64 runs the Triton kernels only under the interpreter")
 
-ATTN = ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
-LN = ("_layer_norm_fwd", "_layer_norm_bwd")
-PE = ("_pe_fwd", "_pe_bwd_dw")
-BN_TRAIN = ("_bn_fwd_reduce", "_bn_fwd_combine", "_bn_fwd_apply", "_bn_bwd_reduce")
-BN_EVAL = ("_bn_fwd_apply", "_bn_bwd_reduce")
+ATTN = attn_ops.FORWARD_KERNELS + attn_ops.BACKWARD_KERNELS
+LN = ln_ops.FORWARD_KERNELS + ln_ops.BACKWARD_KERNELS[:1]
+PE = pe_ops.FORWARD_KERNELS + pe_ops.BACKWARD_KERNELS[:1]
+BN_TRAIN = bn_ops.FORWARD_KERNELS + bn_ops.BACKWARD_KERNELS[:1]
+BN_EVAL = bn_ops.FORWARD_KERNELS[-1:] + bn_ops.BACKWARD_KERNELS[:1]
 
 
 def t64(*shape, requires_grad=True, scale=1.0):

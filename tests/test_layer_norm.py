@@ -1,5 +1,5 @@
 """fastattn.add_layer_norm / add_rms_norm / layer_norm / nn.LayerNorm against eager PyTorch (2x-eager rule,
-tests/numerics.py), outputs and every gradient.
+fastattn.testing), outputs and every gradient.
 
 Each case runs three times: the eager reference (``fastattn.reference``: ``x + residual`` then
 ``F.layer_norm``/``F.rms_norm``) in float64 (the oracle) and in the low precision (eager's error), and ours in the

@@ -1,5 +1,5 @@
 """fastattn.patch_embed against eager conv2d + flatten + cat + add: the output and every gradient (2x-eager rule,
-tests/numerics.py), layouts, the class-token / position-embedding variants, the module, compile and bad input.
+fastattn.testing), layouts, the class-token / position-embedding variants, the module, compile and bad input.
 
 Each case runs three times: the eager reference (fastattn.reference.patch_embed, i.e. torch's conv2d) in float64,
 the same eager code in the low precision (eager's error), and ours in the low precision, with a check that the

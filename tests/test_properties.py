@@ -1,6 +1,6 @@
 """Property-based agreement (hypothesis): for random shapes (1, primes, near powers of two), dtypes, masks, layouts
 (transposed, sliced, expanded), causal / dropout / residual / affine flags, every op's output and every gradient obey
-the 2x-eager rule of ``tests/numerics.py`` against a float64 reference, and the Triton kernels (not the fallback) ran.
+the 2x-eager rule of ``fastattn.testing`` against a float64 reference, and the Triton kernels (not the fallback) ran.
 
 Inputs are drawn as float64 masters rounded to the low precision, so the reference, eager PyTorch in the low
 precision and ours see the same numbers; each layout is a view applied to the leaf in all three runs (gradients flow
@@ -20,15 +20,17 @@ import pathlib
 import pytest
 import torch
 import torch.nn.functional as F
+from harness import three_way
 from hypothesis import assume, example, given, note, settings
 from hypothesis import strategies as st
-from numerics import UNIT_ROUNDOFF, assert_close_rule
 from test_batch_norm import _away_from_the_kink
 
 import fastattn
-from fastattn import _runtime, reference
+from fastattn import reference
 from fastattn.ops import attention as attn_ops
+from fastattn.ops import batch_norm as bn_ops
 from fastattn.ops import layer_norm as ln_ops
+from fastattn.testing import attention_floors, batch_norm_floors, norm_floors, patch_embed_floors
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 LENGTHS = [1, 2, 3, 5, 7, 13, 16, 17, 31, 32, 33, 47, 64, 67]  # 32: the interpreter's attention tile
@@ -150,11 +152,6 @@ def _sliced_view(t, d):
 
 
 LAYOUTS = st.sampled_from(["contiguous", "transposed", "sliced"])
-
-
-def _launched(launches, kernels):
-    for name in kernels:
-        assert launches[name] >= 1, f"Triton kernel {name} did not run: {dict(launches)}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -282,48 +279,16 @@ def test_attention_agrees_with_eager(c):
         grads = {f"d{name}": t.grad for name, t in leaves.items() if t.requires_grad}
         return {"out": out, **grads}
 
-    res_ref = run("ref", torch.float64)
-    res_eager = run("eager", dtype)
-    with _runtime.record_launches() as launches:
-        res_ours = run("ours", dtype)
-    _launched(launches, ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"))
-    # The backward's delta = rowsum(dO * O) reads the output rounded to the input dtype (as FlashAttention-2 does),
-    # where torch's CPU SDPA keeps it in fp32: dS = P (dP - delta) then carries up to P u(dtype) sum|dO||O| per row,
-    # which matters where dS cancels (a single key per row: the true dq, dk, dmask are 0) or is amplified (large
-    # scale). Allow that rounding and the fp32 sums' (dv terms each, dP and delta summed in different orders):
-    # dq_i <= |scale| max|k| delta_err, dk_j <= |scale| max|q| sum_i P_ij delta_err.
-    terms = (grad_out.abs() * (res_ref["out"].detach().abs() + v.abs().max())).sum(-1).max().item()
-    delta_err = (UNIT_ROUNDOFF[dtype] + 2 * dv * UNIT_ROUNDOFF[torch.float32]) * terms
-    ones = torch.ones(kv_batch + (n, 1), dtype=torch.float64, requires_grad=True)  # P^T 1: column sums of P
-    mask64 = mask if mask is None or mask.dtype == torch.bool else mask.double()
-    expand = (lambda t: t.expand(b, *t.shape[1:])) if c["kv_expanded"] else (lambda t: t)
-    colsum_out = F.scaled_dot_product_attention(q, expand(k), expand(ones), attn_mask=torch_mask(mask64),
-                                                scale=c["scale"], enable_gqa=c["gqa"])
-    colsum_out.backward(torch.ones_like(colsum_out))
-    # Likewise P is rounded to the input dtype for the P @ V and P^T dO products (tensor-core operands): out and dv
-    # carry up to u(dtype) sum_j P_ij |v_j| and u(dtype) sum_i P_ij |dO_i|, visible where those sums cancel.
-    abs_v = v.abs().requires_grad_()
-    p_abs_v = F.scaled_dot_product_attention(q, expand(k), expand(abs_v), attn_mask=torch_mask(mask64),
-                                             scale=c["scale"], enable_gqa=c["gqa"])
-    p_abs_v.backward(grad_out.abs())
-    scale = c["scale"] if c["scale"] is not None else 1.0 / math.sqrt(d)
-    # P = exp2(s log2(e) - lse) is computed from fp32 base-2 logits (the forward's online softmax, the backward's
-    # recomputation): one fp32 rounding of the largest |logit| (plus lse) is a relative error of P that eager's
-    # exp(s - max) need not share; it shows in fp32, where nothing else rounds as coarsely (m = 1, a few keys).
-    # Sources: the rounding of s log2(e), of s log2(e) - lse and of lse (|lse| <= max|s| + log2(Lk)), in base 2.
-    k_heads = expand(k).repeat_interleave(h // hkv, dim=-3) if c["gqa"] else expand(k)
-    s2 = math.log2(math.e) * abs(scale) * (q @ k_heads.transpose(-1, -2)).abs().max().item() if q.numel() else 0.0
-    if mask is not None and mask.dtype != torch.bool:
-        s2 += math.log2(math.e) * mask.masked_fill(mask.isinf(), 0.0).abs().max().item()
-    logit_rel = math.log(2.0) * UNIT_ROUNDOFF[torch.float32] * (3.0 * s2 + 2.0 * math.log2(n + 1))
-    delta_err += 2.0 * logit_rel * terms  # |dP|, |delta| <= terms: dS = P (dP - delta) carries logit_rel of both
-    p_round = UNIT_ROUNDOFF[dtype] / (1.0 - c["dropout"]) + logit_rel / (1.0 - c["dropout"])
-    atol = {"out": p_round * p_abs_v.max().item(), "dv": p_round * abs_v.grad.max().item(),
-            "dq": abs(scale) * k.abs().max().item() * delta_err,
-            "dk": abs(scale) * q.abs().max().item() * delta_err * ones.grad.max().item(),
-            "dmask": delta_err * (math.prod(scores) // mask.numel() if mask is not None else 1)}
-    for name, ref in res_ref.items():
-        assert_close_rule(name, res_ours[name], res_eager[name], ref, dtype, atol=atol.get(name, 0.0))
+    def floors(results):
+        expand = (lambda t: t.expand(b, *t.shape[1:])) if c["kv_expanded"] else (lambda t: t)
+        offset = n - m if c["causal"] == "lower_right" else 0
+        mask64 = None if mask is None else (mask if mask.dtype == torch.bool else mask.double())
+        return attention_floors(q, expand(k), expand(v), grad_out, dtype=dtype, attn_mask=mask64,
+                                is_causal=c["causal"] != "none", causal_offset=offset, scale=c["scale"],
+                                enable_gqa=c["gqa"], dropout_p=c["dropout"], dropout_mask=keep,
+                                out=results["ours"]["out"])
+
+    three_way(run, dtype, kernels=attn_ops.FORWARD_KERNELS + attn_ops.BACKWARD_KERNELS, floors=floors)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -426,48 +391,15 @@ def test_norms_agree_with_eager(c):
         res.update({f"d{name}": t.grad for name, t in leaves.items() if t is not None})
         return res
 
-    res_ref = run("ref", torch.float64)
-    res_eager = run("eager", dtype)
-    with _runtime.record_launches() as launches:
-        res_ours = run("ours", dtype)
-    _launched(launches, ("_layer_norm_fwd", "_layer_norm_bwd"))
-    atol = _norm_accumulation_floor(c, x, r, w, keep, g_out, g_res, eps)
-    for name, ref in res_ref.items():
-        assert res_ours[name].dtype == res_eager[name].dtype, f"{name}: dtype {res_ours[name].dtype}"
-        assert_close_rule(name, res_ours[name], res_eager[name], ref, dtype, atol=atol.get(name, 0.0))
+    def flat(t):  # a normalized_shape of several dims is normalised as one flattened dim
+        return None if t is None else t.reshape(-1, c["n"])
 
-
-def _norm_accumulation_floor(c, x, r, w, keep, g_out, g_res, eps):
-    """A few fp32 roundings of the terms each gradient sums: ours keeps statistics and sums in fp32 where torch's CPU
-    kernels accumulate fp32 input in float64, which shows where a gradient cancels (n = 2: xhat = +-1, dx ~ 0)."""
-    n = math.prod(c["norm_shape"])
-    z = x * keep / (1.0 - c["dropout"]) if keep is not None else x
-    z = (z + r.expand(x.shape) if r is not None else z).reshape(-1, n)
-    if c["op"] in ("add_rms_norm", "rms_norm"):
-        rstd = (z.square().mean(-1, keepdim=True) + eps).rsqrt()
-        xhat = z * rstd
-    else:
-        rstd = (z.var(-1, unbiased=False, keepdim=True) + eps).rsqrt()
-        xhat = (z - z.mean(-1, keepdim=True)) * rstd
-    dy = g_out.reshape(-1, n).abs()
-    g = dy * (w.reshape(n).abs() if w is not None else 1.0)
-    dz = (rstd * g.amax(-1, keepdim=True) * (2.0 + xhat.abs().amax(-1, keepdim=True))).max().item()
-    dz += g_res.abs().max().item() if g_res is not None else 0.0
-    acc = 4 * UNIT_ROUNDOFF[torch.float32]
-    w_abs = w.reshape(n).abs() if w is not None else 1.0
-    # out = xhat * w (+ b): rstd carries a few fp32 roundings (the row's sums, the division by n, the rsqrt), a
-    # relative error that every element of out shares, scaled by |xhat w|.
-    floors = {"out": acc * (xhat.abs() * w_abs).max().item(),
-              "dx": acc * dz / (1.0 - c["dropout"]), "dresidual": acc * dz,
-              "dweight": acc * (dy * xhat.abs()).sum(0).max().item(), "dbias": acc * dy.sum(0).max().item()}
-    if keep is not None:
-        # The kernel scales kept values by the fp32 reciprocal 1 / (1 - p) (two fp32 roundings where eager divides
-        # once), so the residual sum may carry one more fp32 rounding of the scaled x, which the normalisation passes
-        # on to out scaled by rstd * |w|.
-        xs = (x * keep / (1.0 - c["dropout"])).reshape(-1, n).abs()
-        floors["residual_out"] = 2 * UNIT_ROUNDOFF[torch.float32] * xs.max().item()
-        floors["out"] += 2 * UNIT_ROUNDOFF[torch.float32] * (rstd * xs * w_abs).max().item()
-    return floors
+    floors = norm_floors(flat(x), flat(r.expand(shape)) if r is not None else None, w, bias, flat(g_out), flat(g_res),
+                         dtype=dtype, eps=eps, rms=op in ("add_rms_norm", "rms_norm"), dropout_p=c["dropout"],
+                         dropout_mask=flat(keep))
+    results = three_way(run, dtype, kernels=("_layer_norm_fwd", "_layer_norm_bwd"), floors=floors)
+    for name, ours in results["ours"].items():
+        assert ours.dtype == results["eager"][name].dtype, f"{name}: dtype {ours.dtype}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -549,20 +481,11 @@ def test_patch_embed_agrees_with_eager(c):
         out.backward(grad.to(out.dtype))
         return {"out": out, **{f"d{k}": t.grad for k, t in leaves.items() if t is not None and t.requires_grad}}
 
-    res_ref = run("ref", torch.float64)
-    res_eager = run("eager", dtype)
-    with _runtime.record_launches() as launches:
-        res_ours = run("ours", dtype)
-    _launched(launches, ("_pe_fwd", "_pe_bwd_dw") + (("_pe_bwd_dx",) if c["images_grad"] else ()))
-    # A few fp32 roundings of the terms each result sums (ours accumulates in fp32, torch's CPU convolution may not):
-    # the same op on absolute values in float64 gives those sums exactly (it is linear in each input).
-    absolute = [t.abs() if t is not None else None for t in (images, weight, bias, pos, cls)]
-    sums = run("abs", torch.float64, absolute, grad.abs())
-    acc = 4 * UNIT_ROUNDOFF[torch.float32]
-    for name, ref in res_ref.items():
-        assert res_ours[name].dtype == res_eager[name].dtype, f"{name}: dtype {res_ours[name].dtype}"
-        assert_close_rule(name, res_ours[name], res_eager[name], ref, dtype,
-                          atol=acc * sums[name].detach().abs().max().item() if sums[name].numel() else 0.0)
+    floors = patch_embed_floors(images, weight, bias, pos, cls, grad, dtype=dtype)
+    results = three_way(run, dtype, floors=floors,
+                        kernels=("_pe_fwd", "_pe_bwd_dw") + (("_pe_bwd_dx",) if c["images_grad"] else ()))
+    for name, ours in results["ours"].items():
+        assert ours.dtype == results["eager"][name].dtype, f"{name}: dtype {ours.dtype}"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -623,37 +546,14 @@ def test_batch_norm_agrees_with_eager(c):
             res.update(running_mean=stats[0], running_var=stats[1])
         return res
 
-    res_ref = run("ref", torch.float64)
-    res_eager = run("eager", dtype)
-    with _runtime.record_launches() as launches:
-        res_ours = run("ours", dtype)
-    backward = any(name.startswith("d") for name in res_ours)
-    _launched(launches, ("_bn_fwd_apply",) + (("_bn_fwd_reduce",) if training else ())
-              + (("_bn_bwd_reduce",) if backward else ()))
-    # A few fp32 roundings of the terms each gradient sums (the elementwise products are fp32 in ours, float64 or
-    # fp32 in different orders in torch's): visible where dweight or dx cancel.
-    dims = (0, 2, 3)
-    if training:
-        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
-    else:
-        mean, var = rm.view(1, -1, 1, 1), rv.view(1, -1, 1, 1)
-    rstd = (var + 1e-5).rsqrt()
-    xhat, g = ((x - mean) * rstd).abs(), grad.abs()
-    scale = (rstd * (w.view(1, -1, 1, 1).abs() if w is not None else 1.0)).max().item()
-    acc = 4 * UNIT_ROUNDOFF[torch.float32]
-    # out is (x - mean) * (rstd w) + b + identity in fp32: the rounding of rstd w, of x - mean, of the product and of
-    # the two adds, each relative to its term (torch's CPU kernels compute fp32 batch norm in higher precision).
-    terms = xhat * (w.view(1, -1, 1, 1).abs() if w is not None else 1.0)
-    terms = terms + (b.view(1, -1, 1, 1).abs() if b is not None else 0.0) + (ident.abs() if ident is not None else 0.0)
-    atol = {"out": acc * terms.max().item(),
-            "dweight": acc * (g * xhat).sum(dims).max().item(), "dbias": acc * g.sum(dims).max().item(),
-            "dx": acc * scale * g.max().item() * (2.0 + xhat.max().item()),
-            "running_mean": acc * x.abs().max().item(), "running_var": acc * x.abs().max().item() ** 2}
-    for name, ref in res_ref.items():
-        ours, eager = res_ours[name], res_eager[name]
-        assert ours.dtype == eager.dtype, f"{name}: dtype {ours.dtype} != eager {eager.dtype}"
-        assert_close_rule(name, ours, eager, ref, ours.dtype if name != "out" and ours.dtype != dtype else dtype,
-                          atol=atol.get(name, 0.0))
+    backward = any(t is not None for name, t in (("x", x), ("identity", ident), ("weight", w), ("bias", b))
+                   if name in req)
+    kernels = ("_bn_fwd_apply",) + (("_bn_fwd_reduce",) if training else ()) + (("_bn_bwd_reduce",) if backward else ())
+    floors = batch_norm_floors(x, ident, rm, rv, w, b, grad if backward else None, dtype=dtype, training=training,
+                               momentum=momentum, lane_terms=bn_ops.lane_terms(x))
+    results = three_way(run, dtype, kernels=kernels, floors=floors)
+    for name, ours in results["ours"].items():
+        assert ours.dtype == results["eager"][name].dtype, f"{name}: dtype {ours.dtype} != eager's"
 
 
 def test_profiles_are_registered():
