@@ -21,14 +21,24 @@ import triton.language as tl
 
 from ._common import LN2, LOG2E, NEG_INF, cast, edge_block, key_blocks, mma, tanh
 
-# (BLOCK_N, num_warps, num_stages) by operand class ("16": fp16/bf16, "tf32", "ieee": fp32) and padded head dim.
-# BLOCK_M is the rows' power of two, 16 .. 64 (decode_block_m). Every entry fits the registers and shared memory of
-# sm_80 and sm_90 with every feature on (paged, causal, window, softcap, ALiBi, split partials) at BLOCK_M 64:
-# tests/test_hwfit.py enforces it. A head dim without an entry is not served: the launcher runs the reference.
+# (BLOCK_N, num_warps, num_stages) by operand class ("16": fp16/bf16, "tf32", "ieee": fp32), padded head dim and
+# BLOCK_M (the rows' power of two, 16 .. 64: decode_block_m). Each entry is the first of a candidate list that
+# compiles for sm_80 and sm_90 without a spill store, plain and with every feature on (paged, split partials,
+# causal, window, softcap, ALiBi); tests/test_hwfit.py enforces it. Where a query tile has no entry the launcher
+# takes the largest smaller one that has. ptxas spills erratically here (a 72-register
+# build spilling one value at 2 stages, none at 1 or 3), hence the per-BLOCK_M entries. A head dim without an entry
+# is not served: the launcher runs the eager reference.
 TILES = {
-    "16": {32: (64, 4, 3), 64: (64, 4, 3), 128: (64, 4, 2), 256: (32, 8, 2)},
-    "tf32": {32: (32, 4, 2), 64: (32, 4, 2), 128: (32, 4, 2), 256: (16, 8, 1)},
-    "ieee": {32: (32, 4, 2), 64: (32, 4, 2), 128: (16, 8, 1)},
+    "16": {32: {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3)},
+           64: {16: (64, 4, 3), 32: (64, 4, 3), 64: (64, 4, 3)},
+           128: {16: (64, 4, 2), 32: (64, 4, 2), 64: (64, 8, 2)},
+           256: {16: (32, 4, 1), 32: (32, 8, 2), 64: (32, 8, 2)}},
+    "tf32": {32: {16: (32, 4, 1), 32: (32, 4, 2), 64: (32, 4, 1)},
+             64: {16: (32, 4, 2), 32: (32, 4, 2), 64: (32, 4, 2)},
+             128: {16: (32, 4, 1), 32: (32, 4, 1), 64: (32, 8, 1)}},
+    "ieee": {32: {16: (32, 4, 2), 32: (32, 4, 2), 64: (32, 4, 1)},
+             64: {16: (32, 4, 2), 32: (32, 4, 2), 64: (32, 8, 1)},
+             128: {16: (16, 8, 1)}},  # no 32- or 64-row tile fits: more, 16-row tiles
 }
 APPEND_BLOCK_T = 16  # new tokens per program of the append
 
@@ -42,9 +52,10 @@ def decode_block_m(rows: int) -> int:
     return min(64, max(16, triton.next_power_of_2(max(rows, 1))))
 
 
-def tile(element_size: int, precision: str, block_d: int) -> tuple[int, int, int] | None:
-    """(BLOCK_N, num_warps, num_stages) for this operand class and padded head dim, or None if not served."""
-    return TILES[operand_class(element_size, precision)].get(block_d)
+def tile(element_size: int, precision: str, block_d: int, block_m: int) -> tuple[int, int, int] | None:
+    """(BLOCK_N, num_warps, num_stages) for this operand class, padded head dim and query tile, or None if the
+    head dim is not served."""
+    return TILES[operand_class(element_size, precision)].get(block_d, {}).get(block_m)
 
 
 @triton.jit

@@ -254,6 +254,8 @@ def test_schedule_is_a_pure_function_of_shapes():
     assert fixed.splits == math.ceil(1000 / fixed.block_n)  # clamped to the key blocks
     assert kv_ops.schedule(2, 4, 2, 37, 100, 32, 32, torch.float16, num_sms=4).block_m == 64
     assert kv_ops.schedule(1, 1, 1, 1, 64, 512, 512, torch.float16, num_sms=4) is None  # no tile: the reference
+    # fp32 without TF32 at head dim 128: only 16-row tiles fit the registers, so 64 rows take four
+    assert kv_ops.schedule(1, 8, 1, 8, 64, 128, 128, torch.float32, num_sms=4).m_blocks == 4
 
 
 def test_scratch_is_the_schedules():

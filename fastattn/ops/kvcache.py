@@ -77,12 +77,15 @@ def schedule(batch: int, heads: int, heads_kv: int, lq: int, capacity: int, head
     """The launch of a call with these shapes (``capacity``: the cache's positions per sequence, the only length
     known on the host) on a GPU of ``num_sms`` SMs; None when no kernel tile serves the dtype and head dims.
     A fixed ``num_splits`` is clamped to [1, min(MAX_SPLITS, key blocks)]; 0 chooses by :func:`auto_splits`."""
-    t = K.tile(torch.empty((), dtype=dtype).element_size(), precision, _block(max(head_dim, head_dim_v)))
+    rows = heads // heads_kv * lq
+    elt, block_d = torch.empty((), dtype=dtype).element_size(), _block(max(head_dim, head_dim_v))
+    block_m = K.decode_block_m(rows)
+    while block_m > 16 and K.tile(elt, precision, block_d, block_m) is None:  # the largest tile that fits
+        block_m //= 2
+    t = K.tile(elt, precision, block_d, block_m)
     if t is None:
         return None
     block_n, warps, stages = t
-    rows = heads // heads_kv * lq
-    block_m = K.decode_block_m(rows)
     m_blocks = triton.cdiv(rows, block_m)
     key_blocks = max(1, triton.cdiv(capacity, block_n))
     if num_splits > 0:
@@ -431,9 +434,8 @@ def kernel_specs() -> list[KernelSpec]:
     classes = [(torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")]
     for dtype, precision in classes:
         dname = dtype_name(dtype) + ("" if dtype != torch.float32 else f"/{precision}")
-        for d, t in K.TILES[K.operand_class(dtype.itemsize, precision)].items():
-            block_n, warps, stages = t
-            for block_m in (16, 32, 64):
+        for d, by_m in K.TILES[K.operand_class(dtype.itemsize, precision)].items():
+            for block_m, (block_n, warps, stages) in by_m.items():
                 cfg = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
                 for heavy in (False, True):
                     args = {**_example_args(dtype, d, heavy), "PRECISION": precision}
