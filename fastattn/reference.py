@@ -100,6 +100,86 @@ def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Ten
     return out.to(o.dtype), lse.to(torch.float64 if o.dtype == torch.float64 else torch.float32)
 
 # ---------------------------------------------------------------------------------------------------------------
+# attention_with_kvcache (decoding against a dense or paged KV cache)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cache_index(cache: Tensor, positions: Tensor, block_table: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Index of ``positions (B, n)`` of each sequence in a dense ``(B, L, H, D)`` or paged ``(pages, P, H, D)``
+    cache (table entries past a sequence's keys may be anything: clamped, the rows they give are masked)."""
+    if block_table is None:
+        return torch.arange(positions.size(0), device=positions.device)[:, None].expand_as(positions), positions
+    page = cache.size(1)
+    pages = block_table.long().clamp(0, cache.size(0) - 1).gather(1, positions // page)
+    return pages, positions % page
+
+
+def kvcache_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seqlens: Tensor,
+                   block_table: Tensor | None = None) -> None:
+    """Write ``k, v (B, L_new, H_kv, D)`` into the caches in place at positions ``cache_seqlens[b] ...``."""
+    pos = cache_seqlens.long()[:, None] + torch.arange(k.size(1), device=k.device)  # (B, L_new)
+    index = _cache_index(k_cache, pos, block_table)
+    k_cache[index] = k
+    v_cache[index] = v
+
+
+def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None = None,
+                           v: Tensor | None = None, *, cache_seqlens: Tensor | int, block_table: Tensor | None = None,
+                           scale: float | None = None, is_causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Tensor | None = None, num_splits: int = 0,
+                           return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """``fastattn.attention_with_kvcache`` in eager torch (``num_splits`` changes nothing here).
+
+    Appends ``k, v`` to the caches in place at ``cache_seqlens[b] ...``, then ``q[b] (Lq, H, D)`` attends to the
+    first ``N_b = cache_seqlens[b] + L_new`` keys of its own sequence: scores ``x = scale q . k`` (fp32, or
+    float64 for float64 inputs), ``x = softcap tanh(x / softcap)``, ``x -= slope_h |i + N_b - Lq - j|``, key j
+    visible iff ``j < N_b`` and ``i + N_b - Lq - left <= j <= i + N_b - Lq + right`` (causal: right = 0), softmax,
+    the probabilities cast to v's dtype before ``p @ v``. Rows with no visible key give zeros and lse = -inf.
+    Every sequence is computed over the cache's whole capacity with the keys past N_b masked, so nothing reads
+    the lengths on the host (it runs under CUDA graphs and on FakeTensors)."""
+    B, Lq, H, D = q.shape
+    Hkv = k_cache.size(2)
+    lens = cache_seqlens
+    if not isinstance(lens, Tensor):
+        lens = torch.full((B,), int(lens), dtype=torch.int32, device=q.device)
+    if k is not None:
+        kvcache_append(k_cache, v_cache, k, v, lens, block_table)
+    capacity = k_cache.size(1) * (block_table.size(1) if block_table is not None else 1)
+    index = _cache_index(k_cache, torch.arange(capacity, device=q.device).expand(B, capacity), block_table)
+    keys = k_cache[index].transpose(1, 2).repeat_interleave(H // Hkv, 1)  # (B, H, C, D)
+    values = v_cache[index].transpose(1, 2).repeat_interleave(H // Hkv, 1)
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    sc = 1.0 / math.sqrt(D) if scale is None else scale
+    x = (q.transpose(1, 2).to(ct) @ keys.to(ct).mT) * sc  # (B, H, Lq, C)
+    if softcap > 0:
+        x = softcap * torch.tanh(x / softcap)
+    N = (lens.long() + (0 if k is None else k.size(1)))[:, None, None]  # (B, 1, 1)
+    i = torch.arange(Lq, device=q.device)[None, :, None] + N - Lq  # (B, Lq, 1): the query's diagonal key
+    j = torch.arange(capacity, device=q.device)[None, None, :]
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.expand(B, H).to(ct)
+        x = x - slopes[:, :, None, None] * (i - j).abs()[:, None].to(ct)
+    left, right = window_size
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    visible = j < N
+    if left >= 0:
+        visible = visible & (j >= i - left)
+    if right >= 0:
+        visible = visible & (j <= i + right)
+    x = x.masked_fill(~visible[:, None], float("-inf"))
+    row_max = x.amax(-1, keepdim=True) if capacity else x.new_full((*x.shape[:-1], 1), float("-inf"))
+    empty = row_max == float("-inf")
+    e = (x - torch.where(empty, 0.0, row_max)).exp()
+    den = e.sum(-1, keepdim=True)
+    p = e / torch.where(empty, 1.0, den)
+    out = (p.to(values.dtype) @ values).transpose(1, 2).to(q.dtype)  # (B, Lq, H, DV)
+    lse = torch.where(empty, row_max, row_max + den.log()).squeeze(-1)  # (B, H, Lq)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # patch embedding
 # ---------------------------------------------------------------------------------------------------------------
 

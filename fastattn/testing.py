@@ -41,8 +41,8 @@ UNIT_ROUNDOFF = {
 }
 
 __all__ = ["UNIT_ROUNDOFF", "assert_close_to_reference", "attention_floors", "batch_norm_floors", "blocked_terms",
-           "max_err", "merge_floors", "norm_floors", "patch_embed_floors", "ring_attention_floors", "rule_bound",
-           "tree_sum_terms"]
+           "kvcache_floors", "max_err", "merge_floors", "norm_floors", "patch_embed_floors", "ring_attention_floors",
+           "rule_bound", "tree_sum_terms"]
 
 
 def max_err(x: Tensor, ref: Tensor) -> float:
@@ -351,6 +351,106 @@ def ring_attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: T
     back = attention_floors(q, k, v, do, dtype=dtype, is_causal=is_causal, scale=sc, enable_gqa=gqa, out=out,
                             lse_err=lse_err, partials=world_size)
     return {"out": out_err, "dq": back["dq"], "dk": back["dk"], "dv": back["dv"]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention_with_kvcache (the decode kernel, split-KV)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tanh_abs_error(x: Tensor, t: Tensor, u: float) -> Tensor:
+    """Absolute error of kernels/_common.tanh at exact ``x`` (``t = tanh(x)``). Series branch (|x| < 0.55): the
+    Horner steps on a correction ``|x|^3 / 3`` at most, their roundings and the final add and products within
+    ``4u |x|`` (the series' truncation below ``0.1u``). Exp branch: ``e = exp2(2|x| log2 e)`` errs by ``4u |x| +
+    4u`` relative (the constant, the product, exp2), then ``e + 1``, the division (2 ulp) and ``1 - q``:
+    ``(1 - |t|) (4u |x| + 8u) + u |t|``."""
+    a = x.abs()
+    return torch.where(a < 0.55, 4 * u * a, (1 - t.abs()) * (4 * u * a + 8 * u) + u * t.abs())
+
+
+def kvcache_floors(q: Tensor, keys: Sequence[Tensor], values: Sequence[Tensor], *, dtype: torch.dtype,
+                   scale: float | None = None, is_causal: bool = False, window_size: tuple[int, int] = (-1, -1),
+                   softcap: float = 0.0, alibi_slopes: Tensor | None = None, splits: int = 1,
+                   block_n: int = 64) -> dict[str, float]:
+    """Floors of ``out`` and ``lse`` of ``attention_with_kvcache`` (kernels/kvcache.py), per sequence.
+
+    ``q (B, Lq, H, D)``; ``keys[b]``, ``values[b]`` ``(N_b, H_kv, D)``: the cache's first N_b rows after the
+    append; ``splits``/``block_n``: the launch's schedule. Shared with eager (the reference computes fp32 scores
+    from the same operands and casts p to v's dtype before ``p @ v``): the fp32 dot products and the operand and
+    result roundings. Fused only, for query row i and key j (natural units):
+
+    - the score's error ``ds_ij``: plain, ``2u |s|`` (``scale log2 e`` rounded, the product); softcapped
+      (``s = c t``, ``t = tanh(x)``, ``x = scale q.k / c``), ``c ((1 - t^2) 2u |x| + tanh's error
+      (:func:`_tanh_abs_error`)) + 2u |s|``; ALiBi adds ``2u |alibi_ij|`` (the slope times log2 e, the product) and
+      the subtraction ``u |s_ij|``;
+    - online softmax as in :func:`attention_floors`, over the ``nb`` key blocks a split visits:
+      ``f_ij = ds_ij + u |s_ij - m_i| + 4u`` relative in p, ``err(o_i) = sum_j p_ij f_ij |v_j - o_i| +
+      (2 nb + 2) u sum_j p_ij |v_j|``, ``err(lse_i) = sum_j p_ij f_ij + (2 nb + 4) u + 3u |lse_i|``;
+    - with several splits (split s: keys ``[s C, (s + 1) C)``, ``C = ceil(N_b / splits)`` rounded up to
+      ``block_n``), each split's partial output and lse carry the errors above into the combine, whose own
+      roundings :func:`merge_floors` adds (``out_errs``, ``lse_errs``).
+
+    All inputs are float64 tensors holding the values the low-precision run sees."""
+    u = _roundoffs(dtype)[0]
+    B, Lq, H, D = q.shape
+    sc = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    left, right = window_size
+    if is_causal:
+        right = 0 if right < 0 else min(right, 0)
+    worst = {"out": 0.0, "lse": 0.0}
+    for b in range(B):
+        kb, vb = keys[b].double(), values[b].double()
+        N = kb.size(0)
+        group = H // kb.size(1)
+        kb, vb = kb.transpose(0, 1).repeat_interleave(group, 0), vb.transpose(0, 1).repeat_interleave(group, 0)
+        qb = q[b].double().transpose(0, 1)  # (H, Lq, D)
+        s = sc * (qb @ kb.mT)  # (H, Lq, N)
+        ds = 2 * u * s.abs()
+        if softcap > 0:
+            x = s / softcap
+            t = torch.tanh(x)
+            s = softcap * t
+            ds = softcap * ((1 - t * t) * 2 * u * x.abs() + _tanh_abs_error(x, t, u)) + 2 * u * s.abs()
+        i = torch.arange(Lq)[:, None] + N - Lq
+        j = torch.arange(N)[None, :]
+        if alibi_slopes is not None:
+            slopes = alibi_slopes.double() if alibi_slopes.dim() == 1 else alibi_slopes[b].double()
+            bias = slopes[:, None, None] * (i - j).abs()
+            s = s - bias
+            ds = ds + 2 * u * bias.abs() + u * s.abs()
+        visible = torch.ones(Lq, N, dtype=torch.bool)
+        if left >= 0:
+            visible &= j >= i - left
+        if right >= 0:
+            visible &= j <= i + right
+        chunk = math.ceil(math.ceil(N / splits) / block_n) * block_n  # the kernel's split length
+        parts = []
+        for lo in range(0, N, max(chunk, 1)):
+            keep = visible & (j >= lo) & (j < lo + chunk)
+            sp = s.masked_fill(~keep, -math.inf)
+            mx = sp.amax(-1, keepdim=True)
+            full = torch.isfinite(mx)
+            m = torch.where(full, mx, 0.0)
+            e = torch.where(keep, (sp - m).exp(), 0.0)
+            den = e.sum(-1, keepdim=True)
+            p = e / torch.where(full, den, 1.0)
+            o = p @ vb
+            lse = torch.where(full, m + den.clamp_min(1e-300).log(), -math.inf).squeeze(-1)
+            f = torch.where(keep, ds + u * (s - m).abs() + 4 * u, 0.0)
+            nb = min(chunk, N - lo) // block_n + 2  # blocks a tile visits in this split (alignment included)
+            err_o = (p * f) @ vb.abs() + o.abs() * (p * f).sum(-1, keepdim=True) + (2 * nb + 2) * u * (p @ vb.abs())
+            err_l = torch.where(full.squeeze(-1), (p * f).sum(-1) + (2 * nb + 4) * u + 3 * u * lse.abs(), 0.0)
+            parts.append((o, lse, err_o, err_l))
+        if not parts:
+            continue
+        if len(parts) == 1 or splits == 1:
+            o, lse, err_o, err_l = parts[0]
+            got = {"out": _top(err_o), "lse": _top(err_l)}
+        else:
+            outs, lses, errs_o, errs_l = zip(*parts)
+            got = merge_floors(outs, lses, dtype=dtype, out_errs=errs_o, lse_errs=errs_l)
+        worst = {k: max(worst[k], got[k]) for k in worst}
+    return worst
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -66,3 +66,53 @@ def cast(x, dtype: tl.constexpr):
         bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+# tanh(x) = x (1 + C1 x^2 + C2 x^4 + ...): the odd Taylor series' coefficients 2^2n (2^2n - 1) B_2n / (2n)!
+_TANH_C = [tl.constexpr(c) for c in (-1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075,
+                                     -929569 / 638512875, 6404582 / 10854718875)]
+_TANH_C1, _TANH_C2, _TANH_C3, _TANH_C4, _TANH_C5, _TANH_C6, _TANH_C7, _TANH_C8 = _TANH_C
+
+
+@triton.jit
+def tanh(x):
+    """tanh within a few ulp of fp32 (and of fp64 in the interpreter) without libdevice (the interpreter has
+    none): the series through x^17 for |x| below 0.55 (0.2 in fp64), where its next term is below the precision,
+    else ``1 - 2 / (exp2(2 |x| log2 e) + 1)``, whose cancellation costs at most two bits there. Softcapped scores
+    (Gemma 2) need it."""
+    a = tl.minimum(tl.abs(x), 20.0)  # tanh(20) rounds to 1 even in fp64
+    a1 = tl.minimum(a, 1.0)  # keeps the series' argument small where its value is discarded
+    x2 = a1 * a1
+    p = _TANH_C8 * x2 + _TANH_C7
+    p = p * x2 + _TANH_C6
+    p = p * x2 + _TANH_C5
+    p = p * x2 + _TANH_C4
+    p = p * x2 + _TANH_C3
+    p = p * x2 + _TANH_C2
+    p = p * x2 + _TANH_C1
+    big = 1.0 - tl.fdiv(tl.full(x.shape, 2.0, x.dtype), tl.math.exp2(a * (2.0 * LOG2E)) + 1.0)
+    t = tl.where(a < (0.2 if x.dtype == tl.float64 else 0.55), a1 + a1 * x2 * p, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def key_blocks(a_lo, a_hi, lo, hi, k_lo, k_hi, BLOCK: tl.constexpr):
+    """The key blocks a tile of queries visits: keys j in [k_lo, k_hi) (k_lo a multiple of BLOCK), queries at
+    positions a in [a_lo, a_hi], where a sees j iff a + lo <= j <= a + hi (the causal / sliding-window band).
+
+    Returns (start, full_start, full_end, end): blocks in [full_start, full_end) are seen whole by every query
+    (no bounds or band test needed); [start, full_start) and [full_end, end) are edge blocks; blocks outside
+    [start, end) are seen by no query and are never visited. All but ``end`` are multiples of BLOCK past k_lo.
+    (Operands of // are kept >= 0: GPUs truncate, numpy floors.)"""
+    start = tl.maximum(a_lo + lo, k_lo) // BLOCK * BLOCK
+    end = tl.maximum(tl.minimum(a_hi + hi + 1, k_hi), start)
+    full_start = tl.minimum((tl.maximum(a_hi + lo, start) + BLOCK - 1) // BLOCK * BLOCK, end)
+    full_end = tl.maximum(tl.maximum(tl.minimum(a_lo + hi + 1, k_hi), 0) // BLOCK * BLOCK, full_start)
+    return start, full_start, full_end, end
+
+
+@triton.jit
+def edge_block(e, n_left, start, full_end, BLOCK: tl.constexpr):
+    """The e-th edge block of :func:`key_blocks`' two edge ranges, the first ``n_left`` of them in
+    [start, full_start): one loop serves both, so the block body is emitted once."""
+    return tl.where(e < n_left, start + e * BLOCK, full_end + (e - n_left) * BLOCK)

@@ -28,8 +28,31 @@ def config(block_d: int) -> triton.Config:
 
 
 @triton.jit
+def _row_tile(R, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows (int64), the columns, and which rows / elements lie inside ``R x D``."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    r_ok = rows < R
+    return rows, cols, r_ok, r_ok[:, None] & (cols[None, :] < D)
+
+
+@triton.jit
 def _part_lse(PartLse, stride_lr, rows, r_ok, ACC: tl.constexpr):
     return tl.load(PartLse + rows * stride_lr, mask=r_ok, other=NEG_INF).to(ACC)
+
+
+@triton.jit
+def _weight(x, shift):
+    """exp(x - shift) in base 2; 0 for an empty part (x = -inf), whatever the shift."""
+    return tl.where(x != NEG_INF, tl.math.exp2((x - shift) * LOG2E), 0.0)
+
+
+@triton.jit
+def _part(lse_ptr, part, stride_lr, rows, r_ok, tile_ok, shift, ACC: tl.constexpr):
+    """One part's rows: whether each holds keys, its weight exp(lse_s - shift) and its output tile."""
+    x = _part_lse(lse_ptr, stride_lr, rows, r_ok, ACC)
+    o = tl.load(part, mask=tile_ok, other=0.0).to(ACC)
+    return x != NEG_INF, _weight(x, shift), o
 
 
 @triton.jit
@@ -41,11 +64,7 @@ def _merge_fwd(
     S, R, D,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    r_ok = rows < R
-    tile_ok = r_ok[:, None] & (cols[None, :] < D)
+    rows, cols, r_ok, tile_ok = _row_tile(R, D, BLOCK_R, BLOCK_D)
 
     m = tl.full([BLOCK_R], NEG_INF, ACC)
     lse_ptr = PartLse
@@ -59,10 +78,7 @@ def _merge_fwd(
     lse_ptr = PartLse
     part = Parts + rows[:, None] * stride_pr + cols[None, :] * stride_pd
     for _ in range(S):
-        x = _part_lse(lse_ptr, stride_lr, rows, r_ok, ACC)
-        live = x != NEG_INF
-        e = tl.where(live, tl.math.exp2((x - m) * LOG2E), 0.0)
-        o = tl.load(part, mask=tile_ok, other=0.0).to(ACC)
+        live, e, o = _part(lse_ptr, part, stride_lr, rows, r_ok, tile_ok, m, ACC)
         acc += tl.where(live[:, None], e[:, None] * o, 0.0)  # an empty part's o may hold anything (NaN)
         l_i += e
         lse_ptr += stride_ls
@@ -87,11 +103,7 @@ def _merge_bwd(
     S, R, D,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
-    r_ok = rows < R
-    tile_ok = r_ok[:, None] & (cols[None, :] < D)
+    rows, cols, r_ok, tile_ok = _row_tile(R, D, BLOCK_R, BLOCK_D)
 
     lse = tl.load(Lse + rows, mask=r_ok, other=NEG_INF).to(ACC)
     lse = tl.where(lse == NEG_INF, float("inf"), lse)  # every part empty: w_s = exp(-inf) = 0
@@ -103,10 +115,7 @@ def _merge_bwd(
     part = Parts + rows[:, None] * stride_pr + cols[None, :] * stride_pd
     dpart = DParts + rows[:, None] * stride_dpr + cols[None, :] * stride_dpd
     for _ in range(S):
-        x = _part_lse(lse_ptr, stride_lr, rows, r_ok, ACC)
-        live = x != NEG_INF
-        w = tl.where(live, tl.math.exp2((x - lse) * LOG2E), 0.0)
-        o = tl.load(part, mask=tile_ok, other=0.0).to(ACC)
+        live, w, o = _part(lse_ptr, part, stride_lr, rows, r_ok, tile_ok, lse, ACC)
         g = tl.sum(tl.where(live[:, None], do * o, 0.0), 1)
         tl.store(dpart, cast(w[:, None] * do, DParts.dtype.element_ty), mask=tile_ok)
         tl.store(dlse_ptr + rows * stride_dlr, g, mask=r_ok)  # parked until g_sum is complete
@@ -122,8 +131,7 @@ def _merge_bwd(
     lse_ptr = PartLse
     dlse_ptr = DPartLse
     for _ in range(S):
-        x = _part_lse(lse_ptr, stride_lr, rows, r_ok, ACC)
-        w = tl.where(x != NEG_INF, tl.math.exp2((x - lse) * LOG2E), 0.0)
+        w = _weight(_part_lse(lse_ptr, stride_lr, rows, r_ok, ACC), lse)
         g = tl.load(dlse_ptr + rows * stride_dlr, mask=r_ok, other=0.0).to(ACC)
         tl.store(dlse_ptr + rows * stride_dlr, cast(w * (g - g_sum), DPartLse.dtype.element_ty), mask=r_ok)
         lse_ptr += stride_ls

@@ -50,11 +50,12 @@ def test_every_op_has_benchmark_cases():
             for c in got:
                 assert c.op == op and c.kernels and c.min_bytes is not None, c.name
                 fwd, bwd = c.min_bytes(torch.float16)
-                assert 0 < fwd and 0 < bwd and c.work("fwd", torch.float16)[1] in ("TFLOP/s", "GB/s"), c.name
+                assert 0 < fwd and (0 < bwd or c.modes == ("fwd",)), c.name  # inference-only ops: no backward
+                assert c.work("fwd", torch.float16)[1] in ("TFLOP/s", "GB/s"), c.name
     # the units the issue asks for: GEMMs in TFLOP/s, memory-bound ops in GB/s
     assert {op: cases.get(op, "gpu")[0].work("fwd", torch.float16)[1] for op in OPS} == {
         "attention": "TFLOP/s", "patch_embed": "TFLOP/s", "layer_norm": "GB/s", "batch_norm": "GB/s",
-        "merge_attention": "GB/s"}
+        "merge_attention": "GB/s", "kvcache": "GB/s"}
 
 
 def test_inspect_json_and_dump(tmp_path):
@@ -185,7 +186,7 @@ def test_gpu_runner_rows_ratios_and_failures(monkeypatch, tmp_path):
     assert sorted(os.path.basename(p) for p in pngs) == ["attention_lm_tflops.png", "attention_speedup.png"]
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "patch_embed", "batch_norm", "merge_attention"])
+@pytest.mark.parametrize("op", ["layer_norm", "patch_embed", "batch_norm", "merge_attention", "kvcache"])
 def test_gpu_runner_on_every_op(monkeypatch, op):
     _cpu_standin(monkeypatch)
     case = cases.get(op, "small")[0]
@@ -194,7 +195,7 @@ def test_gpu_runner_on_every_op(monkeypatch, op):
     missing = [k for k in case.kernels if launches[k] == 0]
     assert not missing, f"kernels that did not run: {missing} ({dict(launches)})"
     impls = {"eager", "fastattn", *case.baselines}
-    assert {(r["impl"], r["mode"]) for r in rows} == {(i, m) for i in impls for m in gpu.MODES}
+    assert {(r["impl"], r["mode"]) for r in rows} == {(i, m) for i in impls for m in case.modes}
     assert all(r["status"] == "ok" for r in rows), [r["status"] for r in rows]
     for r in rows:
         work, unit = case.work(r["mode"], torch.float32)
@@ -206,6 +207,30 @@ def test_gpu_runner_on_every_op(monkeypatch, op):
         gemm = 2.0 * d["B"] * d["N"] * 3 * d["P"] ** 2 * d["D"]
         assert not d["dimages"] and case.work("fwd", torch.float32)[0] == gemm == case.work("bwd", torch.float32)[0]
         assert "unfold + linear" in impls
+
+
+def test_gpu_runner_decode_forward_only(monkeypatch, tmp_path):
+    """An inference-only op: forward rows only, GB/s of the cache read, torch's SDPA decode baseline beside it (and
+    flash-attention's where installed), the decode latency plot."""
+    from fastattn.perf import cases_kv
+
+    _cpu_standin(monkeypatch)
+    case = cases_kv._kvcache_case("decode tiny", 2, 64, H=4, Hkv=2, D=32, suite="gpu")
+    assert "torch sdpa" in case.baselines and case.modes == ("fwd",)
+    with fastattn.record_launches() as launches:
+        rows = gpu.run_case(case, torch.float32, with_compile=False)
+    assert launches["_kvcache_attn"] > 0 and launches["_kvcache_append"] > 0
+    assert {r["mode"] for r in rows} == {"fwd"} and all(r["status"] == "ok" for r in rows), rows
+    assert {r["impl"] for r in rows} == {"eager", "fastattn", *case.baselines}
+    fused = next(r for r in rows if r["impl"] == "fastattn")
+    assert fused["unit"] == "GB/s" and fused["throughput"] == pytest.approx(
+        case.min_bytes(torch.float32)[0] / (fused["ms"] * 1e-3) / 1e9)
+    inputs = case.make(torch.device("cpu"), torch.float32)
+    ref = inputs.cast(torch.float32).call(case.eager)
+    torch.testing.assert_close(inputs.cast(torch.float32).call(case.baselines["torch sdpa"]), ref)
+    pytest.importorskip("matplotlib")
+    names = sorted(os.path.basename(p) for p in plots.gpu(rows, str(tmp_path), "CPU stand-in"))
+    assert names == ["kvcache_decode_latency.png", "kvcache_speedup.png"]
 
 
 def test_end_to_end_step_on_tiny_models(monkeypatch):

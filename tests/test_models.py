@@ -65,26 +65,43 @@ def _greedy_without_cache(model: models.Transformer, src, max_len, pad=None):
 
 
 def test_generate_uses_the_cache_lower_right_causal():
+    """Fused: each step's self-attention writes its key into a preallocated cache and attends with
+    attention_with_kvcache; the encoder-decoder attention reuses the memory's keys. Eager: the keys are concatenated
+    and attended lower-right causal. Both give the tokens of re-decoding the whole prefix at every step."""
     eager, fused = (m.eval().to(DEVICE) for m in _pair(_tiny_transformer))
     src, pad = torch.randint(3, 11, (2, 6), device=DEVICE), _padding([6, 3], 6).to(DEVICE)
-    calls = []
-    attend = models.FusedMultiHeadAttention.attend
+    calls, steps = [], []
+    kvcache = fastattn.attention_with_kvcache
 
-    def spy(self, q, k, v, mask, is_causal):
-        calls.append((q.size(2), k.size(2), mask, is_causal))
-        return attend(self, q, k, v, mask, is_causal)
+    def spying(attend):
+        def spy(self, q, k, v, mask, is_causal):
+            calls.append((q.size(2), k.size(2), mask, is_causal))
+            return attend(self, q, k, v, mask, is_causal)
+        return spy
+
+    def spy_kvcache(q, k_cache, v_cache, k, v, *, cache_seqlens, **kw):
+        steps.append((q.size(1), k_cache.size(1), cache_seqlens.tolist(), kw.get("is_causal")))
+        return kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, **kw)
 
     with pytest.MonkeyPatch.context() as mp, fastattn.record_launches() as launches:
-        mp.setattr(models.FusedMultiHeadAttention, "attend", spy)
+        mp.setattr(fastattn, "attention_with_kvcache", spy_kvcache)
+        mp.setattr(models.FusedMultiHeadAttention, "attend", spying(models.FusedMultiHeadAttention.attend))
         out = fused.generate(src, max_len=6, src_padding_mask=pad)
-    assert launches["_attn_fwd"] == len(calls) > 0
-    self_attn = [(lq, lk, mask) for lq, lk, mask, _ in calls if isinstance(mask, CausalBias)]
-    assert len(self_attn) == 2 * 5  # two decoder layers, five steps
-    assert all(lq == 1 and mask.variant == CausalVariant.LOWER_RIGHT for lq, _, mask in self_attn)
-    assert [lk for _, lk, _ in self_attn[::2]] == [1, 2, 3, 4, 5]  # the cache grows by one key per step
+    assert len(steps) == 2 * 5 and launches["_kvcache_attn"] == launches["_kvcache_append"] == 2 * 5
+    assert all(lq == 1 and cap == 6 and causal for lq, cap, _, causal in steps)  # one token, a 6-position cache
+    assert [lens for _, _, lens, _ in steps[::2]] == [[n, n] for n in range(5)]  # one more key per step
+    cross = [c for c in calls if c[0] == 1]  # the rest: the encoder's self-attention
+    assert launches["_attn_fwd"] == len(calls) and len(cross) == 2 * 5 and all(lk == 6 for _, lk, _, _ in cross)
+    assert not any(isinstance(c[2], CausalBias) for c in calls)
     expected = _greedy_without_cache(eager, src, 6, pad)
     assert torch.equal(out, expected)
-    assert torch.equal(eager.generate(src, max_len=6, src_padding_mask=pad), expected)
+    calls.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(models.MultiHeadAttention, "attend", spying(models.MultiHeadAttention.attend))
+        assert torch.equal(eager.generate(src, max_len=6, src_padding_mask=pad), expected)
+    self_attn = [(lq, lk, mask) for lq, lk, mask, _ in calls if isinstance(mask, CausalBias)]
+    assert all(lq == 1 and mask.variant == CausalVariant.LOWER_RIGHT for lq, _, mask in self_attn)
+    assert [lk for _, lk, _ in self_attn[::2]] == [1, 2, 3, 4, 5]  # the cache grows by one key per step
 
 
 def test_generate_stops_at_eos():

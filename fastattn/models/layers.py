@@ -5,7 +5,9 @@ The fused ops are switchable *layers*: each block is written once against the he
 ops when they are torch's.
 
 - ``MultiHeadAttention`` calls ``torch.nn.functional.scaled_dot_product_attention``; ``FusedMultiHeadAttention``
-  (the same module, same parameters) calls ``fastattn.scaled_dot_product_attention``.
+  (the same module, same parameters) calls ``fastattn.scaled_dot_product_attention``, and when decoding with a cache
+  from its ``init_cache`` it writes each step's keys into a preallocated cache with
+  ``fastattn.attention_with_kvcache`` instead of concatenating them.
 
 Fused dropout draws its mask inside the kernel from its own random stream, so a fused and an eager model with
 dropout > 0 are equal in distribution, not bit for bit; compare them with dropout 0 or in eval mode.
@@ -30,9 +32,10 @@ class MultiHeadAttention(nn.Module):
     attention). ``mask`` is a bool tensor, True = may attend (SDPA's convention), broadcastable to
     ``(B, heads, Lq, Lk)``; ``is_causal=True`` lets position ``i`` see positions ``<= i``.
 
-    ``cache`` (a dict, for incremental decoding): self-attention appends this call's keys and values to it and
-    attends from the new queries, which are the *last* positions, to all of them (lower-right causal alignment);
-    cross-attention computes the context's keys and values on the first call and reuses them.
+    ``cache`` (a dict, for incremental decoding; :meth:`init_cache` makes an empty one): self-attention appends
+    this call's keys and values to it and attends from the new queries, which are the *last* positions, to all of
+    them (lower-right causal alignment); cross-attention computes the context's keys and values on the first call
+    and reuses them.
     """
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
@@ -46,6 +49,11 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(dim, dim, bias=bias)
         self.v_proj = nn.Linear(dim, dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias)
+
+    def init_cache(self, max_len: int) -> dict:
+        """An empty self-attention cache for decoding up to ``max_len`` positions: here a dict the keys and values
+        are concatenated into, step by step."""
+        return {}
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask, is_causal: bool) -> Tensor:
         """``(B, H, Lq, D)`` attention output of ``(B, H, Lq, D)`` queries and ``(B, H, Lk, D)`` keys / values."""
@@ -84,11 +92,38 @@ class MultiHeadAttention(nn.Module):
 
 class FusedMultiHeadAttention(MultiHeadAttention):
     """:class:`MultiHeadAttention` (same constructor, parameters and ``state_dict``) running
-    ``fastattn.scaled_dot_product_attention``."""
+    ``fastattn.scaled_dot_product_attention``.
+
+    Its :meth:`init_cache` preallocates: self-attention with that cache writes each step's keys and values into
+    ``(B, max_len, H, D)`` buffers in place and attends with ``fastattn.attention_with_kvcache`` (bottom-right
+    causal, split-KV for long caches), the sequences' lengths kept on the device (no host sync per step)."""
+
+    def init_cache(self, max_len: int) -> dict:
+        """A preallocated self-attention cache for up to ``max_len`` positions (buffers made on the first call,
+        in the keys' dtype and device)."""
+        return {"max_len": max_len}
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask, is_causal: bool) -> Tensor:
         return fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                      dropout_p=self.dropout if self.training else 0.0)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None, is_causal: bool = False,
+                cache: dict | None = None) -> Tensor:
+        if context is not None or cache is None or "max_len" not in cache:
+            return super().forward(x, context, mask, is_causal, cache)
+        if mask is not None:
+            raise ValueError("FusedMultiHeadAttention: a preallocated cache takes is_causal, not a mask")
+        B, L, _ = x.shape
+        q, k, v = (proj(x).unflatten(-1, (self.num_heads, self.head_dim))  # (B, L, H, D): the cache's layout
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if "k_cache" not in cache:
+            shape = (B, cache["max_len"], self.num_heads, self.head_dim)
+            cache.update(k_cache=k.new_zeros(shape), v_cache=v.new_zeros(shape),
+                         seqlens=torch.zeros(B, dtype=torch.int32, device=x.device))
+        out = fastattn.attention_with_kvcache(q, cache["k_cache"], cache["v_cache"], k, v,
+                                              cache_seqlens=cache["seqlens"], is_causal=is_causal)  # (B, L, H, D)
+        cache["seqlens"] += L
+        return self.out_proj(out.flatten(2))
 
 
 class FeedForward(nn.Module):

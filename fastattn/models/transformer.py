@@ -9,7 +9,8 @@ paper, with fastattn's fused ops as switchable layers.
 - Padding masks are bool ``(B, L)``, True = padding, as in ``torch.nn.Transformer``.
 - ``generate(src, max_len)``: greedy decoding that keeps each decoder layer's keys and values, so each step runs
   the decoder on one new token (self-attention with ``Lq = 1`` against the cache, lower-right causal) and the
-  encoder-decoder attention reuses the memory's keys and values.
+  encoder-decoder attention reuses the memory's keys and values. Fused, the cache is preallocated for ``max_len``
+  positions and each step runs ``fastattn.attention_with_kvcache``; eager, the keys are concatenated.
 
 ``fused=True`` builds the layers from ``fastattn.nn.LayerNorm`` (one kernel for dropout + add + LayerNorm) and
 :class:`~fastattn.models.layers.FusedMultiHeadAttention`; ``fused=False`` from ``torch.nn.LayerNorm`` and
@@ -148,7 +149,8 @@ class Transformer(nn.Module):
         B = src.size(0)
         memory = self.encode(src, src_padding_mask)
         memory_mask = self.padding_to_attend(src_padding_mask)
-        caches = [{"self": {}, "cross": {}} for _ in self.decoder]
+        caches = [{"self": layer.self_attn.init_cache(max_len) if hasattr(layer.self_attn, "init_cache") else {},
+                   "cross": {}} for layer in self.decoder]
         ys = torch.full((B, 1), bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(B, dtype=torch.bool, device=src.device)
         for step in range(max_len - 1):

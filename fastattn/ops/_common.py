@@ -32,6 +32,23 @@ def acc_tl(dtype: torch.dtype) -> tl.dtype:
     return TL_DTYPES[stat_dtype(dtype)]
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: TF32 for fp32 exactly when torch's matmuls would use it
+    (``torch.backends.cuda.matmul.allow_tf32``), else IEEE."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+# The SM count the schedules assume off a GPU (the interpreter): small, so that tests see split work.
+INTERPRETER_SMS = 4
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (CUDA), or :data:`INTERPRETER_SMS` elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_SMS
+
+
 def bucket(n: int) -> int:
     """The power-of-two bucket of a size, an autotune key (one timing per bucket, not per size)."""
     return triton.next_power_of_2(max(n, 1))

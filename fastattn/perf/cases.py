@@ -83,6 +83,7 @@ class Case:
     kernels: tuple[str, ...] = ()  # Triton kernels a fused forward + backward must launch
     outputs: tuple[str, ...] = ("out",)  # names of the differentiable outputs (the agreement table's rows)
     dims: dict[str, int] = dataclasses.field(default_factory=dict)  # shape numbers, for formulas and plots
+    modes: tuple[str, ...] = ("fwd", "bwd", "fwd+bwd")  # what is timed; ("fwd",) for inference-only ops
 
     @property
     def name(self) -> str:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 import fastattn
 from fastattn import reference
-from fastattn.perf.cases import Case, Inputs, _elt, register
+from fastattn.perf.cases import SCRATCH, SCRATCH_NOTES, SCRATCH_SMS, Case, Inputs, _elt, register
 
 
 def _by_parts(fn):
@@ -73,3 +73,91 @@ def merge_attention_cases(suite: str) -> list[Case]:
         shapes = [("small", 3, 2, 3, 37, 40)]
     return [_merge_case(*s) for s in shapes]
 
+
+
+def _sdpa_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, *, cache_seqlens: Tensor,
+                 is_causal: bool = False) -> Tensor:
+    """What a torch decoder does without a fused cache kernel: write the new key at each sequence's length (an
+    index_put, no host sync), then torch's SDPA over the whole cache (every sequence in these cases fills it)
+    with GQA; the layouts are views."""
+    B = q.size(0)
+    pos = cache_seqlens.long()[:, None] + torch.arange(k.size(1), device=q.device)
+    rows = torch.arange(B, device=q.device)[:, None]
+    k_cache[rows, pos] = k
+    v_cache[rows, pos] = v
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k_cache[:B].transpose(1, 2), v_cache[:B].transpose(1, 2), enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def _kvcache_baselines() -> dict:
+    out = {"torch sdpa": _sdpa_decode}
+    try:  # flash-attention's own kernel, where installed (GPU images)
+        from flash_attn import flash_attn_with_kvcache
+    except Exception:  # noqa: BLE001 - not installed, or built for another torch
+        return out
+
+    def flash(q, k_cache, v_cache, k, v, *, cache_seqlens, is_causal=False):
+        return flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=is_causal)
+
+    out["flash_attn_with_kvcache"] = flash
+    return out
+
+
+def _kvcache_case(label: str, B: int, L: int, H: int = 32, Hkv: int = 8, D: int = 128, suite: str = "gpu") -> Case:
+    """One decode step: one new token per sequence after ``L - 1`` cached ones (the cache of ``L`` positions full
+    after the append), GQA ``H / Hkv``, causal."""
+
+    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
+        q = torch.randn(B, 1, H, D, device=device, dtype=dtype)
+        k_cache, v_cache = (torch.randn(B, L, Hkv, D, device=device, dtype=dtype) for _ in range(2))
+        k, v = (torch.randn(B, 1, Hkv, D, device=device, dtype=dtype) for _ in range(2))
+        lens = torch.full((B,), L - 1, dtype=torch.int32, device=device)
+        return Inputs((q, k_cache, v_cache, k, v), {"cache_seqlens": lens, "is_causal": True},
+                      ("q", "k_cache", "v_cache", "k", "v"))
+
+    def min_bytes(dtype: torch.dtype) -> tuple[int, int]:
+        e = _elt(dtype)
+        # read the cache's keys and values (the appended one included) and q; write the new key / value and out
+        return e * (2 * B * L * Hkv * D + B * H * D) + e * (2 * B * Hkv * D + B * H * D), 0
+
+    return Case(
+        op="kvcache", label=label, shape=f"B={B} L={L} H={H} Hkv={Hkv} D={D}", make=make,
+        fused=fastattn.attention_with_kvcache, eager=reference.attention_with_kvcache,
+        baselines=_kvcache_baselines() if suite in ("gpu", "quick") else {}, min_bytes=min_bytes,
+        saved_note="inference only: nothing saved", kernels=("_kvcache_append", "_kvcache_attn"),
+        dims={"B": B, "L": L, "H": H, "Hkv": Hkv, "D": D}, modes=("fwd",),
+    )
+
+
+@register("kvcache")
+def kvcache_cases(suite: str) -> list[Case]:
+    """Decode latency of an 8B-class LM layer (32 query heads over 8 key/value heads of 128): cache lengths 1k-32k,
+    batch 1, 8 and 64, in GB/s of the cache read (decoding is memory-bound), against torch's SDPA over the cache
+    and flash-attention's ``flash_attn_with_kvcache`` where installed."""
+    if suite == "gpu":
+        shapes = [(f"decode B{b} {n // 1024}k", b, n) for b in (1, 8, 64) for n in (1024, 4096, 16384, 32768)]
+    elif suite == "quick":
+        shapes = [("decode B1 32k", 1, 32768), ("decode B8 4k", 8, 4096)]
+    elif suite == "model":
+        shapes = [("decode B8 4k", 8, 4096), ("decode B64 32k", 64, 32768)]
+    else:  # small: a short cache, GQA 2, head dim 32 (the interpreter)
+        return [_kvcache_case("small", 2, 75, H=4, Hkv=2, D=32, suite=suite)]
+    return [_kvcache_case(*s, suite=suite) for s in shapes]
+
+
+def _kvcache_scratch(args: tuple, kwargs: dict, sms: int | None = None) -> int:
+    """The split-KV partials (fp32 outputs and lses) the attention op allocates, from the launcher's own schedule on
+    a GPU of ``sms`` SMs (default :data:`SCRATCH_SMS`)."""
+    from fastattn.ops import kvcache as kv_ops
+
+    q, k_cache, v_cache, block_table, num_splits = args[0], args[1], args[2], args[4], args[12]
+    B, Lq, H, D = q.shape
+    capacity = k_cache.size(1) * (block_table.size(1) if block_table is not None else 1)
+    sched = kv_ops.schedule(B, H, k_cache.size(2), Lq, capacity, D, v_cache.size(3), q.dtype, sms or SCRATCH_SMS,
+                            num_splits)
+    return sched.scratch_bytes if sched is not None else 0
+
+
+SCRATCH["fastattn::kvcache_attention"] = _kvcache_scratch
+SCRATCH_NOTES["fastattn::kvcache_attention"] = "kvcache's fp32 split-KV partial outputs and lses"

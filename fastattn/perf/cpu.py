@@ -101,6 +101,12 @@ def _top(by_op: dict[str, dict[str, int]], n: int = 3) -> str:
     return ", ".join(f"{name.replace('aten.', '')} {b / 2**20:,.0f}" for b, name in top)
 
 
+def _tensor_outputs(out: Any) -> list[torch.Tensor]:
+    """Every floating tensor output (an inference-only op's results, compared without a backward)."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point()]
+
+
 def _agreement(ops: Sequence[str], dtypes: Sequence[torch.dtype], quick: bool) -> list[dict]:
     """Section 4: outputs and every gradient, fused (interpreted) vs eager in low precision vs float64."""
     from fastattn.perf import cases
@@ -125,15 +131,18 @@ def agreement(work: Sequence[tuple[Any, torch.dtype]], device: torch.device, tit
     for case, dtype in work:
         torch.manual_seed(0)
         master = case.make(device, torch.float64)
-        grad_out = [torch.randn_like(o) for o in _grad_outputs(master.call(case.eager))]
+        backward = "bwd" in case.modes
+        outputs = _grad_outputs if backward else _tensor_outputs
+        grad_out = [torch.randn_like(o) for o in outputs(master.cast(torch.float64).call(case.eager))]
         results = {}
         t0 = time.monotonic()
         for label, fn, dt in (("ref", case.eager, torch.float64), ("eager", case.lowp_baseline or case.eager, dtype),
                               ("fastattn", case.fused, dtype)):
             inputs = master.cast(dt)
             with _runtime.record_launches() as launches:
-                outs = _grad_outputs(inputs.call(fn))
-                torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(grad_out, outs)])
+                outs = outputs(inputs.call(fn))
+                if backward:
+                    torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(grad_out, outs)])
             results[label] = outs + [t.grad for t in inputs.leaves()]
             if label == "fastattn":
                 missing = [k for k in case.kernels if launches[k] == 0]

@@ -86,23 +86,30 @@ class _LazyCompile:
 
 def measure_impl(case: Case, fn: Callable, dtype: torch.dtype, modes: Sequence[str] = MODES,
                  device: str | None = None) -> tuple[dict[str, Timing], int]:
-    """Timings per mode and the peak memory (bytes) of one forward+backward."""
+    """Timings per mode (those of ``modes`` the case has) and the peak memory (bytes) of one forward+backward, or
+    of one forward for an inference-only case."""
     inputs = case.make(torch.device(device or DEVICE), dtype)
     leaves = inputs.leaves()
+    modes = [m for m in modes if m in case.modes]
     out: dict[str, Timing] = {}
     if "fwd" in modes:
         out["fwd"] = do_bench(lambda: inputs.call(fn))
-    outs = _grad_outputs(inputs.call(fn))
-    grads = [torch.randn_like(o) for o in outs]
-    if "bwd" in modes:
-        out["bwd"] = do_bench(lambda: _grads(outs, leaves, grads, retain_graph=True))
-    outs.clear()  # frees the retained graph
-    if "fwd+bwd" in modes:
-        out["fwd+bwd"] = do_bench(lambda: _grads(_grad_outputs(inputs.call(fn)), leaves, grads))
+    backward = "bwd" in case.modes
+    if backward:
+        outs = _grad_outputs(inputs.call(fn))
+        grads = [torch.randn_like(o) for o in outs]
+        if "bwd" in modes:
+            out["bwd"] = do_bench(lambda: _grads(outs, leaves, grads, retain_graph=True))
+        outs.clear()  # frees the retained graph
+        if "fwd+bwd" in modes:
+            out["fwd+bwd"] = do_bench(lambda: _grads(_grad_outputs(inputs.call(fn)), leaves, grads))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    _grads(_grad_outputs(inputs.call(fn)), leaves, grads)
+    if backward:
+        _grads(_grad_outputs(inputs.call(fn)), leaves, grads)
+    else:
+        inputs.call(fn)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
     return out, peak
@@ -142,7 +149,7 @@ def run_case(case: Case, dtype: torch.dtype, with_compile: bool = True, impls: S
             _cleanup()
         if name == EAGER:
             eager_ms = {m: t.ms for m, t in timings.items()}
-        for mode in MODES:
+        for mode in case.modes:
             t = timings.get(mode)
             work, unit = case.work(mode, dtype)
             scale = 1e12 if unit == "TFLOP/s" else 1e9

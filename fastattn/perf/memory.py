@@ -168,8 +168,8 @@ def measure(setup: Callable[[], tuple[Callable[[], Any], dict[str, Tensor], Sequ
         seeds = [torch.ones_like(t) for t in outs]
         leaves = [t for t in [*inputs.values(), *params] if t.requires_grad]
         tracker.phase = "bwd"
-        grads = torch.autograd.grad(outs, leaves, seeds, allow_unused=True)
-        tracker.phase = None
+        grads = torch.autograd.grad(outs, leaves, seeds, allow_unused=True) if outs and leaves else ()
+        tracker.phase = None  # an inference-only op (nothing requires grad) has no backward: 0 bytes
         del out, outs, seeds, grads
     saved = [SavedTensor(roles.get(k, "intermediate"), shape, dtype, n) for k, (_, shape, dtype, n) in packed.items()
              if k in kept]

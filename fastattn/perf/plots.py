@@ -92,6 +92,9 @@ def gpu(rows: Sequence[dict], out_dir: str, device: str) -> list[str]:
     ops = [op for op in dict.fromkeys(r["op"] for r in rows)]
     for op in ops:
         rs = [r for r in rows if r["op"] == op and r["mode"] in ("fwd+bwd", "train step")]
+        mode = "forward+backward"
+        if not rs:  # an inference-only op: its forward
+            rs, mode = [r for r in rows if r["op"] == op and r["mode"] == "fwd"], "forward"
         cases = list(dict.fromkeys(r["case"] for r in rs))
         impls = [i for i in dict.fromkeys(r["impl"] for r in rs) if i != "eager"]
         if not cases or not impls:
@@ -106,11 +109,29 @@ def gpu(rows: Sequence[dict], out_dir: str, device: str) -> list[str]:
             ax.bar([i + (j - (len(impls) - 1) / 2) * width for i in range(len(cases))], vals, width=width, label=impl)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks(range(len(cases)), cases, rotation=45, ha="right")
-        ax.set_ylabel("speed-up over eager (forward+backward)" if op != "end-to-end" else "speed-up over eager")
+        ax.set_ylabel(f"speed-up over eager ({mode})" if op != "end-to-end" else "speed-up over eager")
         ax.set_title(f"{op} on {device}")
         ax.legend(fontsize=8)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{op}_speedup.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    decode = [r for r in rows if r["op"] == "kvcache" and r["ms"] and "dim_L" in r]
+    if decode:  # decode latency against the cache length, one line per implementation and batch
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for impl in dict.fromkeys(r["impl"] for r in decode):
+            for b in sorted({r["dim_B"] for r in decode}):
+                pts = sorted((r["dim_L"], r["ms"]) for r in decode if r["impl"] == impl and r["dim_B"] == b)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1, label=f"{impl} B{b}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("cache length (tokens)")
+        ax.set_ylabel("ms per decode step (one layer)")
+        ax.set_title(f"attention_with_kvcache decode latency, {device}")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "kvcache_decode_latency.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
