@@ -422,7 +422,9 @@ def test_fused_attention_measured_at_vit_shape():
 def test_pytest_bench_collects_and_skips_without_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: pytest bench/ would run the benchmarks")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # a fresh pytest: not an xdist worker (pytest-benchmark disables itself under xdist, clashing with
+    # --benchmark-only), no interpreter
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_")}
     res = subprocess.run([sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-p", "no:cacheprovider"],
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
