@@ -91,8 +91,8 @@ def check(case: Packed, dtype, *, dropout_p=0.0, **kw):
                              dropout_mask=masks.get("mask"))
 
     lowp_q = case.q.to(dtype)
-    reason = varlen_ops.kernel_reason(lowp_q, case.k.to(dtype), case.v.to(dtype), kw.get("window_size", (-1, -1)),
-                                      kw.get("softcap", 0.0), kw.get("alibi_slopes"), kw.get("sinks"))
+    reason = varlen_ops.kernel_reason(lowp_q, case.k.to(dtype), case.v.to(dtype), kw.get("softcap", 0.0),
+                                      kw.get("alibi_slopes"), kw.get("sinks"))
     _runtime._warned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -187,11 +187,10 @@ def test_gqa(H, Hkv):
 @pytest.mark.parametrize("window", [(-1, 3), (-5, 0), (4, 0), (2, 2), (30, 30)],
                          ids=["right-only", "negative-left", "sliding", "band", "wider-than-every-sequence"])
 def test_window(window):
-    """flash's windows, bottom-right per sequence. Those with no left bound run as a causal offset in the kernels;
-    INTERIM: those with one fall back to the reference, announced."""
+    """flash's windows, bottom-right per sequence, in the kernels (INTERIM: a causal offset without a left bound,
+    else each sequence's own boolean mask)."""
     res = check(Packed([7, 20, 1], [11, 20, 3], H=2, D=16), torch.float16, window_size=window)
-    if window[0] < 0:
-        assert res["reason"] is None
+    assert res["reason"] is None
 
 
 def test_explicit_scale_and_value_head_dim():

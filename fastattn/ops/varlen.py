@@ -8,17 +8,19 @@ with flash-attention's bottom-right alignment (``window_size=(-1, 0)`` is causal
 
 INTERIM IMPLEMENTATION. The packed path's math lives in :func:`_varlen_forward` / :func:`_varlen_backward` and, until
 the VARLEN kernel of kernels/attention.py exists, runs one dense attention launch per sequence on views of the packed
-tensors (``fastattn::attention``, bottom-right causal through its causal offset, exactly what
-``torch.nn.attention.bias.causal_lower_right`` gives ``fastattn.attention``). No padding is materialised, but the
-offsets are read on the host (a device sync on CUDA) and the launches are N times the one a varlen kernel needs.
-Windows with a left bound, softcap, ALiBi and sinks have no kernel on this path yet: they run the eager reference
-(:func:`fastattn.reference.varlen_attn`) with a one-time ``FallbackWarning``. The replacement swaps the two
-functions' bodies for the launchers ``fastattn.ops.attention.varlen_forward`` / ``varlen_backward``; the op, its
-schema, its checks and the tests stay.
+tensors (``fastattn::attention``). A window with no left bound is a causal offset there (``(-1, 0)`` is exactly what
+``torch.nn.attention.bias.causal_lower_right`` gives ``fastattn.attention``); one with a left bound is the
+sequence's boolean ``(Lq_b, N_b)`` mask (the kernel's own window once ``fastattn.attention`` takes ``window_size``,
+:data:`KERNEL_WINDOW`). No padding is materialised, but the offsets are read on the host (a device sync on CUDA)
+and the launches are N times the one a varlen kernel needs. Softcap, ALiBi and sinks have no kernel on this path
+yet: they run the eager reference (:func:`fastattn.reference.varlen_attn`) with a one-time ``FallbackWarning``. The
+replacement swaps the two functions' bodies for the launchers ``fastattn.ops.attention.varlen_forward`` /
+``varlen_backward``; the op, its schema, its checks and the tests stay.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 from typing import NamedTuple
@@ -49,6 +51,9 @@ FORWARD_KERNELS = attn_ops.FORWARD_KERNELS
 BACKWARD_KERNELS = attn_ops.BACKWARD_KERNELS
 PAGED_KERNELS = kv_ops.FORWARD_KERNELS  # seqused_k / block_table (forward only)
 MIN_PAGE = 16  # the KV-cache kernels take pages of a multiple of 16 positions
+# Whether fastattn's attention kernel takes a window itself (fastattn.attention has window_size=, the attention-v2
+# issue); before that a window with a left bound runs as a boolean mask. The SDPA backend's dense path shares it.
+KERNEL_WINDOW = "window_size" in inspect.signature(attn_ops.attention).parameters
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,7 +216,7 @@ def check_offsets(query: Tensor, key: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def kernel_reason(query: Tensor, key: Tensor, value: Tensor, window: tuple[int, int], softcap: float = 0.0,
+def kernel_reason(query: Tensor, key: Tensor, value: Tensor, softcap: float = 0.0,
                   alibi_slopes: Tensor | None = None, sinks: Tensor | None = None,
                   block_table: Tensor | None = None, seqused_k: Tensor | None = None,
                   num_splits: int | None = None) -> str | None:
@@ -226,9 +231,8 @@ def kernel_reason(query: Tensor, key: Tensor, value: Tensor, window: tuple[int, 
                                 block_table, num_splits or 0)[0]
     reason = attn_ops.fused_reason(query, query.size(-1), value.size(-1))
     if reason is None:  # INTERIM: what the per-sequence dense launches cannot express
-        missing = [name for name, on in (("a window with a left bound", window[0] >= 0), ("softcap", softcap > 0),
-                                         ("alibi_slopes", alibi_slopes is not None), ("sinks", sinks is not None))
-                   if on]
+        missing = [name for name, on in (("softcap", softcap > 0), ("alibi_slopes", alibi_slopes is not None),
+                                         ("sinks", sinks is not None)) if on]
         if missing:
             reason = f"{', '.join(missing)} on packed sequences need the varlen kernel (not there yet)"
     return reason
@@ -237,6 +241,33 @@ def kernel_reason(query: Tensor, key: Tensor, value: Tensor, window: tuple[int, 
 # ---------------------------------------------------------------------------------------------------------------
 # the math. INTERIM: one dense launch per sequence, until kernels/attention.py has its VARLEN path
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def window_mask(M: int, N: int, window: tuple[int, int], device: torch.device) -> Tensor | None:
+    """flash's window as a boolean ``(1, 1, M, N)`` mask (None without one): key j for query i iff ``i + N - M -
+    left <= j <= i + N - M + right``, a negative bound unbounded."""
+    left, right = window
+    if left < 0 and right < 0:
+        return None
+    d = torch.arange(N, device=device)[None, :] - torch.arange(M, device=device)[:, None] - (N - M)
+    keep = torch.ones(M, N, dtype=torch.bool, device=device)
+    if left >= 0:
+        keep &= d >= -left
+    if right >= 0:
+        keep &= d <= right
+    return keep[None, None]
+
+
+def _block_args(M: int, N: int, window: tuple[int, int], device: torch.device) -> tuple:
+    """``fastattn::attention``'s (mask, is_causal, causal_offset) and trailing window arguments for one sequence of
+    M queries and N keys under flash's bottom-right ``window``: the kernel's own window where it has one, a causal
+    offset for a window with no left bound, else the boolean mask."""
+    left, right = window
+    if KERNEL_WINDOW:
+        return None, False, 0, (left, right, 0.0, None, None)
+    if left < 0:
+        return None, right >= 0, N - M + max(right, 0), ()
+    return window_mask(M, N, window, device), False, 0, ()
 
 
 def _heads(t: Tensor, start: int, stop: int) -> Tensor:
@@ -254,18 +285,17 @@ def _varlen_forward(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor,
                     alibi_slopes: Tensor | None, sinks: Tensor | None, dropout_p: float,
                     seed: Tensor | None) -> tuple[Tensor, Tensor]:
     """``out (T_q, H, DV)``, ``lse (H, T_q)`` of the packed sequences. INTERIM: per sequence ``fastattn::attention``
-    on views, bottom-right causal with the window's right bound as the causal offset (a window with no left
-    bound); the public function sends everything else to the reference."""
-    if window_left >= 0 or softcap > 0 or alibi_slopes is not None or sinks is not None:
-        raise NotImplementedError("varlen: left windows, softcap, ALiBi and sinks need the varlen kernel")
+    on views (:func:`_block_args`); the public function sends softcap, ALiBi and sinks to the reference."""
+    if softcap > 0 or alibi_slopes is not None or sinks is not None:
+        raise NotImplementedError("varlen: softcap, ALiBi and sinks need the varlen kernel")
     T_q, H, _ = query.shape
     out = query.new_zeros((T_q, H, value.size(-1)))
     lse = torch.full((H, T_q), float("-inf"), dtype=stat_dtype(query.dtype), device=query.device)
     for b, (q0, q1, k0, k1) in enumerate(_segments(cu_seq_q, cu_seq_k)):
         if q1 > q0:
-            o4, l4 = attn_ops.attention_op(_heads(query, q0, q1), _heads(key, k0, k1), _heads(value, k0, k1), None,
-                                           dropout_p, _seed(seed, b), window_right >= 0,
-                                           (k1 - k0) - (q1 - q0) + max(window_right, 0), scale)
+            mask, causal, offset, extra = _block_args(q1 - q0, k1 - k0, (window_left, window_right), query.device)
+            o4, l4 = attn_ops.attention_op(_heads(query, q0, q1), _heads(key, k0, k1), _heads(value, k0, k1), mask,
+                                           dropout_p, _seed(seed, b), causal, offset, scale, *extra)
             out[q0:q1], lse[:, q0:q1] = o4[0].transpose(0, 1), l4[0]
     return out, lse
 
@@ -280,11 +310,12 @@ def _varlen_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor
     dq, dk, dv = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (query, key, value))
     for b, (q0, q1, k0, k1) in enumerate(_segments(cu_seq_q, cu_seq_k)):
         if q1 > q0 and k1 > k0:
+            mask, causal, offset, extra = _block_args(q1 - q0, k1 - k0, (window_left, window_right), query.device)
             dlse = grad_lse[None, :, q0:q1].contiguous() if grad_lse is not None else None
             g = attn_ops.attention_backward_op(
                 _heads(grad_out, q0, q1), _heads(query, q0, q1), _heads(key, k0, k1), _heads(value, k0, k1),
-                _heads(out, q0, q1), lse[None, :, q0:q1].contiguous(), dlse, None, dropout_p, _seed(seed, b),
-                window_right >= 0, (k1 - k0) - (q1 - q0) + max(window_right, 0), scale, False)
+                _heads(out, q0, q1), lse[None, :, q0:q1].contiguous(), dlse, mask, dropout_p, _seed(seed, b), causal,
+                offset, scale, False, *extra)
             dq[q0:q1], dk[k0:k1], dv[k0:k1] = (t[0].transpose(0, 1) for t in g[:3])
     return dq, dk, dv, query.new_zeros((0,))
 
@@ -345,6 +376,8 @@ def varlen_attention_op(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Ten
     if _host_values_ok(cu_seq_q):
         check_offsets(query, key, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k, block_table)
     if seqused_k is not None:
+        if dropout_p > 0.0:
+            raise ValueError(f"fastattn.{_OP}: seqused_k and block_table are inference only: no dropout_p")
         return _cache_forward(query, key, value, cu_seq_q, cu_seq_k, seqused_k, block_table, alibi_slopes, scale,
                               window_left, window_right, softcap, num_splits)
     return _varlen_forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_left, window_right,
@@ -464,8 +497,7 @@ def varlen_attn(
             raise RuntimeError(f"fastattn.{_OP}: seqused_k and block_table are inference-only parameters (as in "
                                "torch): call under torch.no_grad() or torch.inference_mode()")
     sm_scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else float(scale)
-    reason = kernel_reason(query, key, value, (left, right), softcap, alibi_slopes, sinks, block_table, seqused_k,
-                           num_splits)
+    reason = kernel_reason(query, key, value, softcap, alibi_slopes, sinks, block_table, seqused_k, num_splits)
     want_lse = return_aux is not None and return_aux.lse
     if reason is not None:
         _runtime.warn_fallback(_OP, reason)
