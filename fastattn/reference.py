@@ -211,7 +211,7 @@ def varlen_rows(cu_seqlens: Tensor, max_len: int, total: int, used: Tensor | Non
     return torch.where(valid, (starts + pos).clamp(0, total), total), valid
 
 
-def _pad_rows(t: Tensor, rows: Tensor) -> Tensor:
+def pad_rows(t: Tensor, rows: Tensor) -> Tensor:
     """``t (T, ...)`` gathered at ``rows (N, L)`` (row T: zeros) -> ``(N, L, ...)``."""
     ext = torch.cat([t, t.new_zeros((1, *t.shape[1:]))])
     return ext[rows]
@@ -256,9 +256,9 @@ def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_
     else:
         rows_k, valid_k = varlen_rows(cu_seq_k, max_k, key.size(0), seqused_k)
         keys, values = key, value
-    q = _pad_rows(query, rows_q).transpose(1, 2)  # (N, H, max_q, D)
-    k = _pad_rows(keys, rows_k).transpose(1, 2).repeat_interleave(H // Hkv, 1)  # (N, H, max_k, D)
-    v = _pad_rows(values, rows_k).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+    q = pad_rows(query, rows_q).transpose(1, 2)  # (N, H, max_q, D)
+    k = pad_rows(keys, rows_k).transpose(1, 2).repeat_interleave(H // Hkv, 1)  # (N, H, max_k, D)
+    v = pad_rows(values, rows_k).transpose(1, 2).repeat_interleave(H // Hkv, 1)
     x = (q.to(ct) @ k.to(ct).mT) * sc  # (N, H, max_q, max_k)
     lens_q, lens_k = valid_q.sum(1), valid_k.sum(1)
     diag = (torch.arange(max_q, device=query.device) + (lens_k - lens_q)[:, None])[:, None, :, None]
