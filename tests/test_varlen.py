@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 from harness import three_way
+from test_gradcheck import no_slow_mode_rerun  # noqa: F401 (a fixture)
 
 import fastattn
 from fastattn import _runtime, reference
@@ -363,6 +364,21 @@ def test_torch_compile_fullgraph():
     assert torch.equal(loss, want)
     for a, b in ((q, q2), (k, k2), (v, v2)):
         assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.usefixtures("no_slow_mode_rerun")
+def test_gradcheck_float64_through_the_kernels():
+    """torch.autograd.gradcheck in float64 (the interpreter runs the kernels in float64): out and lse, every input,
+    ragged lengths with a 0, causal, GQA."""
+    case = Packed([3, 0, 4], [5, 1, 4], H=2, Hkv=1, D=8)
+    q, k, v, *rest = case.args(torch.float64)
+
+    def f(q, k, v):
+        return fastattn.varlen_attn(q, k, v, *rest, window_size=(-1, 0), enable_gqa=True, return_aux=LSE)
+
+    with fastattn.record_launches() as launches:
+        assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+    assert launches["_attn_fwd"] > 0 and launches["_attn_bwd_dq"] > 0
 
 
 def _args():
