@@ -185,8 +185,9 @@ def test_gqa(H, Hkv):
     check(Packed([9, 30, 2], [12, 30, 7], H=H, Hkv=Hkv, D=16), torch.bfloat16, window_size=(-1, 0))
 
 
-@pytest.mark.parametrize("window", [(-1, 3), (-5, 0), (4, 0), (2, 2), (30, 30)],
-                         ids=["right-only", "negative-left", "sliding", "band", "wider-than-every-sequence"])
+@pytest.mark.parametrize("window", [(-1, 3), (-5, 0), (4, 0), (2, 2), (0, 0), (0, -1), (30, 30)],
+                         ids=["right-only", "negative-left", "sliding", "band", "diagonal", "diagonal-and-after",
+                              "wider-than-every-sequence"])
 def test_window(window):
     """flash's windows, bottom-right per sequence, in the kernels (INTERIM: a causal offset without a left bound,
     else each sequence's own boolean mask)."""
