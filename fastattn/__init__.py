@@ -18,6 +18,7 @@ from fastattn.ops.kvcache import attention_with_kvcache
 from fastattn.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from fastattn.ops.merge_attention import merge_attention
 from fastattn.ops.patch_embed import patch_embed
+from fastattn.ops.varlen import AuxRequest, varlen_attn
 from fastattn.patching import PatchEntry, PatchReport, patch, patch_report, unpatch
 from fastattn.sdpa_backend import register_sdpa_backend
 
@@ -35,6 +36,7 @@ def __getattr__(name: str):
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuxRequest",
     "FallbackWarning",
     "PatchEntry",
     "PatchReport",
@@ -56,4 +58,5 @@ __all__ = [
     "rms_norm",
     "scaled_dot_product_attention",
     "unpatch",
+    "varlen_attn",
 ]

@@ -123,6 +123,36 @@ def kvcache_append(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache
     v_cache[index] = v
 
 
+def _modified_softmax(x: Tensor, diag: Tensor, j: Tensor, visible: Tensor, *, softcap: float = 0.0,
+                      slopes: Tensor | None = None, left: int = -1, right: int = -1,
+                      sinks: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The score modifiers and the softmax of flash-attention's conventions, on scaled scores ``x (..., H, Lq, C)``:
+    ``x = softcap tanh(x / softcap)``, then ALiBi ``x -= slope |diag - j|``; key j is visible from a query whose
+    diagonal key is ``diag`` iff ``visible`` and ``diag - left <= j <= diag + right`` (a negative bound unbounded).
+    ``sinks (H,)``: one logit per head that joins every row's denominator and attends to nothing. Returns the
+    probabilities ``p`` (0 where not visible) and the rows' log-sum-exp (the sink included; -inf for a row with
+    neither a visible key nor a sink, whose p is all 0). ``diag``, ``j``, ``visible`` and ``slopes (..., H, 1, 1)``
+    broadcast against ``x``."""
+    if softcap > 0:
+        x = softcap * torch.tanh(x / softcap)
+    if slopes is not None:
+        x = x - slopes.to(x.dtype) * (diag - j).abs().to(x.dtype)
+    if left >= 0:
+        visible = visible & (j >= diag - left)
+    if right >= 0:
+        visible = visible & (j <= diag + right)
+    x = x.masked_fill(~visible, float("-inf"))
+    if sinks is not None:  # the sink as one more column that is always visible
+        x = torch.cat([x, sinks.to(x.dtype)[:, None, None].expand(*x.shape[:-1], 1)], dim=-1)
+    row_max = x.amax(-1, keepdim=True) if x.size(-1) else x.new_full((*x.shape[:-1], 1), float("-inf"))
+    empty = row_max == float("-inf")
+    e = (x - torch.where(empty, 0.0, row_max)).exp()
+    den = e.sum(-1, keepdim=True)
+    p = e / torch.where(empty, 1.0, den)
+    lse = torch.where(empty, row_max, row_max + den.log()).squeeze(-1)
+    return (p[..., :-1] if sinks is not None else p), lse
+
+
 def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tensor | None = None,
                            v: Tensor | None = None, *, cache_seqlens: Tensor | int, block_table: Tensor | None = None,
                            scale: float | None = None, is_causal: bool = False,
@@ -152,31 +182,108 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Tenso
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     sc = 1.0 / math.sqrt(D) if scale is None else scale
     x = (q.transpose(1, 2).to(ct) @ keys.to(ct).mT) * sc  # (B, H, Lq, C)
-    if softcap > 0:
-        x = softcap * torch.tanh(x / softcap)
-    N = (lens.long() + (0 if k is None else k.size(1)))[:, None, None]  # (B, 1, 1)
-    i = torch.arange(Lq, device=q.device)[None, :, None] + N - Lq  # (B, Lq, 1): the query's diagonal key
-    j = torch.arange(capacity, device=q.device)[None, None, :]
-    if alibi_slopes is not None:
-        slopes = alibi_slopes.expand(B, H).to(ct)
-        x = x - slopes[:, :, None, None] * (i - j).abs()[:, None].to(ct)
+    N = (lens.long() + (0 if k is None else k.size(1)))[:, None, None, None]  # (B, 1, 1, 1)
+    i = torch.arange(Lq, device=q.device)[:, None] + N - Lq  # (B, 1, Lq, 1): the query's diagonal key
+    j = torch.arange(capacity, device=q.device)
+    slopes = alibi_slopes.expand(B, H)[:, :, None, None] if alibi_slopes is not None else None
     left, right = window_size
     if is_causal:
         right = 0 if right < 0 else min(right, 0)
-    visible = j < N
-    if left >= 0:
-        visible = visible & (j >= i - left)
-    if right >= 0:
-        visible = visible & (j <= i + right)
-    x = x.masked_fill(~visible[:, None], float("-inf"))
-    row_max = x.amax(-1, keepdim=True) if capacity else x.new_full((*x.shape[:-1], 1), float("-inf"))
-    empty = row_max == float("-inf")
-    e = (x - torch.where(empty, 0.0, row_max)).exp()
-    den = e.sum(-1, keepdim=True)
-    p = e / torch.where(empty, 1.0, den)
+    p, lse = _modified_softmax(x, i, j, j < N, softcap=softcap, slopes=slopes, left=left, right=right)
     out = (p.to(values.dtype) @ values).transpose(1, 2).to(q.dtype)  # (B, Lq, H, DV)
-    lse = torch.where(empty, row_max, row_max + den.log()).squeeze(-1)  # (B, H, Lq)
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# varlen_attn (packed variable-length sequences)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def varlen_rows(cu_seqlens: Tensor, max_len: int, total: int, used: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """For a padded ``(N, max_len)`` batch of the packed sequences that ``cu_seqlens (N + 1,)`` delimits in a
+    tensor of ``total`` rows: the packed row of each (sequence, position), and whether it is one of the sequence's
+    rows (its first ``used[b]`` when given). Padding positions index row ``total``, one past the end (a zero row
+    the caller appends), so nothing is read on the host."""
+    pos = torch.arange(max_len, device=cu_seqlens.device)
+    starts = cu_seqlens[:-1].long()[:, None]
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long() if used is None else used.long()
+    valid = pos < lens[:, None]
+    return torch.where(valid, (starts + pos).clamp(0, total), total), valid
+
+
+def pad_rows(t: Tensor, rows: Tensor) -> Tensor:
+    """``t (T, ...)`` gathered at ``rows (N, L)`` (row T: zeros) -> ``(N, L, ...)``."""
+    ext = torch.cat([t, t.new_zeros((1, *t.shape[1:]))])
+    return ext[rows]
+
+
+def varlen_attn(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor | None, max_q: int,
+                max_k: int, *, return_aux=None, scale: float | None = None, window_size: tuple[int, int] = (-1, -1),
+                enable_gqa: bool = False, seqused_k: Tensor | None = None, block_table: Tensor | None = None,
+                num_splits: int | None = None, softcap: float = 0.0, alibi_slopes: Tensor | None = None,
+                sinks: Tensor | None = None, dropout_p: float = 0.0,
+                dropout_mask: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """``fastattn.varlen_attn`` in eager torch: each packed sequence attends to its own keys only.
+
+    Sequence b has the queries ``query[cu_seq_q[b]:cu_seq_q[b + 1]]`` (``Lq_b`` rows) and the keys
+    ``key[cu_seq_k[b]:cu_seq_k[b + 1]]`` (``N_b``; with ``seqused_k`` only the first ``seqused_k[b]`` of them, and
+    with ``block_table`` the first ``seqused_k[b]`` positions of its pages of a paged ``key (pages, page_size, H_kv,
+    D)``). Scores ``x = scale q . k`` (fp32, or float64 for float64 inputs), ``x = softcap tanh(x / softcap)``,
+    ``x -= slope_h |i + N_b - Lq_b - j|``; key j visible from query i iff ``i + N_b - Lq_b - left <= j <= i + N_b -
+    Lq_b + right`` (``window_size = (left, right)``, negative = unbounded: ``(-1, 0)`` is causal, bottom-right
+    aligned); ``sinks (H,)`` join every row's denominator; softmax; dropout (``dropout_mask``, bool ``(N, H, max_q,
+    max_k)`` over the padded positions, replays a kernel's mask); the probabilities cast to value's dtype before
+    ``p @ v``. Returns ``out (T_q, H, DV)`` and, with ``return_aux.lse``, ``lse (H, T_q)`` in fp32 (float64 for
+    float64), natural log, as torch's ``varlen_attn`` returns it. A row with no visible key gives 0 and lse -inf (the
+    sink's logit where there are sinks); rows past ``cu_seq_q[-1]`` give 0 and -inf.
+
+    The sequences are gathered into a padded ``(N, H, max_q, max_k)`` batch by index arithmetic on the device: no
+    host sync (it runs on FakeTensors and under CUDA graphs), and the padding is masked, never attended."""
+    T_q, H, D = query.shape
+    N = cu_seq_q.numel() - 1
+    Hkv = key.size(-2)
+    ct = torch.float64 if query.dtype == torch.float64 else torch.float32
+    sc = 1.0 / math.sqrt(D) if scale is None else scale
+    rows_q, valid_q = varlen_rows(cu_seq_q, max_q, T_q)
+    if block_table is not None:
+        page = key.size(1)
+        j = torch.arange(max_k, device=key.device)
+        pages = block_table.long().clamp(0, key.size(0) - 1).gather(1, (j // page).expand(N, max_k))
+        flat = key.size(0) * page
+        valid_k = j < seqused_k.long()[:, None]
+        rows_k = torch.where(valid_k, pages * page + j % page, flat)
+        keys, values = (t.reshape(flat, *t.shape[2:]) for t in (key, value))
+    else:
+        rows_k, valid_k = varlen_rows(cu_seq_k, max_k, key.size(0), seqused_k)
+        keys, values = key, value
+    q = pad_rows(query, rows_q).transpose(1, 2)  # (N, H, max_q, D)
+    k = pad_rows(keys, rows_k).transpose(1, 2).repeat_interleave(H // Hkv, 1)  # (N, H, max_k, D)
+    v = pad_rows(values, rows_k).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+    x = (q.to(ct) @ k.to(ct).mT) * sc  # (N, H, max_q, max_k)
+    lens_q, lens_k = valid_q.sum(1), valid_k.sum(1)
+    diag = (torch.arange(max_q, device=query.device) + (lens_k - lens_q)[:, None])[:, None, :, None]
+    j = torch.arange(max_k, device=query.device)
+    visible = valid_q[:, None, :, None] & valid_k[:, None, None, :]
+    slopes = alibi_slopes.expand(N, H)[:, :, None, None] if alibi_slopes is not None else None
+    left, right = (int(w) for w in window_size)
+    p, lse = _modified_softmax(x, diag, j, visible, softcap=softcap, slopes=slopes, left=left, right=right,
+                               sinks=sinks)
+    lse = torch.where(valid_q[:, None, :], lse, float("-inf"))  # padding rows, sinks or not
+    if dropout_mask is not None:
+        p = p * dropout_mask / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        p = F.dropout(p, dropout_p)
+    o = (p.to(v.dtype) @ v).to(query.dtype)  # (N, H, max_q, DV)
+    # back to the packed rows: row t of sequence b at position t - cu_seq_q[b]; rows past the last sequence read
+    # the appended zero / -inf row
+    t = torch.arange(T_q, device=query.device)
+    seq = torch.searchsorted(cu_seq_q[1:].long(), t, right=True).clamp(max=N)
+    pos = t - cu_seq_q.long()[seq.clamp(max=max(N - 1, 0))] if N else t
+    flat = torch.where((seq < N) & (pos < max_q), seq * max_q + pos, N * max_q)
+    out = torch.cat([o.transpose(1, 2).reshape(N * max_q, H, -1), o.new_zeros(1, H, o.size(-1))])[flat]
+    lse_rows = torch.cat([lse.transpose(1, 2).reshape(N * max_q, H), lse.new_full((1, H), float("-inf"))])
+    lse = lse_rows[flat].transpose(0, 1)  # (H, T_q)
+    return (out, lse) if return_aux is not None and return_aux.lse else out
 
 
 # ---------------------------------------------------------------------------------------------------------------

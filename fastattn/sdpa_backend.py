@@ -25,31 +25,31 @@ the query's run the kernel's GQA; dropout is drawn in the kernel from a seed tha
 backward; the log-sum-exp is float32 ``(B, H, Lq)`` (packed: ``(H, total_q)``), natural log, as torch's flash
 returns it.
 
-Not served (``NotImplementedError``, naming the argument): ``return_debug_mask``, ``seqused_k``, ``block_table``
-(paged KV), ``alibi_slopes``, dropout with packed sequences or in ``_for_cpu`` (which has no ``rng_state`` for the
-backward to replay it). Packed sequences run one dense kernel launch per sequence, with a one-time
-``FallbackWarning``, until fastattn has a varlen kernel (issue 15). ``num_splits`` is a performance hint and ignored.
+Packed sequences run ``fastattn::varlen_attention`` (:mod:`fastattn.ops.varlen`, as ``fastattn.varlen_attn``),
+dropout included; with ``seqused_k`` or a paged ``block_table`` (forward only) its KV-cache path, where
+``num_splits`` is the split-KV count (a hint elsewhere, ignored). Not served (``NotImplementedError``, naming the
+argument): ``return_debug_mask``, ``alibi_slopes`` (torch's flash backward has no slopes to differentiate
+through), ``seqused_k`` / ``block_table`` on dense ``(B, L, H, D)`` tensors, dropout in ``_for_cpu`` (which has no
+``rng_state`` for the backward to replay it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 import warnings
 
 import torch
 from torch import Tensor
 
-from fastattn import _runtime
+from fastattn.ops import varlen as varlen_ops
 from fastattn.ops._common import draw_seed
-from fastattn.ops.attention import attention, attention_backward_op, attention_op
+from fastattn.ops.attention import attention_backward_op, attention_op
+from fastattn.ops.varlen import KERNEL_WINDOW, window_mask
 
 NAME = "fastattn"
-# Whether fastattn's kernel takes a window itself (fastattn.attention has window_size=, the attention-v2 issue);
-# before that a window runs as a boolean mask.
-KERNEL_WINDOW = "window_size" in inspect.signature(attention).parameters
+
 
 
 @dataclasses.dataclass
@@ -74,21 +74,6 @@ def _unsupported(op: str, **args) -> None:
 
 def _window(left: int | None, right: int | None) -> tuple[int, int]:
     return (-1 if left is None or left < 0 else int(left), -1 if right is None or right < 0 else int(right))
-
-
-def _window_mask(M: int, N: int, window: tuple[int, int], device: torch.device) -> Tensor | None:
-    """flash's window as a boolean (M, N) mask (None without one): key j for query i iff ``i + N - M - left <= j <=
-    i + N - M + right``."""
-    left, right = window
-    if left < 0 and right < 0:
-        return None
-    d = torch.arange(N, device=device)[None, :] - torch.arange(M, device=device)[:, None] - (N - M)
-    keep = torch.ones(M, N, dtype=torch.bool, device=device)
-    if left >= 0:
-        keep &= d >= -left
-    if right >= 0:
-        keep &= d <= right
-    return keep[None, None]
 
 
 def _mask4(mask: Tensor | None) -> Tensor | None:
@@ -119,7 +104,7 @@ def _window_args(q4: Tensor, k4: Tensor, window: tuple[int, int]) -> tuple[Tenso
     and sinks, all off), else a boolean mask."""
     if KERNEL_WINDOW:
         return None, (*window, 0.0, None, None)
-    return _window_mask(q4.shape[2], k4.shape[2], window, q4.device), ()
+    return window_mask(q4.shape[2], k4.shape[2], window, q4.device), ()
 
 
 def _dense_forward(q4: Tensor, k4: Tensor, v4: Tensor, dropout_p: float, causal: bool, offset: int,
@@ -152,19 +137,14 @@ def _laid_out(t: Tensor, like: Tensor | None = None, permutation: tuple[int, ...
     return torch.empty_strided(t.shape, want, dtype=t.dtype, device=t.device).copy_(t)
 
 
+def _packed_window(window: tuple[int, int], is_causal: bool) -> tuple[int, int]:
+    """flash's window with its causal flag folded in (causal: the right bound is 0), as fastattn.varlen_attn takes
+    it."""
+    return (window[0], 0) if is_causal else window
+
+
 def _bhsd(t: Tensor) -> Tensor:
     return t.transpose(1, 2)  # (B, L, H, D) <-> (B, H, L, D), a view
-
-
-def _segments(cum_q: Tensor, cum_k: Tensor) -> list[tuple[int, int, int, int]]:
-    q, k = cum_q.tolist(), cum_k.tolist()
-    return [(q[i], q[i + 1], k[i], k[i + 1]) for i in range(len(q) - 1)]
-
-
-def _varlen_warn() -> None:
-    _runtime.warn_fallback("register_sdpa_backend (varlen)", "packed sequences (cum_seq_q / cum_seq_k) run one "
-                                                             "dense kernel launch per sequence until fastattn has a "
-                                                             "varlen kernel (issue 15)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,30 +158,23 @@ def _flash_forward(query: Tensor, key: Tensor, value: Tensor, cum_seq_q: Tensor 
                    window_size_right: int | None = None, seqused_k: Tensor | None = None,
                    alibi_slopes: Tensor | None = None, block_table: Tensor | None = None,
                    num_splits: int | None = None):
-    _unsupported("_flash_attention_forward", return_debug_mask=return_debug_mask, seqused_k=seqused_k,
-                 alibi_slopes=alibi_slopes, block_table=block_table)
+    _unsupported("_flash_attention_forward", return_debug_mask=return_debug_mask, alibi_slopes=alibi_slopes)
     window = _window(window_size_left, window_size_right)
     debug = torch.empty(0, dtype=query.dtype, device=query.device)
     offset_state = torch.zeros((), dtype=torch.uint64, device=query.device)
+    seed = draw_seed(dropout_p)
     if cum_seq_q is None:  # dense (B, L, H, D)
-        seed = draw_seed(dropout_p)
+        _unsupported("_flash_attention_forward (dense tensors)", seqused_k=seqused_k, block_table=block_table)
         out4, lse = _dense_forward(_bhsd(query), _bhsd(key), _bhsd(value), dropout_p, is_causal,
                                    key.shape[1] - query.shape[1], scale, window, seed)
         return _laid_out(_bhsd(out4), query), lse, _rng_state(seed, query.device), offset_state, debug
-    if cum_seq_k is None or dropout_p > 0.0:
+    if cum_seq_k is None and block_table is None:
         raise NotImplementedError("fastattn SDPA backend (_flash_attention_forward): packed sequences need cum_seq_k "
-                                  "and dropout_p=0")
-    _varlen_warn()
-    out = torch.empty_like(query) if value.shape[-1] == query.shape[-1] else query.new_empty(
-        (*query.shape[:-1], value.shape[-1]))
-    lse = torch.empty((query.shape[1], query.shape[0]), dtype=torch.float32, device=query.device)
-    for q0, q1, k0, k1 in _segments(cum_seq_q, cum_seq_k):  # (L, H, D) -> (1, H, L, D)
-        o4, l4 = _dense_forward(query[q0:q1].transpose(0, 1)[None], key[k0:k1].transpose(0, 1)[None],
-                                value[k0:k1].transpose(0, 1)[None], 0.0, is_causal, (k1 - k0) - (q1 - q0), scale,
-                                window, None)
-        out[q0:q1] = o4[0].transpose(0, 1)
-        lse[:, q0:q1] = l4[0]
-    return out, lse, _rng_state(None, query.device), offset_state, debug
+                                  "(or a block_table)")
+    out, lse = varlen_ops.varlen_attention_op(
+        query, key, value, cum_seq_q, cum_seq_k, seqused_k, block_table, None, None, seed, max_q, max_k,
+        _scale(scale, query.shape[-1]), *_packed_window(window, is_causal), 0.0, float(dropout_p), num_splits or 0)
+    return _laid_out(out, query), lse, _rng_state(seed, query.device), offset_state, debug
 
 
 def _flash_forward_inplace(out: Tensor, query: Tensor, key: Tensor, value: Tensor, cum_seq_q: Tensor | None,
@@ -223,19 +196,11 @@ def _flash_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor,
                                      dropout_p, is_causal, key.shape[1] - query.shape[1], scale, window,
                                      _seed(rng_state, dropout_p))
         return _laid_out(_bhsd(dq), query), _laid_out(_bhsd(dk), key), _laid_out(_bhsd(dv), value)
-    if dropout_p > 0.0:
-        raise NotImplementedError("fastattn SDPA backend (_flash_attention_backward): packed sequences with dropout")
-    _varlen_warn()
-    dq, dk, dv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
-    for q0, q1, k0, k1 in _segments(cum_seq_q, cum_seq_k):
-        def seq(t: Tensor, a: int, b: int) -> Tensor:
-            return t[a:b].transpose(0, 1)[None]
-
-        g = _dense_backward(seq(grad_out, q0, q1), seq(query, q0, q1), seq(key, k0, k1), seq(value, k0, k1),
-                            seq(out, q0, q1), logsumexp[None, :, q0:q1], 0.0, is_causal, (k1 - k0) - (q1 - q0), scale,
-                            window, None)
-        dq[q0:q1], dk[k0:k1], dv[k0:k1] = (t[0].transpose(0, 1) for t in g)
-    return dq, dk, dv
+    dq, dk, dv, _ = varlen_ops.varlen_attention_backward_op(
+        grad_out, query, key, value, out, logsumexp, None, cum_seq_q, cum_seq_k, None, None,
+        _seed(rng_state, dropout_p), max_q, max_k, _scale(scale, query.shape[-1]), *_packed_window(window, is_causal),
+        0.0, float(dropout_p))
+    return _laid_out(dq, query), _laid_out(dk, key), _laid_out(dv, value)
 
 
 def _sdpa_flash(query: Tensor, key: Tensor, value: Tensor, dropout_p: float = 0.0, is_causal: bool = False,

@@ -42,7 +42,7 @@ UNIT_ROUNDOFF = {
 
 __all__ = ["UNIT_ROUNDOFF", "assert_close_to_reference", "attention_floors", "batch_norm_floors", "blocked_terms",
            "kvcache_floors", "max_err", "merge_floors", "norm_floors", "patch_embed_floors", "ring_attention_floors",
-           "rule_bound", "tree_sum_terms"]
+           "rule_bound", "tree_sum_terms", "varlen_floors"]
 
 
 def max_err(x: Tensor, ref: Tensor) -> float:
@@ -221,6 +221,45 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
         count = g.numel() // max(attn_mask.numel(), 1)
         floors["dmask"] = _top(_sum_to(g + count * u * ds.abs(), tuple(attn_mask.shape)))
     return floors
+
+
+def varlen_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, *,
+                  dtype: torch.dtype, window_size: tuple[int, int] = (-1, -1), scale: float | None = None,
+                  grad_lse: Tensor | None = None, out: Tensor | None = None, dropout_p: float = 0.0,
+                  dropout_mask: Tensor | None = None) -> dict[str, float]:
+    """Floors of ``out``, ``lse``, ``dq``, ``dk``, ``dv`` of ``fastattn.varlen_attn`` on packed ``(T, H, D)`` tensors:
+    each sequence is an attention of its own (the kernels never mix two sequences' rows in a sum), so the floor is
+    the worst over the sequences of :func:`attention_floors` on that sequence, its bottom-right window given as
+    the causal offset (no left bound) or as the boolean mask of visible keys; ``grad_lse (H, T_q)``, ``out (T_q,
+    H, DV)`` (ours, measured), ``dropout_mask (N, H, max_q, max_k)`` as ``fastattn.reference.varlen_attn`` takes
+    them. Inputs are float64 tensors holding the values the low-precision run sees."""
+    q_off, k_off = cu_seq_q.tolist(), cu_seq_k.tolist()
+    left, right = window_size
+    worst: dict[str, float] = {}
+    for b in range(len(q_off) - 1):
+        (q0, q1), (k0, k1) = q_off[b: b + 2], k_off[b: b + 2]
+        M, N = q1 - q0, k1 - k0
+        if M == 0:
+            continue
+
+        def heads(t: Tensor, a: int, z: int) -> Tensor:
+            return t[a:z].transpose(0, 1)
+
+        extra: dict = {}
+        if left >= 0:  # flash's window: key j for query i iff -left <= j - i - (N - M) <= right
+            d = torch.arange(N)[None, :] - torch.arange(M)[:, None] - (N - M)
+            extra["attn_mask"] = (d >= -left) & ((d <= right) if right >= 0 else True)
+        elif right >= 0:
+            extra.update(is_causal=True, causal_offset=N - M + right)
+        if dropout_mask is not None:
+            extra["dropout_mask"] = dropout_mask[b, :, :M, :N]
+        f = attention_floors(heads(query, q0, q1), heads(key, k0, k1), heads(value, k0, k1),
+                             heads(grad_out, q0, q1), dtype=dtype, scale=scale,
+                             enable_gqa=query.size(1) != key.size(1), dropout_p=dropout_p,
+                             grad_lse=grad_lse[:, q0:q1] if grad_lse is not None else None,
+                             out=heads(out, q0, q1) if out is not None else None, **extra)
+        worst = {name: max(worst.get(name, 0.0), v) for name, v in f.items()}
+    return worst
 
 
 # ---------------------------------------------------------------------------------------------------------------

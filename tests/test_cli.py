@@ -57,7 +57,7 @@ def test_every_op_has_benchmark_cases():
     # the units the issue asks for: GEMMs in TFLOP/s, memory-bound ops in GB/s
     assert {op: cases.get(op, "gpu")[0].work("fwd", torch.float16)[1] for op in OPS} == {
         "attention": "TFLOP/s", "patch_embed": "TFLOP/s", "layer_norm": "GB/s", "batch_norm": "GB/s",
-        "merge_attention": "GB/s", "kvcache": "GB/s"}
+        "merge_attention": "GB/s", "kvcache": "GB/s", "varlen": "TFLOP/s"}
 
 
 def test_inspect_json_and_dump(tmp_path):
@@ -188,7 +188,7 @@ def test_gpu_runner_rows_ratios_and_failures(monkeypatch, tmp_path):
     assert sorted(os.path.basename(p) for p in pngs) == ["attention_lm_tflops.png", "attention_speedup.png"]
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "patch_embed", "batch_norm", "merge_attention", "kvcache"])
+@pytest.mark.parametrize("op", ["layer_norm", "patch_embed", "batch_norm", "merge_attention", "kvcache", "varlen"])
 def test_gpu_runner_on_every_op(monkeypatch, op):
     _cpu_standin(monkeypatch)
     case = cases.get(op, "small")[0]
@@ -202,7 +202,7 @@ def test_gpu_runner_on_every_op(monkeypatch, op):
     for r in rows:
         work, unit = case.work(r["mode"], torch.float32)
         scale = 1e12 if unit == "TFLOP/s" else 1e9
-        assert r["unit"] == unit == ("TFLOP/s" if op == "patch_embed" else "GB/s")
+        assert r["unit"] == unit == ("TFLOP/s" if op in ("patch_embed", "varlen") else "GB/s")
         assert r["throughput"] == pytest.approx(work / (r["ms"] * 1e-3) / scale)
     if op == "patch_embed":  # forward 2*B*N*K*D; backward the dW GEMM (dimages not asked for here)
         d = case.dims

@@ -6,6 +6,7 @@ Tiny configs only: the fused models run the Triton kernels through the interpret
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -23,14 +24,18 @@ from modelcheck import (
     LN_BWD,
     PE,
     PE_BWD,
+    assert_kernels,
+    assert_step_close,
     compare_models,
     import_or_skip,
+    step_results,
 )
 from torch import nn
 from torch.nn.attention.bias import CausalBias, CausalVariant
 
 import fastattn
 from fastattn import models
+from fastattn.ops import varlen as varlen_ops
 
 
 def _pair(make):
@@ -54,6 +59,42 @@ def test_transformer_fused_matches_eager():
     src, tgt = torch.randint(3, 11, (2, 7)), torch.randint(3, 13, (2, 5))
     kw = {"src_padding_mask": _padding([7, 4], 7), "tgt_padding_mask": _padding([5, 3], 5)}
     compare_models(fused, eager, (src, tgt), kw, eval_kernels=ATTN + LN, train_kernels=ATTN + LN + ATTN_BWD + LN_BWD)
+
+
+def test_transformer_trains_on_packed_batches():
+    """A packed batch (sources of 7, 2 and 5 tokens, targets of 3, 6 and 1, back to back: no padding) through every
+    attention layer's varlen path (encoder self-attention, decoder causal self-attention and encoder-decoder
+    attention with cross lengths) against the padded batch: the fused model on the packed batch, the eager model and
+    its float64 copy on the padded one with padding masks. The logits at the real positions and every parameter
+    gradient (padding gets no gradient) follow the rule (tests/modelcheck.py), and the varlen kernels ran."""
+    eager, fused = _pair(_tiny_transformer)
+    src_len, tgt_len = [7, 2, 5], [3, 6, 1]
+    src, tgt = torch.randint(3, 11, (3, 7)), torch.randint(3, 13, (3, 6))
+    padded = {"src_padding_mask": _padding(src_len, 7), "tgt_padding_mask": _padding(tgt_len, 6)}
+    real = ~padded["tgt_padding_mask"]  # (B, T): the target positions that exist
+
+    def pack(tokens, lengths):
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        return torch.cat([t[:n] for t, n in zip(tokens, lengths)]).to(DEVICE), cu
+
+    (src_p, cu_src), (tgt_p, cu_tgt) = pack(src, src_len), pack(tgt, tgt_len)
+    packed = {"cu_seqlens_src": cu_src, "cu_seqlens_tgt": cu_tgt, "max_seqlen_src": 7, "max_seqlen_tgt": 6}
+    grad_out = torch.randn(sum(tgt_len), 13, dtype=torch.float64)
+    runs = {"ref": copy.deepcopy(eager).double(), "eager": eager, "ours": fused}
+    res = {}
+    for label, model in runs.items():
+        model.to(DEVICE).train()
+        with fastattn.record_launches() as launches:
+            if label == "ours":
+                out = model(src_p, tgt_p, **packed)
+                out.backward(grad_out.to(DEVICE, out.dtype))
+            else:
+                logits = model(src.to(DEVICE), tgt.to(DEVICE), **{k: m.to(DEVICE) for k, m in padded.items()})
+                out = logits[real.to(DEVICE)]  # (T_tgt, vocab): the packed rows' order
+                out.backward(grad_out.to(DEVICE, out.dtype))
+        res[label] = step_results(model, out)
+    assert_step_close(res["ours"], res["eager"], res["ref"], what="packed vs padded")
+    assert_kernels(launches, varlen_ops.FORWARD_KERNELS + varlen_ops.BACKWARD_KERNELS + LN + LN_BWD, "packed")
 
 
 def _greedy_without_cache(model: models.Transformer, src, max_len, pad=None):

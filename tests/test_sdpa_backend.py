@@ -5,6 +5,8 @@ torch's math SDPA in float32 and float64 under the rule of fastattn.testing (tes
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import fastattn
 from fastattn import reference
 from fastattn.ops import attention as attn_ops
+from fastattn.ops import varlen as varlen_ops
 from fastattn.testing import attention_floors
 
 attention_api = pytest.importorskip("torch.nn.attention")
@@ -129,20 +132,24 @@ def test_flash_dropout_seed_travels_in_rng_state(backend):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_varlen_attn_runs_per_sequence(backend):
-    """``torch.nn.attention.varlen.varlen_attn`` over packed sequences (lengths 3, 6, 1): one dense launch per
-    sequence, visibly; the log-sum-exp in flash's packed layout (H, total_q)."""
+def test_varlen_attn_runs_fastattns_varlen_op(backend):
+    """``torch.nn.attention.varlen.varlen_attn`` over packed sequences (lengths 3, 6, 1) runs
+    ``fastattn::varlen_attention`` (``fastattn.varlen_attn``'s kernels, no fallback), forward and backward; each
+    sequence's own causal attention; the log-sum-exp in flash's packed layout (H, total_q)."""
     from torch.nn.attention.varlen import AuxRequest, varlen_attn
 
     lengths = [3, 6, 1]
     cu = torch.tensor([0, 3, 9, 10], dtype=torch.int32)
     q, k, v = (torch.randn(10, 2, 8, requires_grad=True) for _ in range(3))
-    fastattn._runtime._warned.clear()
-    with pytest.warns(fastattn.FallbackWarning, match="per sequence"), fastattn.record_launches() as launches:
+    with warnings.catch_warnings(), fastattn.record_launches() as launches:
+        warnings.simplefilter("error", fastattn.FallbackWarning)
         out, lse = varlen_attn(q, k, v, cu, cu, 6, 6, window_size=(-1, 0), return_aux=AuxRequest(lse=True))
     with fastattn.record_launches() as backward_launches:
         out.sum().backward()
-    assert launches["_attn_fwd"] == 3 and backward_launches["_attn_bwd_dq"] == 3
+    assert_launched(launches, varlen_ops.FORWARD_KERNELS)
+    assert_launched(backward_launches, varlen_ops.BACKWARD_KERNELS)
+    ours, ours_lse = fastattn.varlen_attn(q, k, v, cu, cu, 6, 6, window_size=(-1, 0), return_aux=AuxRequest(lse=True))
+    assert torch.equal(out, ours) and torch.equal(lse, ours_lse)
     start = 0
     for n in lengths:
         s = slice(start, start + n)
@@ -154,6 +161,24 @@ def test_varlen_attn_runs_per_sequence(backend):
         for t, r in ((q, qs), (k, ks), (v, vs)):
             torch.testing.assert_close(t.grad[s].transpose(0, 1), r.grad, rtol=1e-4, atol=1e-5)
         start += n
+
+
+def test_varlen_attn_window_and_seqused_k(backend):
+    """A sliding window and, for inference, ``seqused_k`` (the KV-cache kernel) through torch's ``varlen_attn``:
+    the bits of ``fastattn.varlen_attn`` with the same arguments."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu_q, cu_k = (torch.tensor(c, dtype=torch.int32) for c in ([0, 4, 9], [0, 7, 20]))
+    q, k, v = torch.randn(9, 4, 16), torch.randn(20, 2, 16), torch.randn(20, 2, 16)
+    args = (q, k, v, cu_q, cu_k, 5, 13)
+    got = varlen_attn(*args, window_size=(3, 0), enable_gqa=True)
+    assert torch.equal(got, fastattn.varlen_attn(*args, window_size=(3, 0), enable_gqa=True))
+    used = torch.tensor([5, 13], dtype=torch.int32)
+    with torch.no_grad(), fastattn.record_launches() as launches:
+        got = varlen_attn(*args, window_size=(-1, 0), enable_gqa=True, seqused_k=used)
+    assert_launched(launches, varlen_ops.PAGED_KERNELS)
+    with torch.no_grad():
+        assert torch.equal(got, fastattn.varlen_attn(*args, window_size=(-1, 0), enable_gqa=True, seqused_k=used))
 
 
 def test_cpu_sdpa_takes_fastattn_through_the_flash_backend(backend):

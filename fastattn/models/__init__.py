@@ -8,7 +8,7 @@ same parameters and ``state_dict``, so weights move between them (and into a ``f
 - :class:`ResNet`: BasicBlock / Bottleneck ResNets with torchvision's parameter names (``resnet18/34/50``).
 """
 
-from fastattn.models.layers import FeedForward, FusedMultiHeadAttention, MultiHeadAttention
+from fastattn.models.layers import FeedForward, FusedMultiHeadAttention, MultiHeadAttention, Varlen
 from fastattn.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet34, resnet50
 from fastattn.models.transformer import DecoderLayer, EncoderLayer, Transformer
 from fastattn.models.vit import Block, VisionTransformer, vit_base, vit_large, vit_small, vit_tiny
@@ -24,6 +24,7 @@ __all__ = [
     "MultiHeadAttention",
     "ResNet",
     "Transformer",
+    "Varlen",
     "VisionTransformer",
     "resnet18",
     "resnet34",

@@ -8,6 +8,9 @@ ops when they are torch's.
   (the same module, same parameters) calls ``fastattn.scaled_dot_product_attention``, and when decoding with a cache
   from its ``init_cache`` it writes each step's keys into a preallocated cache with
   ``fastattn.attention_with_kvcache`` instead of concatenating them.
+- Both take packed batches: ``forward(x, ..., varlen=Varlen(cu_q, cu_k, max_q, max_k))`` with ``x (T, dim)``, the
+  sequences back to back (no padding); each sequence attends to its own keys only, through
+  ``fastattn.varlen_attn`` (fused) or its eager reference.
 
 Fused dropout draws its mask inside the kernel from its own random stream, so a fused and an eager model with
 dropout > 0 are equal in distribution, not bit for bit; compare them with dropout 0 or in eval mode.
@@ -16,6 +19,7 @@ dropout > 0 are equal in distribution, not bit for bit; compare them with dropou
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +27,25 @@ from torch import Tensor, nn
 from torch.nn.attention.bias import causal_lower_right
 
 import fastattn
+from fastattn import reference
+
+
+class Varlen(NamedTuple):
+    """Packed sequences for an attention layer: queries ``x[cu_q[b]:cu_q[b + 1]]`` of sequence b attend to keys
+    ``context[cu_k[b]:cu_k[b + 1]]`` (int32 ``(N + 1,)`` offsets); ``max_q``/``max_k``: the longest lengths."""
+
+    cu_q: Tensor
+    cu_k: Tensor
+    max_q: int
+    max_k: int
+
+
+def packed_positions(cu_seqlens: Tensor, total: int) -> Tensor:
+    """Each of ``total`` packed rows' position inside its sequence (``cu_seqlens`` int32 ``(N + 1,)``), computed on
+    the device: no host sync."""
+    t = torch.arange(total, device=cu_seqlens.device)
+    seq = torch.searchsorted(cu_seqlens[1:].long(), t, right=True).clamp(max=max(cu_seqlens.numel() - 2, 0))
+    return t - cu_seqlens.long()[seq]
 
 
 class MultiHeadAttention(nn.Module):
@@ -36,6 +59,10 @@ class MultiHeadAttention(nn.Module):
     this call's keys and values to it and attends from the new queries, which are the *last* positions, to all of
     them (lower-right causal alignment); cross-attention computes the context's keys and values on the first call
     and reuses them.
+
+    ``varlen`` (a :class:`Varlen`): packed sequences, ``x (T_q, dim)`` and ``context (T_k, dim)`` (or ``x``) with
+    the sequences back to back; ``is_causal`` is then causal per sequence, bottom-right aligned. ``mask`` and
+    ``cache`` do not apply.
     """
 
     def __init__(self, dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True) -> None:
@@ -60,11 +87,27 @@ class MultiHeadAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                               dropout_p=self.dropout if self.training else 0.0)
 
+    def attend_varlen(self, q: Tensor, k: Tensor, v: Tensor, varlen: Varlen, is_causal: bool) -> Tensor:
+        """``(T_q, H, D)`` attention output of packed ``(T_q, H, D)`` queries and ``(T_k, H, D)`` keys / values."""
+        return reference.varlen_attn(q, k, v, *varlen, window_size=(-1, 0) if is_causal else (-1, -1),
+                                     dropout_p=self.dropout if self.training else 0.0)
+
     def _heads(self, t: Tensor) -> Tensor:
         return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, L, H*D) -> (B, H, L, D)
 
+    def _forward_varlen(self, x: Tensor, context: Tensor | None, mask, is_causal: bool, cache,
+                        varlen: Varlen) -> Tensor:
+        if mask is not None or cache is not None:
+            raise ValueError(f"{type(self).__name__}: packed sequences (varlen) take no mask and no cache")
+        context = x if context is None else context
+        q, k, v = (proj(t).unflatten(-1, (self.num_heads, self.head_dim))  # (T, H, D)
+                   for proj, t in ((self.q_proj, x), (self.k_proj, context), (self.v_proj, context)))
+        return self.out_proj(self.attend_varlen(q, k, v, varlen, is_causal).flatten(1))
+
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None, is_causal: bool = False,
-                cache: dict | None = None) -> Tensor:
+                cache: dict | None = None, *, varlen: Varlen | None = None) -> Tensor:
+        if varlen is not None:
+            return self._forward_varlen(x, context, mask, is_causal, cache, varlen)
         B, L, _ = x.shape
         q = self._heads(self.q_proj(x))                                  # (B, H, L, D)
         if context is None:  # self-attention
@@ -107,10 +150,14 @@ class FusedMultiHeadAttention(MultiHeadAttention):
         return fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                      dropout_p=self.dropout if self.training else 0.0)
 
+    def attend_varlen(self, q: Tensor, k: Tensor, v: Tensor, varlen: Varlen, is_causal: bool) -> Tensor:
+        return fastattn.varlen_attn(q, k, v, *varlen, window_size=(-1, 0) if is_causal else (-1, -1),
+                                    dropout_p=self.dropout if self.training else 0.0)
+
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None, is_causal: bool = False,
-                cache: dict | None = None) -> Tensor:
-        if context is not None or cache is None or "max_len" not in cache:
-            return super().forward(x, context, mask, is_causal, cache)
+                cache: dict | None = None, *, varlen: Varlen | None = None) -> Tensor:
+        if varlen is not None or context is not None or cache is None or "max_len" not in cache:
+            return super().forward(x, context, mask, is_causal, cache, varlen=varlen)
         if mask is not None:
             raise ValueError("FusedMultiHeadAttention: a preallocated cache takes is_causal, not a mask")
         B, L, _ = x.shape

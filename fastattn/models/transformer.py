@@ -7,6 +7,10 @@ paper, with fastattn's fused ops as switchable layers.
 - Decoder layer: masked self-attention (position ``i`` sees ``<= i``), encoder-decoder attention over the encoder
   output, feed-forward; each with Add & Norm.
 - Padding masks are bool ``(B, L)``, True = padding, as in ``torch.nn.Transformer``.
+- Packed batches (no padding at all): ``forward(src, tgt, cu_seqlens_src=..., cu_seqlens_tgt=..., max_seqlen_src=...,
+  max_seqlen_tgt=...)`` with ``src (T_src,)`` and ``tgt (T_tgt,)`` the sequences' tokens back to back and int32
+  ``(N + 1,)`` offsets; every attention layer runs on the packed rows (``fastattn.varlen_attn`` fused), positions
+  restart at each sequence, and the logits are ``(T_tgt, tgt_vocab)``: the padded batch's at its real positions.
 - ``generate(src, max_len)``: greedy decoding that keeps each decoder layer's keys and values, so each step runs
   the decoder on one new token (self-attention with ``Lq = 1`` against the cache, lower-right causal) and the
   encoder-decoder attention reuses the memory's keys and values. Fused, the cache is preallocated for ``max_len``
@@ -26,7 +30,14 @@ import torch
 from torch import Tensor, nn
 
 import fastattn.nn as fnn
-from fastattn.models.layers import FeedForward, FusedMultiHeadAttention, MultiHeadAttention, sinusoidal_positions
+from fastattn.models.layers import (
+    FeedForward,
+    FusedMultiHeadAttention,
+    MultiHeadAttention,
+    Varlen,
+    packed_positions,
+    sinusoidal_positions,
+)
 from fastattn.nn import add_norm
 
 
@@ -43,8 +54,8 @@ class EncoderLayer(nn.Module):
         self.norm2 = norm_layer(d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        x = add_norm(self.norm1, self.self_attn(x, mask=mask), x, self.dropout)   # (B, S, d_model)
+    def forward(self, x: Tensor, mask: Tensor | None = None, *, varlen: Varlen | None = None) -> Tensor:
+        x = add_norm(self.norm1, self.self_attn(x, mask=mask, varlen=varlen), x, self.dropout)   # (B, S, d_model)
         return add_norm(self.norm2, self.ff(x), x, self.dropout)
 
 
@@ -64,12 +75,16 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, memory: Tensor, self_mask: Tensor | None = None, memory_mask: Tensor | None = None,
-                cache: dict | None = None) -> Tensor:
-        """``self_mask=None`` means causal; otherwise it is the whole bool self-attention mask (True = attend)."""
+                cache: dict | None = None, *, varlen_self: Varlen | None = None,
+                varlen_cross: Varlen | None = None) -> Tensor:
+        """``self_mask=None`` means causal; otherwise it is the whole bool self-attention mask (True = attend).
+        ``varlen_self`` / ``varlen_cross``: packed rows (the targets' offsets; the targets' against the sources')."""
         causal = self_mask is None
-        sa = self.self_attn(x, mask=self_mask, is_causal=causal, cache=None if cache is None else cache["self"])
+        sa = self.self_attn(x, mask=self_mask, is_causal=causal, cache=None if cache is None else cache["self"],
+                            varlen=varlen_self)
         x = add_norm(self.norm1, sa, x, self.dropout)                               # (B, T, d_model)
-        ca = self.cross_attn(x, memory, mask=memory_mask, cache=None if cache is None else cache["cross"])
+        ca = self.cross_attn(x, memory, mask=memory_mask, cache=None if cache is None else cache["cross"],
+                             varlen=varlen_cross)
         x = add_norm(self.norm2, ca, x, self.dropout)
         return add_norm(self.norm3, self.ff(x), x, self.dropout)
 
@@ -104,25 +119,34 @@ class Transformer(nn.Module):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
 
-    def embed(self, tokens: Tensor, table: nn.Embedding, offset: int = 0) -> Tensor:
-        L = tokens.size(1)
-        pe = self.pos_encoding[offset: offset + L].to(table.weight.dtype)
-        return self.dropout(table(tokens) * math.sqrt(self.d_model) + pe)            # (B, L, d_model)
+    def embed(self, tokens: Tensor, table: nn.Embedding, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """``(B, L)`` tokens at positions ``offset ...``, or packed ``(T,)`` tokens at their ``positions``."""
+        if positions is None:
+            positions = torch.arange(offset, offset + tokens.size(1), device=tokens.device)
+        pe = self.pos_encoding[positions].to(table.weight.dtype)
+        return self.dropout(table(tokens) * math.sqrt(self.d_model) + pe)            # (B, L, d_model) or (T, ...)
 
     @staticmethod
     def padding_to_attend(padding_mask: Tensor | None) -> Tensor | None:
         """(B, S) bool, True = padding -> (B, 1, 1, S) bool, True = may attend."""
         return None if padding_mask is None else ~padding_mask[:, None, None, :]
 
-    def encode(self, src: Tensor, src_padding_mask: Tensor | None = None) -> Tensor:
-        x = self.embed(src, self.src_embed)
+    def encode(self, src: Tensor, src_padding_mask: Tensor | None = None, *, varlen: Varlen | None = None) -> Tensor:
+        positions = packed_positions(varlen.cu_q, src.size(0)) if varlen is not None else None
+        x = self.embed(src, self.src_embed, positions=positions)
         mask = self.padding_to_attend(src_padding_mask)
         for layer in self.encoder:
-            x = layer(x, mask)
+            x = layer(x, mask, varlen=varlen)
         return x                                                                      # (B, S, d_model)
 
     def decode(self, tgt: Tensor, memory: Tensor, src_padding_mask: Tensor | None = None,
-               tgt_padding_mask: Tensor | None = None) -> Tensor:
+               tgt_padding_mask: Tensor | None = None, *, varlen_self: Varlen | None = None,
+               varlen_cross: Varlen | None = None) -> Tensor:
+        if varlen_self is not None:  # packed: causal per sequence, cross attention within each pair
+            x = self.embed(tgt, self.tgt_embed, positions=packed_positions(varlen_self.cu_q, tgt.size(0)))
+            for layer in self.decoder:
+                x = layer(x, memory, varlen_self=varlen_self, varlen_cross=varlen_cross)
+            return self.generator(x)                                                  # (T, tgt_vocab)
         x = self.embed(tgt, self.tgt_embed)
         self_mask = None                                                              # causal
         if tgt_padding_mask is not None:  # causal and not padding, (B, 1, T, T)
@@ -135,8 +159,22 @@ class Transformer(nn.Module):
         return self.generator(x)                                                      # (B, T, tgt_vocab)
 
     def forward(self, src: Tensor, tgt: Tensor, src_padding_mask: Tensor | None = None,
-                tgt_padding_mask: Tensor | None = None) -> Tensor:
-        return self.decode(tgt, self.encode(src, src_padding_mask), src_padding_mask, tgt_padding_mask)
+                tgt_padding_mask: Tensor | None = None, *, cu_seqlens_src: Tensor | None = None,
+                cu_seqlens_tgt: Tensor | None = None, max_seqlen_src: int | None = None,
+                max_seqlen_tgt: int | None = None) -> Tensor:
+        """Padded ``(B, S)`` / ``(B, T)`` tokens with padding masks, or packed ``(T_src,)`` / ``(T_tgt,)`` tokens
+        with their int32 ``(N + 1,)`` offsets and longest lengths (the module docstring)."""
+        if cu_seqlens_src is None and cu_seqlens_tgt is None:
+            return self.decode(tgt, self.encode(src, src_padding_mask), src_padding_mask, tgt_padding_mask)
+        if (cu_seqlens_src is None or cu_seqlens_tgt is None or max_seqlen_src is None or max_seqlen_tgt is None
+                or src_padding_mask is not None or tgt_padding_mask is not None):
+            raise ValueError("Transformer: a packed batch takes cu_seqlens_src, cu_seqlens_tgt, max_seqlen_src and "
+                             "max_seqlen_tgt together, and no padding masks")
+        enc = Varlen(cu_seqlens_src, cu_seqlens_src, max_seqlen_src, max_seqlen_src)
+        memory = self.encode(src, varlen=enc)                                         # (T_src, d_model)
+        return self.decode(tgt, memory, varlen_self=Varlen(cu_seqlens_tgt, cu_seqlens_tgt, max_seqlen_tgt,
+                                                           max_seqlen_tgt),
+                           varlen_cross=Varlen(cu_seqlens_tgt, cu_seqlens_src, max_seqlen_tgt, max_seqlen_src))
 
     @torch.no_grad()
     def generate(self, src: Tensor, max_len: int, bos_id: int = 1, eos_id: int | None = None,

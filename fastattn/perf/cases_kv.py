@@ -1,8 +1,11 @@
-"""Benchmark cases of the partial-attention ops: ``merge_attention`` (ring / context parallelism, split-KV) and
-``kvcache`` (decoding against a KV cache). Registered into :mod:`fastattn.perf.cases` (imported at its end).
+"""Benchmark cases of the attention ops beyond dense batches: ``merge_attention`` (ring / context parallelism,
+split-KV), ``kvcache`` (decoding against a KV cache) and ``varlen`` (packed variable-length sequences). Registered
+into :mod:`fastattn.perf.cases` (imported at its end).
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import Tensor
@@ -161,3 +164,115 @@ def _kvcache_scratch(args: tuple, kwargs: dict, sms: int | None = None) -> int:
 
 SCRATCH["fastattn::kvcache_attention"] = _kvcache_scratch
 SCRATCH_NOTES["fastattn::kvcache_attention"] = "kvcache's fp32 split-KV partial outputs and lses"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# varlen (packed sequences)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _padded_sdpa(q: Tensor, k: Tensor, v: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int, max_k: int, *,
+                 window_size: tuple[int, int] = (-1, -1)) -> Tensor:
+    """What a torch model does with packed data and no varlen kernel: pad to ``(N, H, max, D)`` (gathers on the
+    device), torch's SDPA, unpad. Causal self-attention over right-padded sequences needs no mask (a real row never
+    sees a later, padded key), so SDPA may take its flash kernel; full attention masks the padded keys."""
+    rows_q, valid_q = reference.varlen_rows(cu_seq_q, max_q, q.size(0))
+    rows_k, valid_k = reference.varlen_rows(cu_seq_k, max_k, k.size(0))
+    qp, kp, vp = (reference.pad_rows(t, rows).transpose(1, 2) for t, rows in ((q, rows_q), (k, rows_k), (v, rows_k)))
+    causal = tuple(window_size) == (-1, 0)
+    mask = None if causal else valid_k[:, None, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=causal)
+    return out.transpose(1, 2)[valid_q]  # (T_q, H, D): the sequences are in order, so valid rows are the packed rows
+
+
+def _varlen_baselines() -> dict:
+    out = {"torch sdpa padded": _padded_sdpa}
+    try:  # torch >= 2.10: its own varlen entry point (flash-attention on CUDA; fp16/bf16)
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # pragma: no cover
+        return out
+    out["torch varlen_attn"] = varlen_attn
+    return out
+
+
+def document_lengths(total: int, shortest: int, longest: int, seed: int = 0) -> list[int]:
+    """Lengths of documents packed into ``total`` tokens: log-uniform in [shortest, longest] from a fixed seed (real
+    corpora are dominated by short documents with a long tail), the last one cut to fill ``total`` exactly."""
+    g = torch.Generator().manual_seed(seed)
+    lengths: list[int] = []
+    while sum(lengths) < total:
+        x = torch.rand((), generator=g).item()
+        lengths.append(min(round(shortest * (longest / shortest) ** x), total - sum(lengths)))
+    return lengths
+
+
+def _varlen_case(label: str, lengths: list[int], H: int, D: int, causal: bool, suite: str) -> Case:
+    T, N, longest = sum(lengths), len(lengths), max(lengths)
+    offsets = [0, *itertools.accumulate(lengths)]  # on the host: make() may run under FakeTensorMode
+    from fastattn.ops import varlen as varlen_ops
+
+    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
+        q, k, v = (torch.randn(T, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        cu = torch.tensor(offsets, dtype=torch.int32, device=device)
+        kwargs = {"max_q": longest, "max_k": longest, "window_size": (-1, 0) if causal else (-1, -1)}
+        return Inputs((q, k, v, cu, cu), kwargs, ("q", "k", "v", "cu_seq_q", "cu_seq_k"))
+
+    def min_bytes(dtype: torch.dtype) -> tuple[int, int]:
+        e, x, stat = _elt(dtype), T * H * D, 4 * T * H  # stat: the fp32 log-sum-exp per row and head
+        return e * 4 * x + stat, e * 5 * x + stat + e * 3 * x  # as dense attention's (cases.py)
+
+    def check_saved(case: Case, saved: list) -> str | None:
+        big = [s for s in saved if not s.role.startswith("input") and s.role != "output" and s.nbytes > 8 * T * H]
+        if big:
+            return "saves more than q, k, v, out and O(T) statistics: " + ", ".join(f"{s.shape} {s.dtype}" for s in big)
+        return None
+
+    pairs = sum(n * n for n in lengths)
+    return Case(
+        op="varlen", label=label, shape=f"T={T} N={N} max={longest} H={H} D={D}" + (" causal" if causal else ""),
+        make=make, fused=fastattn.varlen_attn, eager=reference.varlen_attn,
+        baselines=_varlen_baselines() if suite in ("gpu", "quick", "check") else {},
+        flops=4.0 * H * D * pairs * (0.5 if causal else 1.0), bwd_flops_factor=2.5, min_bytes=min_bytes,
+        check_saved=check_saved, saved_note="saves only q, k, v, out, the offsets and O(T) statistics",
+        eager_note="eager: the reference pads every sequence to the longest (gathers on the device)",
+        kernels=varlen_ops.FORWARD_KERNELS + varlen_ops.BACKWARD_KERNELS,
+        dims={"T": T, "N": N, "max": longest, "H": H, "D": D, "causal": int(causal)},
+    )
+
+
+@register("varlen")
+def varlen_cases(suite: str) -> list[Case]:
+    """A training step over packed documents: 16k tokens of an LM corpus (documents of 64-4096 tokens, log-uniform:
+    most short, a long tail), causal, model width 2048 as 16 heads of 128 and 32 of 64; an encoder's 8k tokens of
+    32-512 token sentences, 12 heads of 64, full attention. Against torch's SDPA on the padded batch (what a model
+    without a varlen kernel runs) and torch's own varlen_attn where it runs (flash-attention on CUDA)."""
+    lm, enc = document_lengths(16384, 64, 4096), document_lengths(8192, 32, 512, seed=1)
+    shapes = {"LM 16k d128": (lm, 16, 128, True), "LM 16k d64": (lm, 32, 64, True),
+              "encoder 8k d64": (enc, 12, 64, False)}
+    if suite in ("gpu", "model"):
+        names = list(shapes)
+    elif suite in ("quick", "check"):
+        names = ["LM 16k d128"]
+    else:  # small: ragged lengths with a 1 and a 0, an odd head dim (the interpreter)
+        return [_varlen_case("small", [37, 1, 0, 20], 2, 40, True, suite)]
+    return [_varlen_case(n, *shapes[n], suite=suite) for n in names]
+
+
+def _varlen_scratch(args: tuple, kwargs: dict) -> int:
+    """INTERIM: the per-sequence path's temporaries, at most one sequence's output and lse (the longest, max_q)
+    before they are copied into the packed result."""
+    q, v, max_q = args[0], args[2], args[10]
+    return q.size(1) * max_q * (v.size(-1) * q.element_size() + 4)
+
+
+def _varlen_backward_scratch(args: tuple, kwargs: dict) -> int:
+    """INTERIM: one sequence's gradients and the attention backward's fp32 delta, at most the longest's."""
+    q, k, v, max_q, max_k = args[1], args[2], args[3], args[12], args[13]
+    H, e = q.size(1), q.element_size()
+    return H * max_q * (q.size(-1) * e + 4) + k.size(1) * max_k * (k.size(-1) + v.size(-1)) * e
+
+
+SCRATCH["fastattn::varlen_attention"] = _varlen_scratch
+SCRATCH["fastattn::varlen_attention_backward"] = _varlen_backward_scratch
+SCRATCH_NOTES["fastattn::varlen_attention"] = "varlen's per-sequence temporaries (INTERIM, until the varlen kernel)"
+SCRATCH_NOTES["fastattn::varlen_attention_backward"] = "varlen backward's per-sequence gradients and delta (INTERIM)"
