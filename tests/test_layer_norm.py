@@ -161,9 +161,8 @@ def small_loops(monkeypatch):
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
 def test_looped_path_small_chunks(small_loops, rms):
-    cfg = K.bwd_config(300)
-    assert K.fwd_config(300).kwargs["LOOPED"] and cfg.kwargs["LOOPED"]
-    _, per = ln_ops.backward_programs(math.ceil(23 / cfg.kwargs["BLOCK_M"]), cfg.num_warps, torch.device("cpu"))
+    assert K.fwd_config(300).kwargs["LOOPED"] and K.bwd_config(300).kwargs["LOOPED"]
+    per = ln_ops.backward_schedule(23, 300, torch.float16, ln_ops.device_sms(torch.device("cpu")), 2).per
     assert per > 1  # programs accumulate several row blocks into their partial (dweight, dbias) rows
     x = randn(23, 300) * 0.5 + 3.0
     check_case(x, randn(23, 300), randn(300), randn(300), dtype=torch.float16, rms=rms, dropout_p=0.2)
@@ -440,8 +439,7 @@ def test_backward_is_bitwise_repeatable():
     """Every gradient, dweight and dbias included, is bitwise equal across runs (no atomics), also when programs
     own several row blocks."""
     N, M = 65, 150
-    cfg = K.bwd_config(N)
-    _, per = ln_ops.backward_programs(math.ceil(M / cfg.kwargs["BLOCK_M"]), cfg.num_warps, torch.device("cpu"))
+    per = ln_ops.backward_schedule(M, N, torch.float16, ln_ops.device_sms(torch.device("cpu")), 2).per
     assert per > 1  # several row blocks per program: the partial sums really accumulate
     inputs = [torch.randn(M, N, dtype=torch.float16), torch.randn(M, N, dtype=torch.float16),
               torch.randn(N, dtype=torch.float16), torch.randn(N, dtype=torch.float16)]
