@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastattn.perf import blocks
+from fastattn.perf import blocks, cases
 from fastattn.perf.cases import Case
 from fastattn.perf.report import Progress, format_table
 
@@ -341,6 +341,15 @@ def failures(rows: Sequence[dict]) -> list[str]:
 # -- pytest-benchmark ------------------------------------------------------------------------------------------
 
 _eager_cache: dict[tuple, float] = {}
+
+
+def pytest_params(op: str) -> list:
+    """The parameters of ``bench/bench_<op>.py``: a ``(case, impl, mode)`` per case of the ``gpu`` suite,
+    implementation and timed mode."""
+    import pytest
+
+    return [pytest.param(case, impl, mode, id=f"{case.label}-{impl}-{mode}".replace(" ", "_"))
+            for case in cases.get(op, "gpu") for impl in implementations(case) for mode in case.modes]
 
 
 def pytest_benchmark(benchmark: Any, case: Case, impl: str, mode: str, dtype: torch.dtype = torch.float16) -> None:
