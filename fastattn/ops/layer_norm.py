@@ -403,17 +403,9 @@ def _add_norm(op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None
     return (out, res_out) if return_residual else out
 
 
-def add_layer_norm(
-    x: Tensor,
-    residual: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-    dropout_p: float = 0.0,
-    *,
-    residual_in_fp32: bool = False,
-    return_residual: bool = True,
-) -> tuple[Tensor, Tensor] | Tensor:
+def add_layer_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = None, bias: Tensor | None = None,
+                   eps: float = 1e-5, dropout_p: float = 0.0, *, residual_in_fp32: bool = False,
+                   return_residual: bool = True) -> tuple[Tensor, Tensor] | Tensor:
     """Fused ``residual_out = dropout(x) + residual``, ``out = layer_norm(residual_out)`` over the last dim.
 
     Returns ``(out, residual_out)``; post-norm blocks use ``out`` (pass ``return_residual=False`` to get only
@@ -427,16 +419,9 @@ def add_layer_norm(
                      False, (n,))
 
 
-def add_rms_norm(
-    x: Tensor,
-    residual: Tensor | None = None,
-    weight: Tensor | None = None,
-    eps: float = 1e-6,
-    dropout_p: float = 0.0,
-    *,
-    residual_in_fp32: bool = False,
-    return_residual: bool = True,
-) -> tuple[Tensor, Tensor] | Tensor:
+def add_rms_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = None, eps: float = 1e-6,
+                 dropout_p: float = 0.0, *, residual_in_fp32: bool = False,
+                 return_residual: bool = True) -> tuple[Tensor, Tensor] | Tensor:
     """RMSNorm twin of :func:`add_layer_norm`: ``out = residual_out * rsqrt(mean(residual_out^2) + eps) * weight``."""
     n = x.shape[-1] if isinstance(x, Tensor) and x.dim() else -1
     return _add_norm("add_rms_norm", x, residual, weight, None, eps, dropout_p, residual_in_fp32, return_residual,
