@@ -7,7 +7,7 @@ with eager PyTorch in the same low precision:
   ``fastattn.testing``; where eager itself is not finite, within twice the error of eager in float32 plus two
   roundings to the low precision (ours computes in fp32 and rounds once);
 - where eager overflows (or the true value exceeds the dtype's range), the test pins down what we return, and
-  README ("Robustness") documents it.
+  bench/README.md ("Robustness") documents it.
 """
 
 from __future__ import annotations
