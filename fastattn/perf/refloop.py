@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from fastattn.hwfit import KernelSpec
+from fastattn.ops._common import dtype_name
 
 # reference kernel -> the fastattn kernel it stands beside (same tile convention: for dK/dV BLOCK_N is the key block
 # a program owns and BLOCK_M the query block it streams)
@@ -144,7 +145,7 @@ KERNELS = {"_ref_attn_fwd": _ref_attn_fwd, "_ref_attn_bwd_dkdv": _ref_attn_bwd_d
 
 def variant(dtype: torch.dtype, d: int) -> str:
     """The variant label, in the words of fastattn's attention specs (``float16 D<=64 plain``)."""
-    return f"{str(dtype).replace('torch.', '')} D<={d} plain"
+    return f"{dtype_name(dtype)} D<={d} plain"
 
 
 def _args(dtype: torch.dtype, d: int) -> dict:
