@@ -12,8 +12,11 @@ k are neighbouring bytes; the weight is read through its strides in the same ord
 
 Backward, with dT = dOut at the patch-token rows:
     dW    = X_patches^T @ dT      (K x D, reduction over all B*N tokens; split into SPLIT row ranges whose fp32
-                                   partials a second kernel adds in a fixed order: deterministic, no atomics)
-    dbias = colsum(dT)            (accumulated by the dW programs of the first K block, from the tiles they load)
+                                   partials a second kernel adds in a fixed order: deterministic, no atomics. The
+                                   launcher keeps the partials in dX's buffer before dX is written, so SPLIT > 1
+                                   only with dX; without, one range per tile writes dW itself)
+    dbias = colsum(dT)            (accumulated by the dW programs of the first K block, from the tiles they load;
+                                   with dbias alone (DW None) only those programs run, without the GEMM)
     dpos  = sum_b dOut[b],  dcls = sum_b dOut[b, 0]                              (one small reduction kernel)
     dX    = dT @ W, stored through the pixel gather (patches do not overlap: a plain store, no atomics)
 """
@@ -44,6 +47,14 @@ def _patch_offsets(offs_k, stride_c, stride_i, stride_j, C: tl.constexpr, P: tl.
     else:
         off = (offs_k % C) * stride_c + (offs_k // (C * P)) * stride_i + ((offs_k // C) % P) * stride_j
     return off
+
+
+@triton.jit
+def _tile(pid0, pid1, size0, size1, BLOCK0: tl.constexpr, BLOCK1: tl.constexpr):
+    """Row and column indices of output tile (pid0, pid1) and their in-bounds masks."""
+    offs0 = pid0 * BLOCK0 + tl.arange(0, BLOCK0)
+    offs1 = pid1 * BLOCK1 + tl.arange(0, BLOCK1)
+    return offs0, offs1, offs0 < size0, offs1 < size1
 
 
 @triton.jit
@@ -112,12 +123,7 @@ def _pe_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # D blocks vary fastest so the programs sharing a token block run together and read its pixels once from DRAM.
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    n_ok = offs_n < D
+    offs_m, offs_n, m_ok, n_ok = _tile(tl.program_id(1), tl.program_id(0), M, D, BLOCK_M, BLOCK_N)
     row, b, n = _token_offsets(offs_m, N, WP, stride_xb, stride_xh, stride_xw, P)
     w_base = Wt + offs_n[None, :] * stride_wd
 
@@ -168,7 +174,8 @@ def _pe_bwd_dw(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # DW, DB: dW (D, C, P, P) and dbias (D,) themselves when SPLIT == 1 (stride_dws = stride_dbs = 0), else the fp32
-    # partials (SPLIT, D, K) (k in reduction order, DW_FLAT = 2) and (SPLIT, D). DB is None without a bias.
+    # partials (SPLIT, D, K) (k in reduction order, DW_FLAT = 2) and (SPLIT, D). DB is None without a bias gradient,
+    # DW None with dbias alone (the grid then has one K block and no program runs the GEMM).
     # Output tile: BLOCK_M patch pixels x BLOCK_N features; BLOCK_K tokens per step.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -187,18 +194,21 @@ def _pe_bwd_dw(
         offs_m = m0 + tl.arange(0, BLOCK_K)
         m_ok = offs_m < hi
         row, b, n = _token_offsets(offs_m, N, WP, stride_xb, stride_xh, stride_xw, P)
-        xt = tl.load(X + col[:, None] + row[None, :], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+        if DW is not None:
+            xt = tl.load(X + col[:, None] + row[None, :], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
         do = tl.load(DO + b[:, None] * stride_dob + (n + CLS)[:, None] * stride_dot + offs_n[None, :] * stride_dod,
                      mask=m_ok[:, None] & n_ok[None, :], other=0.0)
         if DB is not None:  # noqa: SIM102  (pid_m is a runtime value: Triton's `and` takes constexprs only)
             if pid_m == 0:
                 db += tl.sum(do.to(ACC), 0)
-        # dOut may be wider than the operands (fp32 tokens from an fp32 pos_embed): the conv sees it in its dtype.
-        acc = _mma(xt, _cast(do, X.dtype.element_ty), acc, PRECISION)
+        if DW is not None:
+            # dOut may be wider than the operands (fp32 tokens from an fp32 pos_embed): the conv sees it in its dtype.
+            acc = _mma(xt, _cast(do, X.dtype.element_ty), acc, PRECISION)
 
-    wk = _patch_offsets(offs_k, stride_dwc, stride_dwi, stride_dwj, C, P, KORDER, DW_FLAT)
-    tl.store(DW + pid_s.to(tl.int64) * stride_dws + wk[:, None] + offs_n[None, :] * stride_dwd,
-             _cast(acc, DW.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
+    if DW is not None:
+        wk = _patch_offsets(offs_k, stride_dwc, stride_dwi, stride_dwj, C, P, KORDER, DW_FLAT)
+        tl.store(DW + pid_s.to(tl.int64) * stride_dws + wk[:, None] + offs_n[None, :] * stride_dwd,
+                 _cast(acc, DW.dtype.element_ty), mask=k_ok[:, None] & n_ok[None, :])
     if DB is not None:  # noqa: SIM102
         if pid_m == 0:
             tl.store(DB + pid_s * stride_dbs + offs_n * stride_dbd, _cast(db, DB.dtype.element_ty), mask=n_ok)
@@ -207,13 +217,17 @@ def _pe_bwd_dw(
 @triton.jit
 def _pe_bwd_reduce(
     Part, DW, DB,  # (SPLIT, E) fp32 (fp64 for fp64) partials: dW as (D, K) in reduction order, then dbias (D,)
-    stride_wd, stride_wc, stride_wi, stride_wj, stride_bd,  # of dW (D, C, P, P) and dbias (D,) (None: no bias)
+    stride_wd, stride_wc, stride_wi, stride_wj, stride_bd,  # of dW (D, C, P, P) and dbias (D,); either may be None
     SPLIT, D, K,
     C: tl.constexpr, P: tl.constexpr, KORDER: tl.constexpr, W_FLAT: tl.constexpr,
     ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    DK = D * K
-    E = DK + D if DB is not None else DK
+    DK = 0
+    if DW is not None:
+        DK = D * K
+    E = DK
+    if DB is not None:
+        E += D
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < E
     acc = tl.zeros([BLOCK], ACC)
@@ -221,9 +235,9 @@ def _pe_bwd_reduce(
     for _ in range(SPLIT):  # a fixed order: the sum is bitwise repeatable
         acc += tl.load(ptrs, mask=ok, other=0.0)
         ptrs += E
-    d = offs // K
-    wk = _patch_offsets((offs % K).to(tl.int32), stride_wc, stride_wi, stride_wj, C, P, KORDER, W_FLAT)
-    tl.store(DW + d * stride_wd + wk, _cast(acc, DW.dtype.element_ty), mask=ok & (offs < DK))
+    if DW is not None:
+        wk = _patch_offsets((offs % K).to(tl.int32), stride_wc, stride_wi, stride_wj, C, P, KORDER, W_FLAT)
+        tl.store(DW + (offs // K) * stride_wd + wk, _cast(acc, DW.dtype.element_ty), mask=ok & (offs < DK))
     if DB is not None:
         tl.store(DB + (offs - DK) * stride_bd, _cast(acc, DB.dtype.element_ty), mask=ok & (offs >= DK))
 
@@ -273,12 +287,7 @@ def _pe_bwd_dx(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Output tile: BLOCK_M tokens x BLOCK_N patch pixels; BLOCK_K features per step.
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
-    k_ok = offs_k < K
+    offs_m, offs_k, m_ok, k_ok = _tile(tl.program_id(1), tl.program_id(0), M, K, BLOCK_M, BLOCK_N)
     row, b, n = _token_offsets(offs_m, N, WP, stride_xb, stride_xh, stride_xw, P)
     do_row = DO + b * stride_dob + (n + CLS) * stride_dot
     wk = _patch_offsets(offs_k, stride_wc, stride_wi, stride_wj, C, P, KORDER, W_FLAT)

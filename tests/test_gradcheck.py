@@ -131,6 +131,12 @@ def _pe_transposed_images_weight_only():
     return (lambda w, b: fastattn.patch_embed(images, w, b), (t64(3, 2, 4, 4, scale=0.3), t64(3)), PE)
 
 
+def _pe_split_dweight_in_dimages():
+    # 32 tokens, 4 features: two token ranges whose float64 partials of dweight and dbias sit in dimages' buffer
+    return (lambda im, w, b: fastattn.patch_embed(im, w, b), (t64(2, 1, 16, 16), t64(4, 1, 4, 4, scale=0.3), t64(4)),
+            PE + ("_pe_bwd_reduce", "_pe_bwd_dx"))
+
+
 def _bn_channels_last_no_affine():
     x = t64(3, 4, 3, 2, requires_grad=False).to(memory_format=torch.channels_last).requires_grad_()
     rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
@@ -176,6 +182,7 @@ CASES = {
     "patch_embed-channels-last-no-embed-class": _pe_channels_last_no_embed_class,
     "patch_embed-odd-patch-no-bias": _pe_odd_patch_no_bias_pos_2d,
     "patch_embed-transposed-frozen-images": _pe_transposed_images_weight_only,
+    "patch_embed-split-dweight-in-dimages": _pe_split_dweight_in_dimages,
     "batch_norm-channels-last-no-affine": _bn_channels_last_no_affine,
     "batch_norm-no-identity-no-running": _bn_no_identity_no_running_cumulative,
     "batch_norm-momentum-none": _bn_momentum_none_running,

@@ -21,6 +21,7 @@ from harness import spy_launches, three_way
 
 import fastattn
 from fastattn import _runtime, reference
+from fastattn.ops import _common as common
 from fastattn.ops import patch_embed as pe_ops
 from fastattn.testing import patch_embed_floors
 
@@ -44,9 +45,10 @@ def make_inputs(B, C, H, W, P, D, *, bias=True, pos="cls", cls=True):
     }
 
 
-def check_case(inputs, dtype, *, channels_last=False, images_grad=True, lowp_pos_dtype=None):
+def check_case(inputs, dtype, *, channels_last=False, images_grad=True, lowp_pos_dtype=None, frozen=()):
     """Output and every gradient of ours vs eager in ``dtype`` vs eager float64. ``lowp_pos_dtype`` overrides the
-    dtype of pos_embed / cls_token in the low-precision runs (float32 with half images: AMP master weights)."""
+    dtype of pos_embed / cls_token in the low-precision runs (float32 with half images: AMP master weights);
+    ``frozen`` names inputs besides the images that take no gradient."""
     order = ("images", "weight", "bias", "pos_embed", "cls_token")
     grad_out = None
     seen = {}
@@ -65,7 +67,7 @@ def check_case(inputs, dtype, *, channels_last=False, images_grad=True, lowp_pos
             t = t.to(tdt)
             if name == "images" and channels_last:
                 t = t.to(memory_format=torch.channels_last)
-            leaves[name] = t.detach().requires_grad_(name != "images" or images_grad)
+            leaves[name] = t.detach().requires_grad_((name != "images" or images_grad) and name not in frozen)
         out = fn(**leaves)
         if grad_out is None:
             grad_out = randn(*out.shape)
@@ -222,13 +224,39 @@ def test_frozen_inputs_skip_kernels():
     torch.testing.assert_close(weight.grad, ref_w.grad, atol=1e-4, rtol=1e-4)
 
 
-def test_split_reduction_and_single_split_both_run():
-    """Small token counts take one split (the GEMM writes dW itself); larger ones the fixed-order split sum."""
-    small = check_case(make_inputs(1, 3, 16, 16, 4, 24), torch.float32)  # 16 tokens
-    large = check_case(make_inputs(2, 3, 28, 21, 7, 24), torch.float32)  # 24 tokens
-    assert small["launches"]["_pe_bwd_reduce"] == 0
-    assert large["launches"]["_pe_bwd_reduce"] == 1
-    assert pe_ops._dw_splits(24, 147, 24, torch.device("cpu"))[0] == 2
+def test_split_reduction_only_inside_the_dimages_buffer():
+    """The dW reduction splits over token ranges only as far as their fp32 partials fit in the dimages buffer (which
+    they occupy before dimages is written): with dimages the fixed-order split sum runs, without it one range per
+    tile writes dweight itself, and with dbias alone no program runs the GEMM. Every result under the 2x rule."""
+    x = make_inputs(2, 3, 28, 21, 7, 8)  # 24 tokens; the partials of 2 ranges fit in the fp32 images' 14 KB
+
+    def schedule(images_grad, dweight=True):
+        room = x["images"].numel() * 4 if images_grad else 0
+        return pe_ops.dw_schedule(24, 147, 8, room=room, acc_bytes=4, dw=dweight, sms=common.sm_count(torch.device(
+            "cpu")), cuda=False)
+
+    assert schedule(True).split == 2 and schedule(True).partial_bytes == 2 * (8 * 147 + 8) * 4
+    assert schedule(False) == (1, 32, 0)
+    split = check_case(x, torch.float32)
+    assert split["launches"]["_pe_bwd_reduce"] == 1
+    single = check_case(x, torch.float32, images_grad=False)
+    assert single["launches"]["_pe_bwd_reduce"] == 0
+    assert schedule(True, dweight=False).split == 2  # dbias alone: (D,) partials per range
+    bias_only = check_case(x, torch.float32, frozen=("weight",))
+    assert bias_only["launches"]["_pe_bwd_reduce"] == 1 and "dweight" not in bias_only["ours"]
+
+
+def test_dw_schedule_on_a_gpu():
+    """ViT-B/16 at batch 64 on a 132-SM GPU: 8 token ranges whose partials fit in the fp16 images' buffer, or one
+    range per tile when the images take no gradient; ranges never hold more than the buffer."""
+    M, K, D, images_bytes = 64 * 196, 768, 768, 2 * 64 * 3 * 224 * 224
+    with_dx = pe_ops.dw_schedule(M, K, D, room=images_bytes, acc_bytes=4, sms=132)
+    assert with_dx.split == 8 and with_dx.partial_bytes == 8 * (D * K + D) * 4 <= images_bytes
+    assert pe_ops.dw_schedule(M, K, D, room=0, acc_bytes=4, sms=132) == (1, 12544, 0)
+    for room in (0, 10**5, 3 * (D * K + D) * 4 - 1, images_bytes, 10**12):
+        for dw, dbias in ((True, True), (True, False), (False, True)):
+            s = pe_ops.dw_schedule(M, K, D, room=room, acc_bytes=4, dw=dw, dbias=dbias, sms=132)
+            assert s.partial_bytes <= room and (s.split - 1) * s.rows < M <= s.split * s.rows
 
 
 def test_backward_is_deterministic():

@@ -4,6 +4,11 @@
 ``cat([cls_token, conv2d(images, weight, bias, stride=P).flatten(2).transpose(1, 2)], 1) + pos_embed``
 (each of bias, pos_embed and cls_token optional) in one GEMM whose loads gather the patches from the image.
 The images and the weight are read through their strides (NCHW, channels_last, views): nothing is copied.
+
+Memory: the forward saves the images and the weight, as eager's convolution does (bias, pos_embed and cls_token
+enter the tokens linearly: the backward needs only their shapes and dtypes). The backward allocates nothing but the
+gradients asked for: the split-K partial sums of dweight live in the dimages buffer before dimages is written
+(:func:`dw_schedule`).
 """
 
 from __future__ import annotations
@@ -18,15 +23,7 @@ from torch import Tensor
 from fastattn import _runtime, reference
 from fastattn.hwfit import KernelSpec
 from fastattn.kernels import patch_embed as K
-from fastattn.ops._common import (
-    KERNEL_DTYPES,
-    acc_tl,
-    bucket,
-    check_float_dtype,
-    dtype_name,
-    fallback_reason,
-    stat_dtype,
-)
+from fastattn.ops import _common as common
 
 _OP = "patch_embed"
 # What a forward and a backward launch (the backward's kernels each only for the gradients asked for).
@@ -53,16 +50,16 @@ class _Geometry(NamedTuple):
     w_flat: int  # 2: the weight stores each patch in the reduction order (W_FLAT)
 
 
-def _geometry(images: Tensor, weight: Tensor, pos: Tensor | None, cls: Tensor | None) -> _Geometry:
+def _geometry(images: Tensor, weight: Tensor, pos_rows: int, has_cls: bool) -> _Geometry:
+    """``pos_rows``: rows of the (TP, D) position embedding, 0 without one."""
     B, C, H, W = images.shape
     D, P = weight.shape[0], weight.shape[-1]
     WP = W // P
     N = (H // P) * WP
-    has_cls = int(cls is not None)
-    shift = int(has_cls == 1 and pos is not None and pos.shape[0] == N)
+    shift = int(has_cls and pos_rows == N)
     korder = int(C > 1 and images.stride(1) == 1)
-    return _Geometry(B, C, D, P, WP, N, C * P * P, N + has_cls, has_cls, shift, korder, _image_flat(images, korder),
-                     _weight_flat(weight, korder))
+    return _Geometry(B, C, D, P, WP, N, C * P * P, N + int(has_cls), int(has_cls), shift, korder,
+                     _image_flat(images, korder), _weight_flat(weight, korder))
 
 
 def _image_flat(t: Tensor, korder: int) -> int:
@@ -93,27 +90,46 @@ def _allow_tf32(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 def _kernel_flags(dtype: torch.dtype, device: torch.device) -> dict:
-    return {"PRECISION": "tf32" if _allow_tf32(dtype, device) else "ieee", "ACC": acc_tl(dtype)}
+    return {"PRECISION": "tf32" if _allow_tf32(dtype, device) else "ieee", "ACC": common.acc_tl(dtype)}
 
 
 def _strides(t: Tensor | None, n: int) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * n
 
 
-def _dw_splits(M: int, K: int, D: int, device: torch.device) -> tuple[int, int]:
-    """(SPLIT, ROWS): the dW reduction over M tokens runs as SPLIT programs per output tile of ROWS tokens each.
+class DwSchedule(NamedTuple):
+    split: int  # token ranges per dW output tile (1: the GEMM writes dweight and dbias themselves)
+    rows: int  # tokens per range
+    partial_bytes: int  # the ranges' partial sums, held in the dimages buffer (0 with one range)
 
-    Enough splits to give every SM about two programs, each at least ``min_rows`` tokens long. Under the
-    interpreter a pretend 2-SM device with short splits makes the small test inputs take the split path too.
+
+def dw_schedule(M: int, K: int, D: int, *, room: int, acc_bytes: int, dw: bool = True, dbias: bool = True,
+                sms: int, cuda: bool = True) -> DwSchedule:
+    """How the dweight (and dbias) reduction over ``M`` tokens is split, for ``K = C P^2`` and ``D`` features.
+
+    Enough ranges to give each of ``sms`` SMs about two programs, each at least ``min_rows`` tokens long, but no
+    more partial sums than ``room`` bytes hold: the bytes of the dimages buffer (0 when dimages is not asked for),
+    which the partials occupy until the dimages kernel overwrites it. The backward so allocates nothing but its
+    gradients, and its peak memory is that of eager's convolution backward; the price is parallelism where images
+    need no gradient (the ViT stem): there one range per output tile, ``ceil(K/BLOCK_M) * ceil(D/BLOCK_N)``
+    programs. ``acc_bytes``: 4 (fp32 partials), 8 for float64. ``cuda=False``: the interpreter's short ranges, so
+    that small test inputs take the split path too. A pure function: ``fastattn.perf`` and the tests call it.
     """
-    if device.type == "cuda":
-        sms, min_rows, align = torch.cuda.get_device_properties(device).multi_processor_count, 1024, 64
-    else:
-        sms, min_rows, align = 2, 16, 16
-    tiles = triton.cdiv(K, 128) * triton.cdiv(D, 128)
-    split = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, min_rows)))
-    rows = triton.cdiv(triton.cdiv(M, split), align) * align
-    return triton.cdiv(M, rows), rows
+    min_rows, align = (1024, 64) if cuda else (16, 16)
+    tiles = (triton.cdiv(K, 128) if dw else 1) * triton.cdiv(D, 128)
+    per_range = ((D * K if dw else 0) + (D if dbias else 0)) * acc_bytes
+    fits = room // per_range if per_range else 0
+    want = max(1, min(triton.cdiv(2 * sms, tiles), triton.cdiv(M, min_rows), fits))
+    rows = triton.cdiv(triton.cdiv(M, want), align) * align
+    split = triton.cdiv(M, rows)
+    return DwSchedule(split, rows, split * per_range if split > 1 else 0)
+
+
+def _partials(dx: Tensor, split: int, width: int, dtype: torch.dtype) -> Tensor:
+    """A (split, width) tensor of ``dtype`` over the first bytes of ``dx``, a fresh ``empty_like`` (dense, offset 0)
+    that :func:`dw_schedule` found large enough and that nothing has written yet."""
+    elements = split * width * dtype.itemsize // dx.element_size()
+    return dx.as_strided((dx.numel(),), (1,))[:elements].view(dtype).view(split, width)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,7 +139,7 @@ def _dw_splits(M: int, K: int, D: int, device: torch.device) -> tuple[int, int]:
 
 def _forward(images: Tensor, weight: Tensor, bias: Tensor | None, pos: Tensor | None,
              cls: Tensor | None) -> Tensor:
-    g = _geometry(images, weight, pos, cls)
+    g = _geometry(images, weight, pos.shape[0] if pos is not None else 0, cls is not None)
     out = torch.empty((g.B, g.T, g.D), device=images.device, dtype=_out_dtype(images, pos, cls))
     M = g.B * g.N
     if M == 0 or g.D == 0:
@@ -135,58 +151,38 @@ def _forward(images: Tensor, weight: Tensor, bias: Tensor | None, pos: Tensor | 
     _runtime.launch(
         K._pe_fwd, grid, images, weight, bias, pos, cls, out,
         *images.stride(), *weight.stride(), *_strides(bias, 1), *_strides(pos, 2), *_strides(cls, 1), *out.stride(),
-        M, g.N, g.WP, g.K, g.D, bucket(M),
+        M, g.N, g.WP, g.K, g.D, common.bucket(M),
         C=g.C, P=g.P, KORDER=g.korder, X_FLAT=g.x_flat, W_FLAT=g.w_flat, CLS=g.cls, SHIFT=g.shift,
         **_kernel_flags(images.dtype, images.device),
     )
     return out
 
 
-def _backward(dout: Tensor, images: Tensor, weight: Tensor, bias: Tensor | None, pos: Tensor | None,
-              cls: Tensor | None, need_dx: bool, need_dw: bool, need_dbias: bool, need_dpos: bool,
+def _gradients(images: Tensor, weight: Tensor, pos_rows: int, pos_dtype: torch.dtype, cls_dtype: torch.dtype,
+               needs: tuple[bool, ...]) -> tuple[Tensor, ...]:
+    """The backward's outputs, uninitialised: (dimages, dweight, dbias, dpos_embed, dcls_token), each a fresh empty
+    tensor when not asked for (custom-op outputs must not alias one another). Nothing else is allocated."""
+    D = weight.shape[0]
+    made = (lambda: torch.empty_like(images), lambda: torch.empty_like(weight),
+            lambda: images.new_empty((D,)), lambda: images.new_empty((pos_rows, D), dtype=pos_dtype),
+            lambda: images.new_empty((D,), dtype=cls_dtype))
+    return tuple(make() if need else images.new_empty((0,)) for make, need in zip(made, needs))
+
+
+def _backward(dout: Tensor, images: Tensor, weight: Tensor, pos_rows: int, has_cls: bool, pos_dtype: torch.dtype,
+              cls_dtype: torch.dtype, need_dx: bool, need_dw: bool, need_dbias: bool, need_dpos: bool,
               need_dcls: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    g = _geometry(images, weight, pos, cls)
+    g = _geometry(images, weight, pos_rows, has_cls)
     M = g.B * g.N
-
-    def none() -> Tensor:  # a fresh empty tensor each: custom-op outputs must not alias one another
-        return images.new_empty((0,))
-
-    dx = torch.empty_like(images) if need_dx else none()
-    dw = torch.empty_like(weight) if need_dw or need_dbias else none()  # dbias comes out of the dW GEMM
-    db = torch.empty_like(bias) if need_dbias else none()
-    dpos = torch.empty_like(pos) if need_dpos else none()
-    dcls = torch.empty_like(cls) if need_dcls else none()
+    dx, dw, db, dpos, dcls = _gradients(images, weight, pos_rows, pos_dtype, cls_dtype,
+                                        (need_dx, need_dw, need_dbias, need_dpos, need_dcls))
     if M == 0 or g.D == 0:  # nothing to sum: zero gradients
-        return dx.zero_(), dw.zero_() if need_dw else none(), db.zero_(), dpos.zero_(), dcls.zero_()
+        return dx.zero_(), dw.zero_(), db.zero_(), dpos.zero_(), dcls.zero_()
     flags = _kernel_flags(images.dtype, images.device)
     geo = {"C": g.C, "P": g.P, "KORDER": g.korder, "CLS": g.cls}
 
     if need_dw or need_dbias:
-        split, rows = _dw_splits(M, g.K, g.D, images.device)
-        DK = g.D * g.K
-        dw_flat = _weight_flat(dw, g.korder)
-        if split == 1:  # the GEMM writes the gradients themselves
-            DW, DB, dw_strides, db_strides = dw, db if need_dbias else None, (0, *dw.stride()), (0, *db.stride())
-        else:  # fp32 partials per split, (D, K) in reduction order, added in a fixed order by _pe_bwd_reduce
-            E = DK + (g.D if need_dbias else 0)
-            part = torch.empty((split, E), device=images.device, dtype=stat_dtype(images.dtype))
-            DW, DB = part, part[:, DK:] if need_dbias else None
-            dw_strides, db_strides = (E, g.K, 0, 0, 0), (E, 1)
-        _runtime.launch(
-            K._pe_bwd_dw, lambda meta: (triton.cdiv(g.K, meta["BLOCK_M"]), triton.cdiv(g.D, meta["BLOCK_N"]), split),
-            images, weight, dout, DW, DB,
-            *images.stride(), *dout.stride(), *dw_strides, *db_strides,
-            M, g.N, g.WP, g.K, g.D, rows, bucket(rows), X_FLAT=g.x_flat, DW_FLAT=dw_flat if split == 1 else 2,
-            **geo, **flags,
-        )
-        if split > 1:
-            _runtime.launch(
-                K._pe_bwd_reduce, (triton.cdiv(E, REDUCE_BLOCK),), part, dw, db if need_dbias else None,
-                *dw.stride(), db.stride(0) if need_dbias else 0, split, g.D, g.K,
-                C=g.C, P=g.P, KORDER=g.korder, W_FLAT=dw_flat, ACC=flags["ACC"], BLOCK=REDUCE_BLOCK,
-            )
-        if not need_dw:
-            dw = none()
+        _dweight_dbias(dout, images, weight, g, dx, dw if need_dw else None, db if need_dbias else None, flags, geo)
 
     if need_dpos or need_dcls:
         rows_t = g.T if need_dpos else 1
@@ -199,13 +195,48 @@ def _backward(dout: Tensor, images: Tensor, weight: Tensor, bias: Tensor | None,
             num_warps=4,
         )
 
-    if need_dx:
+    if need_dx:  # last: until here dx's buffer may hold the dweight partials
         _runtime.launch(
             K._pe_bwd_dx, lambda meta: (triton.cdiv(g.K, meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"])),
             dout, weight, dx, *dout.stride(), *weight.stride(), *dx.stride(),
-            M, g.N, g.WP, g.K, g.D, bucket(M), X_FLAT=_image_flat(dx, g.korder), W_FLAT=g.w_flat, **geo, **flags,
+            M, g.N, g.WP, g.K, g.D, common.bucket(M), X_FLAT=_image_flat(dx, g.korder), W_FLAT=g.w_flat, **geo,
+            **flags,
         )
     return dx, dw, db, dpos, dcls
+
+
+def _dweight_dbias(dout: Tensor, images: Tensor, weight: Tensor, g: _Geometry, dx: Tensor, dw: Tensor | None,
+                   db: Tensor | None, flags: dict, geo: dict) -> None:
+    """dweight and/or dbias (None: not asked for) by the dW GEMM, split as :func:`dw_schedule` says."""
+    M = g.B * g.N
+    acc = common.stat_dtype(images.dtype)
+    sched = dw_schedule(M, g.K, g.D, room=dx.numel() * dx.element_size(), acc_bytes=acc.itemsize,
+                        dw=dw is not None, dbias=db is not None, sms=common.sm_count(images.device),
+                        cuda=images.device.type == "cuda")
+    dw_flat = _weight_flat(dw, g.korder) if dw is not None else 0
+    DK = g.D * g.K if dw is not None else 0
+    E = DK + (g.D if db is not None else 0)
+    if sched.split == 1:  # the GEMM writes the gradients themselves
+        DW, DB = dw, db
+        dw_strides, db_strides = (0, *_strides(dw, 4)), (0, *_strides(db, 1))
+    else:  # partials per range, (D, K) in reduction order then (D,), added in a fixed order by _pe_bwd_reduce
+        part = _partials(dx, sched.split, E, acc)
+        DW, DB = (part if dw is not None else None), (part[:, DK:] if db is not None else None)
+        dw_strides, db_strides = (E, g.K, 0, 0, 0), (E, 1)
+    k_blocks = (lambda meta: triton.cdiv(g.K, meta["BLOCK_M"])) if dw is not None else (lambda meta: 1)
+    _runtime.launch(
+        K._pe_bwd_dw, lambda meta: (k_blocks(meta), triton.cdiv(g.D, meta["BLOCK_N"]), sched.split),
+        images, weight, dout, DW, DB,
+        *images.stride(), *dout.stride(), *dw_strides, *db_strides,
+        M, g.N, g.WP, g.K, g.D, sched.rows, common.bucket(sched.rows), X_FLAT=g.x_flat,
+        DW_FLAT=dw_flat if sched.split == 1 else 2, **geo, **flags,
+    )
+    if sched.split > 1:
+        _runtime.launch(
+            K._pe_bwd_reduce, (triton.cdiv(E, REDUCE_BLOCK),), part, dw, db,
+            *_strides(dw, 4), *_strides(db, 1), sched.split, g.D, g.K,
+            C=g.C, P=g.P, KORDER=g.korder, W_FLAT=dw_flat, ACC=flags["ACC"], BLOCK=REDUCE_BLOCK,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,35 +261,38 @@ def _(images, weight, bias, pos_embed, cls_token):
 
 
 @torch.library.custom_op("fastattn::patch_embed_backward", mutates_args=(), device_types=None)
-def patch_embed_backward_op(grad_out: Tensor, images: Tensor, weight: Tensor, bias: Tensor | None,
-                            pos_embed: Tensor | None, cls_token: Tensor | None, need_dx: bool, need_dw: bool,
+def patch_embed_backward_op(grad_out: Tensor, images: Tensor, weight: Tensor, pos_rows: int, has_cls: bool,
+                            pos_dtype: torch.dtype, cls_dtype: torch.dtype, need_dx: bool, need_dw: bool,
                             need_dbias: bool, need_dpos: bool,
                             need_dcls: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dimages, dweight, dbias, dpos_embed, dcls_token) of ``fastattn::patch_embed``; the ones not asked
-    for are empty tensors."""
-    return _backward(grad_out, images, weight, bias, pos_embed, cls_token, need_dx, need_dw, need_dbias, need_dpos,
-                     need_dcls)
+    for are empty tensors. ``pos_rows`` (0: no pos_embed), ``has_cls``, ``pos_dtype`` and ``cls_dtype`` describe
+    the inputs the backward does not read."""
+    return _backward(grad_out, images, weight, pos_rows, has_cls, pos_dtype, cls_dtype, need_dx, need_dw, need_dbias,
+                     need_dpos, need_dcls)
 
 
 @patch_embed_backward_op.register_fake
-def _(grad_out, images, weight, bias, pos_embed, cls_token, need_dx, need_dw, need_dbias, need_dpos, need_dcls):
-    def like(t, need):
-        return torch.empty_like(t) if need else images.new_empty((0,))
-
-    return (like(images, need_dx), like(weight, need_dw), like(bias, need_dbias), like(pos_embed, need_dpos),
-            like(cls_token, need_dcls))
+def _(grad_out, images, weight, pos_rows, has_cls, pos_dtype, cls_dtype, need_dx, need_dw, need_dbias, need_dpos,
+      need_dcls):
+    return _gradients(images, weight, pos_rows, pos_dtype, cls_dtype,
+                      (need_dx, need_dw, need_dbias, need_dpos, need_dcls))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    images, weight, bias, pos, cls = inputs
+    ctx.save_for_backward(images, weight)  # bias, pos and cls enter linearly: only their shapes and dtypes matter
+    ctx.has_bias = bias is not None
+    ctx.pos = (pos.shape[0], pos.dtype) if pos is not None else (0, images.dtype)
+    ctx.cls = (True, cls.dtype) if cls is not None else (False, images.dtype)
 
 
 def _backward_autograd(ctx, dout):
-    images, weight, bias, pos, cls = ctx.saved_tensors
+    images, weight = ctx.saved_tensors
+    (pos_rows, pos_dtype), (has_cls, cls_dtype) = ctx.pos, ctx.cls
     needs = ctx.needs_input_grad
-    need = (needs[0], needs[1], bias is not None and needs[2], pos is not None and needs[3],
-            cls is not None and needs[4])
-    grads = patch_embed_backward_op(dout, images, weight, bias, pos, cls, *need)
+    need = (needs[0], needs[1], ctx.has_bias and needs[2], pos_rows > 0 and needs[3], has_cls and needs[4])
+    grads = patch_embed_backward_op(dout, images, weight, pos_rows, has_cls, pos_dtype, cls_dtype, *need)
     return tuple(gr if n else None for gr, n in zip(grads, need))
 
 
@@ -284,15 +318,15 @@ def _check(images: Tensor, weight: Tensor, bias: Tensor | None, pos_embed: Tenso
     if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
         raise ValueError(f"fastattn.{_OP}: weight must be a Conv2d weight (D, C, P, P) with a square P x P patch; "
                          f"got shape {tuple(weight.shape)}")
-    check_float_dtype(_OP, "images", images, KERNEL_DTYPES)
+    common.check_float_dtype(_OP, "images", images, common.KERNEL_DTYPES)
     if weight.dtype != images.dtype or (bias is not None and bias.dtype != images.dtype):
-        got = f"images {dtype_name(images.dtype)}, weight {dtype_name(weight.dtype)}"
-        got += f", bias {dtype_name(bias.dtype)}" if bias is not None else ""
+        got = f"images {common.dtype_name(images.dtype)}, weight {common.dtype_name(weight.dtype)}"
+        got += f", bias {common.dtype_name(bias.dtype)}" if bias is not None else ""
         raise TypeError(f"fastattn.{_OP}: images, weight and bias must have one dtype (as conv2d requires); got {got}")
     for name, t in (("pos_embed", pos_embed), ("cls_token", cls_token)):
         if t is not None and t.dtype not in (images.dtype, torch.float32):
-            raise TypeError(f"fastattn.{_OP}: {name} must have the images' dtype {dtype_name(images.dtype)} or "
-                            f"float32; got {dtype_name(t.dtype)}")
+            raise TypeError(f"fastattn.{_OP}: {name} must have the images' dtype {common.dtype_name(images.dtype)} or "
+                            f"float32; got {common.dtype_name(t.dtype)}")
     _, C, H, W = images.shape
     D, CW, P, _ = weight.shape
     if C != CW:
@@ -337,7 +371,7 @@ def patch_embed(images: Tensor, weight: Tensor, bias: Tensor | None = None, pos_
     the tokens then come out in float32, as torch's type promotion gives.
     """
     _check(images, weight, bias, pos_embed, cls_token)
-    reason = fallback_reason(images.device, images.dtype)
+    reason = common.fallback_reason(images.device, images.dtype)
     if reason is not None:
         _runtime.warn_fallback(_OP, reason)
         return reference.patch_embed(images, weight, bias, pos_embed, cls_token)
@@ -376,7 +410,7 @@ def kernel_specs() -> list[KernelSpec]:
         if channels_last:
             images = images.to(memory_format=torch.channels_last)
         weight = torch.empty((D, C, P, P), device=meta, dtype=dtype)
-        g = _geometry(images, weight, None, torch.empty((D,), device=meta))
+        g = _geometry(images, weight, 0, True)
         vec = torch.empty((D,), device=meta, dtype=dtype)
         pos = torch.empty((T, D), device=meta, dtype=tok_dtype)
         cls = torch.empty((D,), device=meta, dtype=tok_dtype)
@@ -387,7 +421,7 @@ def kernel_specs() -> list[KernelSpec]:
         ws = dict(zip(("stride_wd", "stride_wc", "stride_wi", "stride_wj"), weight.stride()))
         dos = dict(zip(("stride_dob", "stride_dot", "stride_dod"), out.stride()))
         M = B * N
-        sizes = {"M": M, "N": N, "WP": W // P, "K": Kp, "D": D, "M_BUCKET": bucket(M)}
+        sizes = {"M": M, "N": N, "WP": W // P, "K": Kp, "D": D, "M_BUCKET": common.bucket(M)}
         fwd = dict(X=images, Wt=weight, Bias=vec, Pos=pos, Cls=cls, Out=out, **xs, **ws, stride_bias=1,
                    stride_pt=D, stride_pd=1, stride_cls=1, stride_ob=T * D, stride_ot=D, stride_od=1, **sizes,
                    X_FLAT=g.x_flat, W_FLAT=g.w_flat, SHIFT=0, **flags)
@@ -396,19 +430,29 @@ def kernel_specs() -> list[KernelSpec]:
                   stride_dwd=Kp, stride_dwc=0, stride_dwi=0, stride_dwj=0, stride_dbs=D * Kp + D, stride_dbd=1,
                   **sizes, ROWS=448, X_FLAT=g.x_flat, DW_FLAT=2, **flags)
         dw["M_BUCKET"] = 512
+        # one range (no dimages to hold partials): the GEMM stores dweight in the weight's dtype and layout
+        dw_one = dict(dw, DW=weight, DB=vec, stride_dws=0, stride_dbs=0, ROWS=M, M_BUCKET=sizes["M_BUCKET"],
+                      DW_FLAT=g.w_flat, **{f"stride_dw{a}": st for a, st in zip("dcij", weight.stride())})
         dx = dict(DO=out, Wt=weight, DX=images, **dos, **ws, **xs, **sizes, X_FLAT=g.x_flat, W_FLAT=g.w_flat, **flags)
-        for kern, args in ((K._pe_fwd, fwd), (K._pe_bwd_dw, dw), (K._pe_bwd_dx, dx)):
+        gemms = ((K._pe_fwd, fwd, vname), (K._pe_bwd_dw, dw, vname), (K._pe_bwd_dw, dw_one, f"{vname} one range"),
+                 (K._pe_bwd_dx, dx, vname))
+        for kern, args, variant in gemms:
             for cfg in K.gemm_prune(K.gemm_configs(), args):
                 tile = cfg.kwargs  # one BLOCK_M x BLOCK_N x BLOCK_K MMA step per iteration of the reduction loop
-                specs.append(KernelSpec(_OP, kern, args, cfg, vname, needs_tensor_cores=True,
+                specs.append(KernelSpec(_OP, kern, args, cfg, variant, needs_tensor_cores=True,
                                         loop_flops=2 * tile["BLOCK_M"] * tile["BLOCK_N"] * tile["BLOCK_K"]))
         if P != 16 or channels_last:
             continue
+        # dbias alone (frozen weight): the dW kernel without its GEMM, and the partials' sum without dweight
+        db_only = dict(dw, DW=None, DB=part, stride_dbs=D, DW_FLAT=0)
+        for cfg in K.gemm_prune(K.gemm_configs(), db_only):
+            specs.append(KernelSpec(_OP, K._pe_bwd_dw, db_only, cfg, f"{vname} dbias only"))
         red = {"Part": part, "DW": weight, "DB": vec, "stride_wd": Kp, "stride_wc": P * P, "stride_wi": P,
                "stride_wj": 1, "stride_bd": 1, "SPLIT": 4, "D": D, "K": Kp, "C": C, "P": P, "KORDER": 0, "W_FLAT": 2,
                "ACC": tl.float32}
-        specs.append(KernelSpec(_OP, K._pe_bwd_reduce, red, triton.Config({"BLOCK": REDUCE_BLOCK}, num_warps=4),
-                                vname))
+        for variant, args in ((vname, red), (f"{vname} dbias only", dict(red, DW=None))):
+            specs.append(KernelSpec(_OP, K._pe_bwd_reduce, args, triton.Config({"BLOCK": REDUCE_BLOCK}, num_warps=4),
+                                    variant))
         dpos = dict(DO=out, DPos=pos, DCls=cls, **dos, stride_pt=D, stride_pd=1, stride_cls=1, B=B, R=T, D=D,
                     SHIFT=0, ACC=tl.float32)
         bb, bt, bd = DPOS_BLOCKS

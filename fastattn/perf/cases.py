@@ -28,6 +28,7 @@ from torch import Tensor
 
 import fastattn
 from fastattn import reference
+from fastattn.ops import patch_embed as pe_ops
 
 SUITES = ("gpu", "quick", "model", "small", "check")
 
@@ -391,6 +392,13 @@ def _patch_embed_case(label: str, B: int, H: int, W: int, dimages: bool, P: int 
         return None
 
     kernels = ("_pe_fwd", "_pe_bwd_dw", "_pe_bwd_dpos") + (("_pe_bwd_dx",) if dimages else ())
+    # the launcher's dW schedule on a GPU of SCRATCH_SMS SMs, for 2-byte images: its partials need dimages' buffer
+    sched = pe_ops.dw_schedule(B * N, K, D, room=2 * B * C * H * W if dimages else 0, acc_bytes=4, sms=SCRATCH_SMS)
+    if sched.split > 1:
+        dw_note = (f"dweight's {sched.split} split-K partial sums ({sched.partial_bytes / 2**20:,.1f} MiB at "
+                   f"{SCRATCH_SMS} SMs) live in the dimages buffer before it is written")
+    else:
+        dw_note = "dweight in one token range per tile (no dimages buffer to hold split-K partials): no scratch"
     return Case(
         op="patch_embed", label=label,
         shape=f"B={B} {C}x{H}x{W} P={P} D={D}" + (" +dimages" if dimages else ""),
@@ -398,7 +406,7 @@ def _patch_embed_case(label: str, B: int, H: int, W: int, dimages: bool, P: int 
         baselines={"unfold + linear": _unfold_linear},
         flops=2.0 * B * N * K * D, bwd_flops_factor=2.0 if dimages else 1.0,
         min_bytes=min_bytes, check_saved=check_saved,
-        saved_note="saves only its inputs (images, weight, bias, pos_embed, cls_token)",
+        saved_note=f"saves only images and weight, as eager's convolution does; {dw_note}",
         kernels=kernels, dims={"B": B, "H": H, "W": W, "P": P, "D": D, "N": N, "dimages": int(dimages)},
     )
 
@@ -422,39 +430,6 @@ def patch_embed_cases(suite: str) -> list[Case]:
     return [_patch_embed_case(*s) for s in shapes]
 
 
-def _patch_embed_dw_splits(M: int, K: int, D: int, sms: int, min_rows: int = 1024, align: int = 64) -> int:
-    """SPLIT of the dW reduction, as ``fastattn.ops.patch_embed._dw_splits`` computes it on a device of ``sms``
-    (its CUDA branch by default)."""
-    tiles = _cdiv(K, 128) * _cdiv(D, 128)
-    split = max(1, min(_cdiv(2 * sms, tiles), _cdiv(M, min_rows)))
-    rows = _cdiv(_cdiv(M, split), align) * align
-    return _cdiv(M, rows)
-
-
-def _patch_embed_backward_scratch(args: tuple, kwargs: dict, splits: Callable[[int, int, int], int] | None = None
-                                  ) -> int:
-    """fp32 partials of dW (and dbias) over split-K ranges of tokens, added by a second kernel; dbias alone still
-    allocates dW, since it comes out of the dW GEMM. ``splits(M, K, D)`` defaults to a GPU with
-    :data:`SCRATCH_SMS` SMs."""
-    splits = splits or (lambda M, K, D: _patch_embed_dw_splits(M, K, D, SCRATCH_SMS))
-    a = op_arguments("fastattn::patch_embed_backward", args, kwargs)
-    images, weight, need_dw, need_dbias = a["images"], a["weight"], a["need_dw"], a["need_dbias"]
-    if not (need_dw or need_dbias):
-        return 0
-    B, C, H, W = images.shape
-    D, P = weight.shape[0], weight.shape[-1]
-    M, K = B * (H // P) * (W // P), C * P * P
-    if M == 0 or D == 0:
-        return 0
-    nbytes = 0 if need_dw else weight.numel() * weight.element_size()
-    split = splits(M, K, D)
-    if split > 1:
-        nbytes += split * (D * K + (D if need_dbias else 0)) * (8 if images.dtype == torch.float64 else 4)
-    return nbytes
-
-
-SCRATCH["fastattn::patch_embed_backward"] = _patch_embed_backward_scratch
-SCRATCH_NOTES["fastattn::patch_embed_backward"] = "patch_embed backward's fp32 split-K dweight/dbias partials"
 
 
 # ---------------------------------------------------------------------------------------------------------------
