@@ -10,10 +10,9 @@ and the peak memory); pytest-benchmark's own columns time synchronised rounds of
 
 import pytest
 
-from fastattn.perf import cases, gpu
+from fastattn.perf import gpu
 
-PARAMS = [pytest.param(case, impl, mode, id=f"{case.label}-{impl}-{mode}".replace(" ", "_"))
-          for case in cases.get("attention", "gpu") for impl in gpu.implementations(case) for mode in gpu.MODES]
+PARAMS = gpu.pytest_params("attention")
 
 
 @pytest.mark.parametrize("case, impl, mode", PARAMS)

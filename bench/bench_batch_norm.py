@@ -15,10 +15,9 @@ with GB/s, the ratio to eager and the peak memory); pytest-benchmark's own colum
 
 import pytest
 
-from fastattn.perf import cases, gpu
+from fastattn.perf import gpu
 
-PARAMS = [pytest.param(case, impl, mode, id=f"{case.label}-{impl}-{mode}".replace(" ", "_"))
-          for case in cases.get("batch_norm", "gpu") for impl in gpu.implementations(case) for mode in gpu.MODES]
+PARAMS = gpu.pytest_params("batch_norm")
 
 
 @pytest.mark.parametrize("case, impl, mode", PARAMS)

@@ -11,10 +11,9 @@ ratio to eager and the peak memory); pytest-benchmark's own columns time synchro
 
 import pytest
 
-from fastattn.perf import cases, gpu
+from fastattn.perf import gpu
 
-PARAMS = [pytest.param(case, impl, mode, id=f"{case.label}-{impl}-{mode}".replace(" ", "_"))
-          for case in cases.get("kvcache", "gpu") for impl in gpu.implementations(case) for mode in case.modes]
+PARAMS = gpu.pytest_params("kvcache")
 
 
 @pytest.mark.parametrize("case, impl, mode", PARAMS)

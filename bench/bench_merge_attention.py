@@ -7,10 +7,9 @@ reference and torch.compile of it, in GB/s.
 
 import pytest
 
-from fastattn.perf import cases, gpu
+from fastattn.perf import gpu
 
-PARAMS = [pytest.param(case, impl, mode, id=f"{case.label}-{impl}-{mode}".replace(" ", "_"))
-          for case in cases.get("merge_attention", "gpu") for impl in gpu.implementations(case) for mode in case.modes]
+PARAMS = gpu.pytest_params("merge_attention")
 
 
 @pytest.mark.parametrize("case, impl, mode", PARAMS)

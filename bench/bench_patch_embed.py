@@ -14,10 +14,9 @@ peak memory); pytest-benchmark's own columns time synchronised rounds of the sam
 
 import pytest
 
-from fastattn.perf import cases, gpu
+from fastattn.perf import gpu
 
-PARAMS = [pytest.param(case, impl, mode, id=f"{case.label}-{impl}-{mode}".replace(" ", "_"))
-          for case in cases.get("patch_embed", "gpu") for impl in gpu.implementations(case) for mode in gpu.MODES]
+PARAMS = gpu.pytest_params("patch_embed")
 
 
 @pytest.mark.parametrize("case, impl, mode", PARAMS)

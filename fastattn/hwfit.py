@@ -32,7 +32,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-from fastattn._runtime import jit_function
+from fastattn._runtime import interpreting, jit_function
 
 # Per-SM limits of the targets we report on (CUDA C Programming Guide, "Compute capabilities").
 ARCH_LIMITS = {
@@ -383,7 +383,7 @@ def compile_spec(spec: KernelSpec, arch: int, dump_dir: str | None = None, use_c
     With ``use_cache`` a report compiled before from the same content (:func:`spec_key`) is read from
     ``cache_dir()/hwfit-specs`` instead; ``dump_dir`` (the cubin itself is wanted) always compiles."""
     fn = jit_function(spec.kernel)
-    if type(fn).__name__ == "InterpretedFunction":
+    if interpreting():
         raise RuntimeError("fastattn.hwfit.compile_spec needs kernels built without TRITON_INTERPRET; "
                            "use fastattn.hwfit.check(), which compiles in clean worker processes")
     path = _cache_path(spec, arch) if use_cache else None

@@ -4,7 +4,8 @@ Kept so that old import paths keep working (``import fastattn.patch``, ``from fa
 and so do models pickled before the package existed, whose fused classes were globals of this module
 (``fastattn.patch.FusedTimmBlock``, ``fastattn.patch.FusedMultiheadAttention``): unpickling finds them here and
 gets the classes of :mod:`fastattn.patching` (the library ones are built on first access). ``fastattn.patch`` itself
-is the function :func:`fastattn.patching.patch`; this module is ``sys.modules["fastattn.patch"]``.
+is the function :func:`fastattn.patching.patch`, as it always was (so ``import fastattn.patch as p`` binds the
+function too); this module is ``sys.modules["fastattn.patch"]`` (``importlib.import_module("fastattn.patch")``).
 """
 
 from fastattn.patching import PatchEntry, PatchReport, patch, patch_report, unpatch

@@ -370,52 +370,43 @@ def _compute_dtype(z: Tensor, *params: Tensor | None) -> torch.dtype:
     return dtype
 
 
-def add_layer_norm(
-    x: Tensor,
-    residual: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-    dropout_p: float = 0.0,
-    *,
-    residual_in_fp32: bool = False,
-    dropout_mask: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+def add_layer_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = None, bias: Tensor | None = None,
+                   eps: float = 1e-5, dropout_p: float = 0.0, *, residual_in_fp32: bool = False,
+                   dropout_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``residual_out = dropout(x) + residual``, ``out = layer_norm(residual_out)`` over the last dim, both returned.
 
     ``residual_out`` is computed in the residual stream's dtype; the norm runs in the promoted dtype of
     ``residual_out`` and the parameters and ``out`` is cast to ``x``'s dtype. ``dropout_mask`` (bool, True = keep,
     shaped like ``x``) replays a kernel's mask.
     """
-    z = _add_dropout_residual(x, residual, dropout_p, residual_in_fp32, dropout_mask)
-    ct = _compute_dtype(z, weight, bias)
-    out = F.layer_norm(z.to(ct), (z.size(-1),), weight.to(ct) if weight is not None else None,
-                       bias.to(ct) if bias is not None else None, eps)
-    return out.to(x.dtype), z
+    return _add_norm(x, residual, weight, bias, eps, dropout_p, residual_in_fp32, dropout_mask, False)
 
 
-def add_rms_norm(
-    x: Tensor,
-    residual: Tensor | None = None,
-    weight: Tensor | None = None,
-    eps: float = 1e-6,
-    dropout_p: float = 0.0,
-    *,
-    residual_in_fp32: bool = False,
-    dropout_mask: Tensor | None = None,
-    round_xhat: bool = False,
-    out_dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor]:
+def add_rms_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = None, eps: float = 1e-6,
+                 dropout_p: float = 0.0, *, residual_in_fp32: bool = False, dropout_mask: Tensor | None = None,
+                 round_xhat: bool = False, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     """RMSNorm twin of :func:`add_layer_norm`: ``out = residual_out * rsqrt(mean(residual_out^2) + eps) * weight``.
 
     ``round_xhat``: the normalised value is computed in float32 (float64 for float64 data) and rounded to
     ``residual_out``'s dtype before the weight multiply, as Llama-family RMSNorms do. ``out`` has ``out_dtype``
     (None: ``x``'s)."""
+    return _add_norm(x, residual, weight, None, eps, dropout_p, residual_in_fp32, dropout_mask, True, round_xhat,
+                     out_dtype)
+
+
+def _add_norm(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias: Tensor | None, eps: float,
+              dropout_p: float, residual_in_fp32: bool, dropout_mask: Tensor | None, is_rms: bool,
+              round_xhat: bool = False, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
     z = _add_dropout_residual(x, residual, dropout_p, residual_in_fp32, dropout_mask)
-    if round_xhat:
-        xhat = F.rms_norm(z.to(torch.promote_types(z.dtype, torch.float32)), (z.size(-1),), None, eps).to(z.dtype)
+    n = (z.size(-1),)
+    if round_xhat:  # RMSNorm only
+        xhat = F.rms_norm(z.to(torch.promote_types(z.dtype, torch.float32)), n, None, eps).to(z.dtype)
         out = xhat * weight.to(torch.promote_types(xhat.dtype, weight.dtype)) if weight is not None else xhat
         return out.to(out_dtype or x.dtype), z
-    ct = _compute_dtype(z, weight)
-    out = F.rms_norm(z.to(ct), (z.size(-1),), weight.to(ct) if weight is not None else None, eps)
+    ct = _compute_dtype(z, weight, bias)
+    w = weight.to(ct) if weight is not None else None
+    if is_rms:
+        out = F.rms_norm(z.to(ct), n, w, eps)
+    else:
+        out = F.layer_norm(z.to(ct), n, w, bias.to(ct) if bias is not None else None, eps)
     return out.to(out_dtype or x.dtype), z

@@ -349,6 +349,19 @@ def _layer_norm_bwd(
 
 
 @triton.jit
+def _sum_partials(Part, Out, stride_p, G, cols, col_ok, ACC: tl.constexpr, BLOCK_G: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Out[cols] = the sum of the G partial rows of Part in a fixed order (BLOCK_G rows at a time, then a tree)."""
+    offs_g = tl.arange(0, BLOCK_G)
+    acc = tl.zeros([BLOCK_G, BLOCK_N], ACC)
+    for start in range(0, G, BLOCK_G):
+        g = start + offs_g
+        acc += tl.load(Part + g.to(tl.int64)[:, None] * stride_p + cols[None, :],
+                       mask=(g < G)[:, None] & col_ok[None, :], other=0.0)
+    tl.store(Out + cols, cast(tl.sum(acc, 0), Out.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
 def _layer_norm_bwd_reduce(
     DWp, DBp, DW, DB,  # DWp, DBp: (G, >= N) partial sums in ACC with row stride stride_p; DW, DB: (N,)
     stride_p, G, N,
@@ -356,21 +369,10 @@ def _layer_norm_bwd_reduce(
 ):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
-    offs_g = tl.arange(0, BLOCK_G)
     if DWp is not None:
-        acc = tl.zeros([BLOCK_G, BLOCK_N], ACC)
-        for start in range(0, G, BLOCK_G):
-            g = start + offs_g
-            acc += tl.load(DWp + g.to(tl.int64)[:, None] * stride_p + cols[None, :],
-                           mask=(g < G)[:, None] & col_ok[None, :], other=0.0)
-        tl.store(DW + cols, cast(tl.sum(acc, 0), DW.dtype.element_ty), mask=col_ok)
+        _sum_partials(DWp, DW, stride_p, G, cols, col_ok, ACC, BLOCK_G, BLOCK_N)
     if DBp is not None:
-        acc = tl.zeros([BLOCK_G, BLOCK_N], ACC)
-        for start in range(0, G, BLOCK_G):
-            g = start + offs_g
-            acc += tl.load(DBp + g.to(tl.int64)[:, None] * stride_p + cols[None, :],
-                           mask=(g < G)[:, None] & col_ok[None, :], other=0.0)
-        tl.store(DB + cols, cast(tl.sum(acc, 0), DB.dtype.element_ty), mask=col_ok)
+        _sum_partials(DBp, DB, stride_p, G, cols, col_ok, ACC, BLOCK_G, BLOCK_N)
 
 
 @triton.jit

@@ -1,4 +1,5 @@
-"""The three-way run every op test uses, and the check that the Triton kernels (not the eager fallback) ran.
+"""The three-way run every op test uses, the check that the Triton kernels (not the eager fallback) ran, and a spy
+on the launches' arguments.
 
 ``three_way(run, dtype, kernels=..., floors=...)`` calls ``run(label, lowp)`` three times: the float64 reference
 (``"ref"``), eager PyTorch in the low precision (``"eager"``) and fastattn in the low precision (``"ours"``, with
@@ -28,6 +29,22 @@ def assert_launched(launches: Mapping[str, int], kernels: Iterable[str] | Mappin
         ok = ran >= 1 if count is None else ran == count
         want = "at least once" if count is None else f"{count} time(s)"
         assert ok, f"Triton kernel {name} should have run {want}, ran {ran}: {dict(launches)}"
+
+
+def spy_launches(monkeypatch, kernel: str | None = None) -> list[tuple[str, tuple, dict]]:
+    """From now until the test ends, record ``(kernel name, args, kwargs)`` of every launch (of ``kernel`` only,
+    when given) in the returned list; the kernels still run."""
+    calls: list[tuple[str, tuple, dict]] = []
+    real = _runtime.launch
+
+    def spy(fn, grid, *args, **kwargs):
+        name = _runtime.kernel_name(fn)
+        if kernel is None or name == kernel:
+            calls.append((name, args, kwargs))
+        return real(fn, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_runtime, "launch", spy)
+    return calls
 
 
 def three_way(run: Callable[[str, torch.dtype], Results], dtype: torch.dtype, *,

@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import three_way
+from harness import spy_launches, three_way
 from torch.nn.attention.bias import CausalBias, CausalVariant, causal_lower_right, causal_upper_left
 
 import fastattn
@@ -136,18 +136,11 @@ def test_kv_cache_decode_lower_right():
 
 
 def test_causal_is_in_kernel_not_a_dense_mask(monkeypatch):
-    seen = []
-    real = _runtime.launch
-
-    def spy(kernel, grid, *args, **kwargs):
-        seen.append((_runtime.kernel_name(kernel), kwargs.get("MASK_KIND"), kwargs.get("IS_CAUSAL")))
-        return real(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(_runtime, "launch", spy)
+    calls = spy_launches(monkeypatch)
     q = torch.randn(1, 1, 9, 16)
     fastattn.scaled_dot_product_attention(q, torch.randn(1, 1, 20, 16), torch.randn(1, 1, 20, 16),
                                           attn_mask=causal_lower_right(9, 20))
-    assert seen == [("_attn_fwd", 0, True)]
+    assert [(name, kw.get("MASK_KIND"), kw.get("IS_CAUSAL")) for name, _, kw in calls] == [("_attn_fwd", 0, True)]
 
 
 # -- masks ----------------------------------------------------------------------------------------------------------
@@ -205,22 +198,14 @@ def test_fully_masked_rows_are_zero(kind):
 
 
 def test_mask_read_through_strides_without_copy(monkeypatch):
-    captured = {}
-    real = _runtime.launch
-
-    def spy(kernel, grid, *args, **kwargs):
-        if _runtime.kernel_name(kernel) == "_attn_fwd":
-            captured["q_ptr"], captured["mask_ptr"] = args[0].data_ptr(), args[3].data_ptr()
-            captured["mask_strides"] = args[6 + 12: 6 + 16]  # after 6 pointers and the q, k, v strides
-        return real(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(_runtime, "launch", spy)
+    calls = spy_launches(monkeypatch, "_attn_fwd")
     qkv = torch.randn(2, 11, 3, 4, 16)  # (B, L, 3, H, D): the packed projection of a self-attention layer
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     mask = torch.randn(11, 11)
     out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert captured["q_ptr"] == q.data_ptr() and captured["mask_ptr"] == mask.data_ptr()
-    assert tuple(captured["mask_strides"]) == (0, 0, 11, 1)
+    [(_, args, _)] = calls
+    assert args[0].data_ptr() == q.data_ptr() and args[3].data_ptr() == mask.data_ptr()
+    assert tuple(args[6 + 12: 6 + 16]) == (0, 0, 11, 1)  # the mask's strides, after 6 pointers and q, k, v's
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask), atol=1e-5, rtol=1e-5)
 
 

@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import three_way
+from harness import spy_launches, three_way
 
 import fastattn
 from fastattn import _runtime, reference
@@ -102,9 +102,9 @@ def check_case(shape, dtype, *, training=True, identity=True, channels_last=Fals
         return {"out": out, "running_mean": rms, "running_var": rvs,
                 **{k: (t.grad if t is not None and t.requires_grad else None) for k, t in leaves.items()}}
 
-    kernels = dict.fromkeys(bn_ops.FORWARD_KERNELS if training else ("_bn_fwd_apply",), 1)
+    kernels = dict.fromkeys(bn_ops.FORWARD_KERNELS if training else bn_ops.FORWARD_KERNELS[-1:], 1)  # eval: apply
     if requires:
-        kernels["_bn_bwd_reduce"] = 1
+        kernels[bn_ops.BACKWARD_KERNELS[0]] = 1
     floors = batch_norm_floors(x, ident, rm, rv, w, b, grad_out, dtype=dtype, training=training, eps=eps,
                                momentum=momentum, lane_terms=bn_ops.lane_terms(x.to(memory_format=fmt)))
     results = three_way(run, dtype, kernels=kernels, floors=floors)
@@ -240,19 +240,11 @@ def _torch_vs_ours(x, identity, grad_out=None, training=True):
 
 def test_strided_views_without_copy(monkeypatch):
     """A cropped, strided spatial view (H and W do not merge) and a transposed one are read through strides."""
-    seen = []
-    real = _runtime.launch
-
-    def spy(kernel, grid, *args, **kwargs):
-        if _runtime.kernel_name(kernel) == "_bn_fwd_reduce":
-            seen.append(args[0].data_ptr())
-        return real(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(_runtime, "launch", spy)
+    calls = spy_launches(monkeypatch, "_bn_fwd_reduce")
     base = torch.randn(3, 6, 11, 14)
     x = base[:, :, 1:, ::2]
     _torch_vs_ours(x, torch.randn(x.shape))
-    assert seen == [x.data_ptr()]
+    assert [args[0].data_ptr() for _, args, _ in calls] == [x.data_ptr()]
     xt = torch.randn(3, 6, 7, 5).transpose(2, 3)
     _torch_vs_ours(xt, torch.randn(xt.shape), training=False)
 

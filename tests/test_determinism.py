@@ -10,17 +10,16 @@ kernel fails to write shows up here.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import triton
 import triton.language as tl
 from fastattn.kernels import batch_norm as bn_kernels
-from fastattn.kernels import layer_norm as ln_kernels
 
 import fastattn
 from fastattn import _runtime
+from fastattn.ops import attention as attn_ops
+from fastattn.ops import batch_norm as bn_ops
 from fastattn.ops import layer_norm as ln_ops
 from fastattn.ops import patch_embed as pe_ops
 from fastattn.ops._common import sm_count
@@ -61,14 +60,12 @@ def _attention(device):
     out, lse = fastattn.attention(*leaves[:3], attn_mask=leaves[3], dropout_p=0.2, is_causal=True, enable_gqa=True,
                                   return_lse=True)
     torch.autograd.backward([out, lse], [g_out, g_lse])
-    return [out, lse] + [t.grad for t in leaves], ("_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv",
-                                                   "_attn_bwd_dq")
+    return [out, lse] + [t.grad for t in leaves], attn_ops.FORWARD_KERNELS + attn_ops.BACKWARD_KERNELS
 
 
 def _add_norm(device, rms):
     M, N = 45, 65
-    cfg = ln_kernels.bwd_config(N)
-    _, per = ln_ops.backward_programs(math.ceil(M / cfg.kwargs["BLOCK_M"]), cfg.num_warps, torch.device(device))
+    per = ln_ops.backward_schedule(M, N, torch.float16, ln_ops.device_sms(torch.device(device)), 2).per
     if device == "cpu":
         assert per > 1, "each backward program should own several row blocks"
     x = _randn(M, N, dtype=torch.float16, seed=1, device=device)
@@ -81,7 +78,7 @@ def _add_norm(device, rms):
     fn = fastattn.add_rms_norm if rms else fastattn.add_layer_norm
     out, res = fn(*leaves, dropout_p=0.1)
     torch.autograd.backward([out, res], [g_out, g_res])
-    return [out, res] + [t.grad for t in leaves], ("_layer_norm_fwd", "_layer_norm_bwd", "_layer_norm_bwd_reduce")
+    return [out, res] + [t.grad for t in leaves], ln_ops.FORWARD_KERNELS + ln_ops.BACKWARD_KERNELS
 
 
 def _patch_embed(device):
@@ -114,8 +111,9 @@ def _batch_norm(device, training):
     leaves = [t.clone().requires_grad_() for t in (x, identity, w, b)]
     out = fastattn.batch_norm_add_relu(leaves[0], leaves[1], rm, rv, leaves[2], leaves[3], training, 0.1, 1e-5)
     out.backward(g)
-    kernels = ("_bn_fwd_reduce", "_bn_fwd_combine", "_bn_fwd_apply", "_bn_bwd_reduce", "_bn_bwd_combine",
-               "_bn_bwd_dx") if training else ("_bn_fwd_apply", "_bn_bwd_reduce", "_bn_bwd_combine")
+    # eval: the apply pass, and the backward's reduction and combine (dweight, dbias); dx needs no second pass
+    kernels = (bn_ops.FORWARD_KERNELS + bn_ops.BACKWARD_KERNELS if training
+               else bn_ops.FORWARD_KERNELS[-1:] + bn_ops.BACKWARD_KERNELS[:2])
     return [out, rm, rv] + [t.grad for t in leaves], kernels
 
 

@@ -7,7 +7,7 @@ with eager PyTorch in the same low precision:
   ``fastattn.testing``; where eager itself is not finite, within twice the error of eager in float32 plus two
   roundings to the low precision (ours computes in fp32 and rounds once);
 - where eager overflows (or the true value exceeds the dtype's range), the test pins down what we return, and
-  README ("Robustness") documents it.
+  bench/README.md ("Robustness") documents it.
 """
 
 from __future__ import annotations
@@ -262,6 +262,8 @@ def test_add_layer_norm_sum_overflowing_fp16():
 # -- BatchNorm ---------------------------------------------------------------------------------------------------------
 
 BN_GRADS = ("out", "dx", "didentity", "dweight", "dbias")
+BN_KERNELS = bn_ops.FORWARD_KERNELS + bn_ops.BACKWARD_KERNELS  # training, every gradient
+BN_EVAL_KERNELS = bn_ops.FORWARD_KERNELS[-1:]  # eval: the apply pass (no statistics)
 C = 5
 
 
@@ -301,7 +303,7 @@ def test_batch_norm_zero_variance_channels(dtype):
     x[:, 0], x[:, 1], x[:, 2] = 0.7, 1000.0, 0.0
     ours, eager = _bn(True)
     compare(ours, eager, [x, identity, w, b], dtype, BN_GRADS, floors=_bn_floors(dtype, True),
-            kernels=("_bn_fwd_reduce", "_bn_bwd_dx"))
+            kernels=BN_KERNELS)
 
 
 @pytest.mark.parametrize("spread", ["wide", "narrow"])
@@ -312,7 +314,7 @@ def test_batch_norm_values_near_fp16_max(spread):
     x = (x * 20000).clamp(-65000, 65000) if spread == "wide" else (x * 100 + 60000).clamp(max=65000)
     ours, eager = _bn(True)
     compare(ours, eager, [x, identity, w, b], torch.float16, BN_GRADS, floors=_bn_floors(torch.float16, True),
-            kernels=("_bn_fwd_reduce", "_bn_bwd_dx"))
+            kernels=BN_KERNELS)
 
 
 def test_batch_norm_eval_zero_running_variance():
@@ -320,7 +322,7 @@ def test_batch_norm_eval_zero_running_variance():
     x, identity, w, b = _bn_inputs()
     ours, eager = _bn(False, running_var=0.0)
     compare(ours, eager, [x * 0.01, identity, w, b], torch.float16, BN_GRADS,
-            floors=_bn_floors(torch.float16, False, running_var=0.0), kernels=("_bn_fwd_apply",))
+            floors=_bn_floors(torch.float16, False, running_var=0.0), kernels=BN_EVAL_KERNELS)
 
 
 # -- patch embedding ---------------------------------------------------------------------------------------------------

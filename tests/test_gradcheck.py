@@ -32,6 +32,7 @@ LN = ln_ops.FORWARD_KERNELS + ln_ops.BACKWARD_KERNELS[:1]
 PE = pe_ops.FORWARD_KERNELS + pe_ops.BACKWARD_KERNELS[:1]
 BN_TRAIN = bn_ops.FORWARD_KERNELS + bn_ops.BACKWARD_KERNELS[:1]
 BN_EVAL = bn_ops.FORWARD_KERNELS[-1:] + bn_ops.BACKWARD_KERNELS[:1]
+BN_TRAIN_ALL = bn_ops.FORWARD_KERNELS + bn_ops.BACKWARD_KERNELS  # with dx: the combine and the dx pass too
 
 
 def t64(*shape, requires_grad=True, scale=1.0):
@@ -140,13 +141,13 @@ def _bn_channels_last_no_affine():
     x = t64(3, 4, 3, 2, requires_grad=False).to(memory_format=torch.channels_last).requires_grad_()
     rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
     return (lambda x, i: fastattn.batch_norm_add_relu(x, i, rm.clone(), rv.clone(), None, None, True),
-            (x, t64(3, 4, 3, 2)), BN_TRAIN + ("_bn_bwd_combine", "_bn_bwd_dx"))
+            (x, t64(3, 4, 3, 2)), BN_TRAIN_ALL)
 
 
 def _bn_no_identity_no_running_cumulative():
     def f(x, w, b):
         return fastattn.batch_norm_add_relu(x, None, None, None, w, b, True, None)
-    return f, (t64(2, 3, 4, 3), t64(3), t64(3)), BN_TRAIN + ("_bn_bwd_combine", "_bn_bwd_dx")
+    return f, (t64(2, 3, 4, 3), t64(3), t64(3)), BN_TRAIN_ALL
 
 
 def _bn_momentum_none_running():
@@ -155,7 +156,7 @@ def _bn_momentum_none_running():
     def f(x, w):
         return fastattn.batch_norm_add_relu(x, None, rm.clone(), rv.clone(), w, None, True, None,
                                             num_batches_tracked=torch.tensor(4))
-    return f, (t64(4, 3, 2, 2), t64(3)), BN_TRAIN + ("_bn_bwd_combine", "_bn_bwd_dx")
+    return f, (t64(4, 3, 2, 2), t64(3)), BN_TRAIN_ALL
 
 
 def _bn_eval_channels_last_weight_only():

@@ -4,7 +4,7 @@ Each row gives fresh arguments, our call and torch's equivalent call on the same
 
 - ``raises``: ours raises this exception with a message naming the argument (the regex); ``torch_raises`` pins down
   what torch does with the same input (True: torch raises too; False: torch returns, i.e. we are stricter, and
-  README's "Robustness" section says why);
+  bench/README.md's "Robustness" section says why);
 - ``MATCH``: ours returns what torch returns (shape, dtype, values with NaN where torch has NaN) and, when the
   output can be differentiated, the same gradients (empty tensors included);
 - ``EMPTY``: torch raises but ours returns the empty result the shapes imply (documented).
@@ -547,7 +547,7 @@ def test_hostile_input(c: Case):
 
 
 def test_case_counts():
-    """The README's table is generated from these numbers; keep them in sync."""
+    """The table in bench/README.md ("Robustness") is generated from these numbers; keep them in sync."""
     raises = [c for c in CASES if isinstance(c.expect, tuple)]
     assert len({c.id for c in CASES}) == len(CASES), "duplicate case ids"
     assert all(c.torch_raises is not None for c in raises)

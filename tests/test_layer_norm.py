@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastattn.kernels import layer_norm as K
-from harness import three_way
+from harness import spy_launches, three_way
 
 import fastattn
 from fastattn import _runtime, reference
@@ -161,9 +161,8 @@ def small_loops(monkeypatch):
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
 def test_looped_path_small_chunks(small_loops, rms):
-    cfg = K.bwd_config(300)
-    assert K.fwd_config(300).kwargs["LOOPED"] and cfg.kwargs["LOOPED"]
-    _, per = ln_ops.backward_programs(math.ceil(23 / cfg.kwargs["BLOCK_M"]), cfg.num_warps, torch.device("cpu"))
+    assert K.fwd_config(300).kwargs["LOOPED"] and K.bwd_config(300).kwargs["LOOPED"]
+    per = ln_ops.backward_schedule(23, 300, torch.float16, ln_ops.device_sms(torch.device("cpu")), 2).per
     assert per > 1  # programs accumulate several row blocks into their partial (dweight, dbias) rows
     x = randn(23, 300) * 0.5 + 3.0
     check_case(x, randn(23, 300), randn(300), randn(300), dtype=torch.float16, rms=rms, dropout_p=0.2)
@@ -288,19 +287,12 @@ def test_non_contiguous_inputs(layout):
 
 
 def test_strided_inputs_are_read_without_copies(monkeypatch):
-    seen = []
-    real = _runtime.launch
-
-    def spy(kernel, grid, *args, **kwargs):
-        if _runtime.kernel_name(kernel) == FWD:
-            seen.append((args[0].data_ptr(), args[1].data_ptr(), args[8:14]))
-        return real(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(_runtime, "launch", spy)
+    calls = spy_launches(monkeypatch, FWD)
     buf = torch.randn(2, 11, 40)
     x = buf[:, 1:]  # (2, 10, 40) with strides (440, 40, 1)
     r = torch.randn(40, 10, 2).permute(2, 1, 0)  # strides (1, 2, 20)
     out, _ = fastattn.add_layer_norm(x, r)
+    seen = [(args[0].data_ptr(), args[1].data_ptr(), args[8:14]) for _, args, _ in calls]
     assert seen == [(x.data_ptr(), r.data_ptr(), (440, 40, 1, 1, 2, 20))]
     torch.testing.assert_close(out, F.layer_norm(x + r, (40,)))
 
@@ -351,26 +343,22 @@ def test_rms_norm_matches_torch_functional():
 
 
 def test_return_residual_false_skips_the_write_when_no_grad(monkeypatch):
-    stored = []
-    real = _runtime.launch
+    calls = spy_launches(monkeypatch, FWD)
 
-    def spy(kernel, grid, *args, **kwargs):
-        if _runtime.kernel_name(kernel) == FWD:
-            stored.append(args[5] is not None)  # RO
-        return real(kernel, grid, *args, **kwargs)
+    def stored():  # whether each launch wrote residual_out (its pointer RO)
+        return [args[5] is not None for _, args, _ in calls]
 
-    monkeypatch.setattr(_runtime, "launch", spy)
     x, r = torch.randn(9, 64), torch.randn(9, 64)
     with torch.no_grad():
         out = fastattn.add_layer_norm(x, r, return_residual=False)
-    assert isinstance(out, torch.Tensor) and stored == [False]
+    assert isinstance(out, torch.Tensor) and stored() == [False]
     xg = x.clone().requires_grad_()
     out2 = fastattn.add_layer_norm(xg, r, return_residual=False)  # the backward needs the sum: it is written
     out2.sum().backward()
-    assert stored == [False, True]
+    assert stored() == [False, True]
     torch.testing.assert_close(out, F.layer_norm(x + r, (64,)))
     _, res3 = fastattn.add_layer_norm(x, None)  # nothing to add: residual_out is x itself, never written
-    assert res3 is x and stored[-1] is False
+    assert res3 is x and stored()[-1] is False
 
 
 # -- modules ---------------------------------------------------------------------------------------------------------
@@ -440,8 +428,7 @@ def test_backward_is_bitwise_repeatable():
     """Every gradient, dweight and dbias included, is bitwise equal across runs (no atomics), also when programs
     own several row blocks."""
     N, M = 65, 150
-    cfg = K.bwd_config(N)
-    _, per = ln_ops.backward_programs(math.ceil(M / cfg.kwargs["BLOCK_M"]), cfg.num_warps, torch.device("cpu"))
+    per = ln_ops.backward_schedule(M, N, torch.float16, ln_ops.device_sms(torch.device("cpu")), 2).per
     assert per > 1  # several row blocks per program: the partial sums really accumulate
     inputs = [torch.randn(M, N, dtype=torch.float16), torch.randn(M, N, dtype=torch.float16),
               torch.randn(N, dtype=torch.float16), torch.randn(N, dtype=torch.float16)]

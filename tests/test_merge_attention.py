@@ -16,6 +16,7 @@ from harness import three_way
 
 import fastattn
 from fastattn import reference
+from fastattn.ops import attention as attn_ops
 from fastattn.ops import merge_attention as merge_ops
 from fastattn.testing import assert_close_to_reference, attention_floors, merge_floors
 
@@ -176,7 +177,7 @@ def test_merged_key_splits_equal_full_attention():
         return merge_floors(outs, lses, dtype=torch.float16, out_errs=[e[0] for e in errs],
                             lse_errs=[e[1] for e in errs])
 
-    three_way(run, torch.float16, kernels=("_merge_fwd", "_attn_fwd"), floors=floors)
+    three_way(run, torch.float16, kernels=merge_ops.FORWARD_KERNELS + attn_ops.FORWARD_KERNELS, floors=floors)
 
 
 def test_merged_key_splits_gradients_float64():

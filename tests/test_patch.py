@@ -382,6 +382,10 @@ def test_old_import_paths():
     assert OldReport is PatchReport and PatchEntry is fastattn.PatchEntry and OldMHA is FusedMultiheadAttention
     old = sys.modules["fastattn.patch"]
     assert old.patch_report is fastattn.patch_report and old.unpatch is fastattn.unpatch
+    import importlib
+
+    import fastattn.patch as as_name  # the package attribute: the function, as before the patching package
+    assert as_name is fastattn.patching.patch and importlib.import_module("fastattn.patch") is old
     with pytest.raises(AttributeError, match="FusedNothing"):
         old.FusedNothing  # noqa: B018
 

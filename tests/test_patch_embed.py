@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import three_way
+from harness import spy_launches, three_way
 
 import fastattn
 from fastattn import _runtime, reference
@@ -147,15 +147,9 @@ def test_vit_b16_like_shape_bf16():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_channels_last(dtype, monkeypatch):
-    seen = []
-    real = _runtime.launch
-
-    def spy(kernel, grid, *args, **kwargs):
-        seen.append((_runtime.kernel_name(kernel), kwargs.get("KORDER"), kwargs.get("X_FLAT")))
-        return real(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(_runtime, "launch", spy)
+    calls = spy_launches(monkeypatch)
     res = check_case(make_inputs(2, 3, 32, 16, 8, 40), dtype, channels_last=True)
+    seen = [(name, kw.get("KORDER"), kw.get("X_FLAT")) for name, _, kw in calls]
     assert ("_pe_fwd", 1, 1) in seen and ("_pe_bwd_dx", 1, 1) in seen  # (i, j, c) order, contiguous pixel rows
     dimages = res["ours"]["dimages"]
     assert dimages.is_contiguous(memory_format=torch.channels_last)
@@ -170,22 +164,15 @@ def test_channels_last_weight_and_images():
 
 
 def test_views_read_through_strides_without_copies(monkeypatch):
-    captured = {}
-    real = _runtime.launch
-
-    def spy(kernel, grid, *args, **kwargs):
-        if _runtime.kernel_name(kernel) == "_pe_fwd":
-            captured["ptrs"] = (args[0].data_ptr(), args[1].data_ptr())
-        return real(kernel, grid, *args, **kwargs)
-
-    monkeypatch.setattr(_runtime, "launch", spy)
+    calls = spy_launches(monkeypatch, "_pe_fwd")
     big = torch.randn(2, 5, 40, 30)
     images = big[:, 1:4, 4:36, 3:27]  # a crop of a larger batch: (2, 3, 32, 24), no stride is contiguous
     wt = torch.randn(3, 24, 8, 8)
     weight = wt.transpose(0, 1)  # (24, 3, 8, 8) view
     bias = torch.randn(24)
     out = fastattn.patch_embed(images, weight, bias)
-    assert captured["ptrs"] == (images.data_ptr(), weight.data_ptr())
+    [(_, args, _)] = calls
+    assert (args[0].data_ptr(), args[1].data_ptr()) == (images.data_ptr(), weight.data_ptr())
     torch.testing.assert_close(out, reference.patch_embed(images, weight, bias), atol=1e-5, rtol=1e-5)
 
 

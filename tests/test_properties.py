@@ -397,7 +397,7 @@ def test_norms_agree_with_eager(c):
     floors = norm_floors(flat(x), flat(r.expand(shape)) if r is not None else None, w, bias, flat(g_out), flat(g_res),
                          dtype=dtype, eps=eps, rms=op in ("add_rms_norm", "rms_norm"), dropout_p=c["dropout"],
                          dropout_mask=flat(keep))
-    results = three_way(run, dtype, kernels=("_layer_norm_fwd", "_layer_norm_bwd"), floors=floors)
+    results = three_way(run, dtype, kernels=ln_ops.FORWARD_KERNELS + ln_ops.BACKWARD_KERNELS[:1], floors=floors)
     for name, ours in results["ours"].items():
         assert ours.dtype == results["eager"][name].dtype, f"{name}: dtype {ours.dtype}"
 

@@ -41,38 +41,38 @@ from fastattn.models.layers import (
 from fastattn.nn import add_norm
 
 
-class EncoderLayer(nn.Module):
-    """Self-attention, then feed-forward; each ``norm(x + dropout(sublayer(x)))``."""
+class _PostNormLayer(nn.Module):
+    """Post-norm sublayers, each ``norm(x + dropout(sublayer(x)))``: the attentions named in ``ATTENTION``, then the
+    feed-forward, with ``norm1``, ``norm2``, ... in that order."""
+
+    ATTENTION: tuple[str, ...] = ()
 
     def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float = 0.1, attn_dropout: float = 0.0,
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
                  attn_layer: Callable[..., nn.Module] = MultiHeadAttention) -> None:
         super().__init__()
-        self.self_attn = attn_layer(d_model, num_heads, dropout=attn_dropout)
-        self.norm1 = norm_layer(d_model)
+        for i, name in enumerate(self.ATTENTION, 1):
+            self.add_module(name, attn_layer(d_model, num_heads, dropout=attn_dropout))
+            self.add_module(f"norm{i}", norm_layer(d_model))
         self.ff = FeedForward(d_model, d_ff, activation=nn.ReLU)
-        self.norm2 = norm_layer(d_model)
+        self.add_module(f"norm{len(self.ATTENTION) + 1}", norm_layer(d_model))
         self.dropout = nn.Dropout(dropout)
+
+
+class EncoderLayer(_PostNormLayer):
+    """Self-attention, then feed-forward; each ``norm(x + dropout(sublayer(x)))``."""
+
+    ATTENTION = ("self_attn",)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, *, varlen: Varlen | None = None) -> Tensor:
         x = add_norm(self.norm1, self.self_attn(x, mask=mask, varlen=varlen), x, self.dropout)   # (B, S, d_model)
         return add_norm(self.norm2, self.ff(x), x, self.dropout)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(_PostNormLayer):
     """Masked self-attention, encoder-decoder attention, feed-forward; each ``norm(x + dropout(sublayer(x)))``."""
 
-    def __init__(self, d_model: int, num_heads: int, d_ff: int, dropout: float = 0.1, attn_dropout: float = 0.0,
-                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
-                 attn_layer: Callable[..., nn.Module] = MultiHeadAttention) -> None:
-        super().__init__()
-        self.self_attn = attn_layer(d_model, num_heads, dropout=attn_dropout)
-        self.norm1 = norm_layer(d_model)
-        self.cross_attn = attn_layer(d_model, num_heads, dropout=attn_dropout)
-        self.norm2 = norm_layer(d_model)
-        self.ff = FeedForward(d_model, d_ff, activation=nn.ReLU)
-        self.norm3 = norm_layer(d_model)
-        self.dropout = nn.Dropout(dropout)
+    ATTENTION = ("self_attn", "cross_attn")
 
     def forward(self, x: Tensor, memory: Tensor, self_mask: Tensor | None = None, memory_mask: Tensor | None = None,
                 cache: dict | None = None, *, varlen_self: Varlen | None = None,

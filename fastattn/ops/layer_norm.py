@@ -13,12 +13,11 @@ are contiguous.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -28,7 +27,16 @@ from torch import Tensor
 from fastattn import _runtime, reference
 from fastattn.hwfit import KernelSpec
 from fastattn.kernels import layer_norm as K
-from fastattn.ops._common import TL_DTYPES, draw_seed, dtype_name, fallback_reason, seed_int, stat_dtype
+from fastattn.ops._common import (
+    TL_DTYPES,
+    check_like_x,
+    draw_seed,
+    dtype_name,
+    fallback_reason,
+    seed_int,
+    sm_count,
+    stat_dtype,
+)
 
 # What a forward and a backward launch (the reduction only with a weight or bias to differentiate).
 FORWARD_KERNELS = (_runtime.kernel_name(K._layer_norm_fwd),)
@@ -81,22 +89,45 @@ def _split_rows(lead: Sequence[int], tensors: list[Tensor | None]):
     raise AssertionError("unreachable: contiguous tensors always collapse")
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1  # the interpreter: a small fixed "device", so tests see programs that own several row blocks
+# The SM count the backward's schedule assumes off a GPU (the interpreter): one, so that the tests see programs that
+# own several row blocks.
+INTERPRETER_SMS = 1
 
 
-def backward_programs(num_blocks: int, num_warps: int, device: torch.device) -> tuple[int, int]:
+def device_sms(device: torch.device) -> int:
+    """The SM count the launchers schedule for on ``device``."""
+    return sm_count(device) if device.type == "cuda" else INTERPRETER_SMS
+
+
+def backward_programs(num_blocks: int, num_warps: int, num_sms: int) -> tuple[int, int]:
     """(programs, row blocks per program) of the backward: about 32 resident warps per SM.
 
-    A function of the shape, the config and the device's SM count only, so dweight/dbias are summed in the same
-    order on every run on one device (bitwise repeatable); another GPU model may round differently.
+    A function of the shape, the config and the SM count only, so dweight/dbias are summed in the same order on
+    every run on one device (bitwise repeatable); another GPU model may round differently.
     """
-    programs = min(num_blocks, _sm_count(device) * max(1, 32 // num_warps))
+    programs = min(num_blocks, num_sms * max(1, 32 // num_warps))
     per = triton.cdiv(num_blocks, programs)
     return triton.cdiv(num_blocks, per), per
+
+
+class BackwardSchedule(NamedTuple):
+    """The backward's launch for one shape on a GPU of a given SM count."""
+
+    programs: int  # programs of _layer_norm_bwd, each owning `per` consecutive row blocks
+    per: int
+    width: int  # length of a partial-sum row: N on the looped path, BLOCK_N on the tile path
+    scratch_bytes: int  # the dweight / dbias partial rows (stat dtype) that _layer_norm_bwd_reduce sums
+
+
+def backward_schedule(M: int, N: int, dtype: torch.dtype, num_sms: int, partials: int) -> BackwardSchedule:
+    """The backward of ``M`` rows of ``N`` in ``dtype`` with ``partials`` (0, 1 or 2) of dweight and dbias to sum:
+    a pure function of the shapes and the SM count (the launcher, benchmarks and the memory tracer call it)."""
+    if M == 0 or N == 0:  # nothing is launched
+        return BackwardSchedule(0, 0, 0, 0)
+    cfg = K.bwd_config(N)
+    programs, per = backward_programs(triton.cdiv(M, cfg.kwargs["BLOCK_M"]), cfg.num_warps, num_sms)
+    width = N if cfg.kwargs["LOOPED"] else cfg.kwargs["BLOCK_N"]
+    return BackwardSchedule(programs, per, width, partials * programs * width * stat_dtype(dtype).itemsize)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -155,11 +186,9 @@ def _backward(dy: Tensor, dz: Tensor | None, z: Tensor, weight: Tensor | None, m
     if M == 0 or N == 0:
         return dx, dres, dw.zero_(), db.zero_()
     cfg = K.bwd_config(N)
-    num_blocks = triton.cdiv(M, cfg.kwargs["BLOCK_M"])
-    programs, per = backward_programs(num_blocks, cfg.num_warps, z.device)
-    looped = cfg.kwargs["LOOPED"]
+    programs, per, width, _ = backward_schedule(M, N, z.dtype, device_sms(z.device), 0)
     # Partial-sum rows: the looped path accumulates into zeroed rows of N, the tile path writes whole BLOCK_N rows.
-    alloc, width = (torch.zeros, N) if looped else (torch.empty, cfg.kwargs["BLOCK_N"])
+    alloc = torch.zeros if cfg.kwargs["LOOPED"] else torch.empty
     dwp = alloc((programs, width), device=z.device, dtype=stat) if need_dweight else None
     dbp = alloc((programs, width), device=z.device, dtype=stat) if dbias_dtype else None
     (z, dy, dz), m_inner, strides = _split_rows(lead, [z, dy, dz])
@@ -305,12 +334,8 @@ def _check(op: str, x, residual, weight, bias, eps, dropout_p, residual_in_fp32,
     if x.dim() < len(norm_shape) or tuple(x.shape[x.dim() - len(norm_shape):]) != norm_shape:
         raise ValueError(f"fastattn.{op}: normalized_shape {norm_shape} must equal the trailing dims of x; "
                          f"got x of shape {tuple(x.shape)}")
+    check_like_x(op, "residual", residual, x)
     if residual is not None:
-        if not isinstance(residual, Tensor):
-            raise TypeError(f"fastattn.{op}: residual must be a Tensor or None, got {type(residual).__name__}")
-        if residual.shape != x.shape:
-            raise ValueError(f"fastattn.{op}: residual must have x's shape {tuple(x.shape)}; got "
-                             f"{tuple(residual.shape)}")
         ok = (x.dtype,) + ((torch.float32,) if residual_in_fp32 else ())
         if residual.dtype not in ok:
             hint = "" if residual_in_fp32 else " (an fp32 residual stream needs residual_in_fp32=True)"
@@ -383,17 +408,9 @@ def _add_norm(op: str, x: Tensor, residual: Tensor | None, weight: Tensor | None
     return (out, res_out) if return_residual else out
 
 
-def add_layer_norm(
-    x: Tensor,
-    residual: Tensor | None = None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    eps: float = 1e-5,
-    dropout_p: float = 0.0,
-    *,
-    residual_in_fp32: bool = False,
-    return_residual: bool = True,
-) -> tuple[Tensor, Tensor] | Tensor:
+def add_layer_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = None, bias: Tensor | None = None,
+                   eps: float = 1e-5, dropout_p: float = 0.0, *, residual_in_fp32: bool = False,
+                   return_residual: bool = True) -> tuple[Tensor, Tensor] | Tensor:
     """Fused ``residual_out = dropout(x) + residual``, ``out = layer_norm(residual_out)`` over the last dim.
 
     Returns ``(out, residual_out)``; post-norm blocks use ``out`` (pass ``return_residual=False`` to get only
@@ -407,16 +424,9 @@ def add_layer_norm(
                      False, (n,))
 
 
-def add_rms_norm(
-    x: Tensor,
-    residual: Tensor | None = None,
-    weight: Tensor | None = None,
-    eps: float = 1e-6,
-    dropout_p: float = 0.0,
-    *,
-    residual_in_fp32: bool = False,
-    return_residual: bool = True,
-) -> tuple[Tensor, Tensor] | Tensor:
+def add_rms_norm(x: Tensor, residual: Tensor | None = None, weight: Tensor | None = None, eps: float = 1e-6,
+                 dropout_p: float = 0.0, *, residual_in_fp32: bool = False,
+                 return_residual: bool = True) -> tuple[Tensor, Tensor] | Tensor:
     """RMSNorm twin of :func:`add_layer_norm`: ``out = residual_out * rsqrt(mean(residual_out^2) + eps) * weight``."""
     n = x.shape[-1] if isinstance(x, Tensor) and x.dim() else -1
     return _add_norm("add_rms_norm", x, residual, weight, None, eps, dropout_p, residual_in_fp32, return_residual,

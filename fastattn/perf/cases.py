@@ -112,6 +112,22 @@ SCRATCH_NOTES: dict[str, str] = {}
 SCRATCH_SMS = 132
 
 
+def op_arguments(op: str, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The arguments of the custom op ``op`` (``"fastattn::name"``) by their schema's names, defaults filled in, so
+    that SCRATCH formulas read them by name, never by position."""
+    namespace, name = op.split("::")
+    schema = getattr(getattr(torch.ops, namespace), name).default._schema
+    bound = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(args):
+            bound[arg.name] = args[i]
+        elif arg.name in kwargs:
+            bound[arg.name] = kwargs[arg.name]
+        elif arg.has_default_value():
+            bound[arg.name] = arg.default_value
+    return bound
+
+
 def register(op: str) -> Callable:
     def deco(fn: Callable[[str], list[Case]]) -> Callable[[str], list[Case]]:
         _REGISTRY[op] = fn
@@ -239,7 +255,7 @@ def attention_cases(suite: str) -> list[Case]:
 
 def _attention_backward_scratch(args: tuple, kwargs: dict) -> int:
     # _backward allocates delta (Z, H, M) in the statistics dtype before launching its kernels.
-    q = args[1]
+    q = op_arguments("fastattn::attention_backward", args, kwargs)["q"]
     Z, H, M = q.shape[:3]
     return Z * H * M * (8 if q.dtype == torch.float64 else 4)
 
@@ -317,29 +333,16 @@ def layer_norm_cases(suite: str) -> list[Case]:
     return [_layer_norm_case(*s) for s in shapes]
 
 
-def _layer_norm_programs(num_blocks: int, num_warps: int, sms: int) -> int:
-    """Backward programs, as ``fastattn.ops.layer_norm.backward_programs`` computes them on a device of ``sms``."""
-    programs = min(num_blocks, sms * max(1, 32 // num_warps))
-    per = _cdiv(num_blocks, programs)
-    return _cdiv(num_blocks, per)
+def _layer_norm_backward_scratch(args: tuple, kwargs: dict, sms: int | None = None) -> int:
+    """One partial-sum row per backward program for dweight and one for dbias, summed by a second kernel: the
+    launcher's own schedule on a GPU of ``sms`` SMs (default :data:`SCRATCH_SMS`)."""
+    from fastattn.ops import layer_norm as ln_ops
 
-
-def _layer_norm_backward_scratch(args: tuple, kwargs: dict, programs: Callable[[int, int], int] | None = None) -> int:
-    """One fp32 partial-sum row per program for dweight and one for dbias, summed by a second kernel.
-    ``programs(row_blocks, num_warps)`` defaults to a GPU with :data:`SCRATCH_SMS` SMs."""
-    from fastattn.kernels import layer_norm as K
-
-    programs = programs or (lambda blocks, warps: _layer_norm_programs(blocks, warps, SCRATCH_SMS))
-
-    z, weight, need_dweight, dbias_dtype = args[2], args[3], args[11], args[12]
-    N, M = z.shape[-1], math.prod(z.shape[:-1])
-    buffers = int(bool(need_dweight) and weight is not None) + int(dbias_dtype is not None)
-    if M == 0 or N == 0 or not buffers:
-        return 0
-    cfg = K.bwd_config(N)
-    width = N if cfg.kwargs["LOOPED"] else cfg.kwargs["BLOCK_N"]
-    rows = programs(_cdiv(M, cfg.kwargs["BLOCK_M"]), cfg.num_warps)
-    return buffers * rows * width * (8 if z.dtype == torch.float64 else 4)
+    a = op_arguments("fastattn::add_layer_norm_backward", args, kwargs)
+    z = a["z"]
+    partials = int(bool(a["need_dweight"]) and a["weight"] is not None) + int(a["dbias_dtype"] is not None)
+    return ln_ops.backward_schedule(math.prod(z.shape[:-1]), z.shape[-1], z.dtype, sms or SCRATCH_SMS,
+                                    partials).scratch_bytes
 
 
 SCRATCH["fastattn::add_layer_norm_backward"] = _layer_norm_backward_scratch
@@ -540,7 +543,7 @@ def _batch_norm_stats_scratch(args: tuple, kwargs: dict, partials: Callable[[int
     """fp64 partial sums (2, S, C) and the per-channel shift. ``partials(M, C)`` (S) defaults to a GPU with
     :data:`SCRATCH_SMS` SMs."""
     partials = partials or (lambda M, C: _batch_norm_partials(M, C, SCRATCH_SMS))
-    x = args[0]
+    x = op_arguments("fastattn::batch_norm_stats", args, kwargs)["x"]
     N, C, H, W = x.shape
     if N * H * W == 0 or C == 0:
         return 0
@@ -552,7 +555,8 @@ def _batch_norm_backward_scratch(args: tuple, kwargs: dict, partials: Callable[[
                                  ) -> int:
     """fp64 partial sums (2, S, C) and, training with dx, dx's coefficients (3, C)."""
     partials = partials or (lambda M, C: _batch_norm_partials(M, C, SCRATCH_SMS))
-    x, training, need_dx, need_dw, need_db = args[1], args[7], args[9], args[11], args[12]
+    a = op_arguments("fastattn::batch_norm_add_relu_backward", args, kwargs)
+    x, training, need_dx, need_dw, need_db = a["x"], a["training"], a["need_dx"], a["need_dw"], a["need_db"]
     N, C, H, W = x.shape
     if N * H * W == 0 or C == 0 or not (need_dw or need_db or (training and need_dx)):
         return 0

@@ -12,7 +12,7 @@ from torch import Tensor
 
 import fastattn
 from fastattn import reference
-from fastattn.perf.cases import SCRATCH, SCRATCH_NOTES, SCRATCH_SMS, Case, Inputs, _elt, register
+from fastattn.perf.cases import SCRATCH, SCRATCH_NOTES, SCRATCH_SMS, Case, Inputs, _elt, op_arguments, register
 
 
 def _by_parts(fn):
@@ -154,11 +154,12 @@ def _kvcache_scratch(args: tuple, kwargs: dict, sms: int | None = None) -> int:
     a GPU of ``sms`` SMs (default :data:`SCRATCH_SMS`)."""
     from fastattn.ops import kvcache as kv_ops
 
-    q, k_cache, v_cache, block_table, num_splits = args[0], args[1], args[2], args[4], args[12]
+    a = op_arguments("fastattn::kvcache_attention", args, kwargs)
+    q, k_cache, v_cache, block_table = a["q"], a["k_cache"], a["v_cache"], a["block_table"]
     B, Lq, H, D = q.shape
     capacity = k_cache.size(1) * (block_table.size(1) if block_table is not None else 1)
     sched = kv_ops.schedule(B, H, k_cache.size(2), Lq, capacity, D, v_cache.size(3), q.dtype, sms or SCRATCH_SMS,
-                            num_splits)
+                            a["num_splits"])
     return sched.scratch_bytes if sched is not None else 0
 
 

@@ -122,6 +122,7 @@ def agreement(work: Sequence[tuple[Any, torch.dtype]], device: torch.device, tit
     """Rows of max errors, fused vs eager in ``dtype`` vs the float64 eager reference, for each ``(case, dtype)``,
     under the test suite's 2x-eager rule, on ``device`` (the CPU report's interpreter check; gpu-check on CUDA)."""
     from fastattn import _runtime
+    from fastattn.ops._common import dtype_name
     from fastattn.perf.gpu import _grad_outputs
     from fastattn.perf.report import Progress
     from fastattn.testing import max_err, rule_bound
@@ -156,7 +157,7 @@ def agreement(work: Sequence[tuple[Any, torch.dtype]], device: torch.device, tit
             ref, eager, ours = results["ref"][i], results["eager"][i], results["fastattn"][i]
             e_ours, e_eager = max_err(ours, ref), max_err(eager, ref)
             bound = rule_bound(eager, ref, dtype)  # fp16/bf16: the floors of fastattn.testing are negligible here
-            rows.append({"case": case.name, "shape": case.shape, "dtype": str(dtype).replace("torch.", ""),
+            rows.append({"case": case.name, "shape": case.shape, "dtype": dtype_name(dtype),
                          "tensor": name, "err_fastattn": e_ours, "err_eager": e_eager, "bound": bound,
                          "ok": bool(e_ours <= bound), "kernels_ran": not missing, "missing_kernels": ", ".join(missing),
                          "seconds": seconds})

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastattn.perf import blocks
+from fastattn.ops._common import dtype_name
+from fastattn.perf import blocks, cases
 from fastattn.perf.cases import Case
 from fastattn.perf.report import Progress, format_table
 
@@ -154,7 +155,7 @@ def run_case(case: Case, dtype: torch.dtype, with_compile: bool = True, impls: S
             work, unit = case.work(mode, dtype)
             scale = 1e12 if unit == "TFLOP/s" else 1e9
             rows.append(dict(
-                op=case.op, case=case.label, shape=case.shape, dtype=str(dtype).replace("torch.", ""), impl=name,
+                op=case.op, case=case.label, shape=case.shape, dtype=dtype_name(dtype), impl=name,
                 mode=mode, ms=t.ms if t else None, ms_p20=t.p20 if t else None, ms_p80=t.p80 if t else None,
                 throughput=(work / (t.ms * 1e-3) / scale) if (t and work) else None, unit=unit,
                 speedup_vs_eager=(eager_ms[mode] / t.ms) if (t and mode in eager_ms) else None,
@@ -213,7 +214,7 @@ def _step_row(workload: blocks.Workload, impl: str, dtype: torch.dtype, timing: 
     """The CSV row of one end-to-end training step (images/s; timing None when it did not run)."""
     return {
         "op": "end-to-end", "case": workload.label, "shape": workload.shape,
-        "dtype": str(dtype).replace("torch.", ""), "impl": impl, "mode": "train step",
+        "dtype": dtype_name(dtype), "impl": impl, "mode": "train step",
         "ms": timing.ms if timing else None, "ms_p20": timing.p20 if timing else None,
         "ms_p80": timing.p80 if timing else None,
         "throughput": workload.batch / (timing.ms * 1e-3) if timing else None, "unit": "images/s",
@@ -264,7 +265,7 @@ def run_patched_models(dtype: torch.dtype, quick: bool = False, progress: Progre
             import torchvision
         except Exception as err:  # noqa: BLE001
             return [{"op": "end-to-end", "case": f"torchvision {name} train step", "shape": f"B={batch} {image}px",
-                     "dtype": str(dtype).replace("torch.", ""), "impl": impl, "mode": "train step",
+                     "dtype": dtype_name(dtype), "impl": impl, "mode": "train step",
                      "status": f"skipped: torchvision not importable ({type(err).__name__})"}
                     for name in ("ViT-B/16", "ResNet-50") for impl in ("eager", "fastattn.patch")]
         models = [("ViT-B/16", torchvision.models.vit_b_16), ("ResNet-50", torchvision.models.resnet50)]
@@ -343,6 +344,15 @@ def failures(rows: Sequence[dict]) -> list[str]:
 _eager_cache: dict[tuple, float] = {}
 
 
+def pytest_params(op: str) -> list:
+    """The parameters of ``bench/bench_<op>.py``: a ``(case, impl, mode)`` per case of the ``gpu`` suite,
+    implementation and timed mode."""
+    import pytest
+
+    return [pytest.param(case, impl, mode, id=f"{case.label}-{impl}-{mode}".replace(" ", "_"))
+            for case in cases.get(op, "gpu") for impl in implementations(case) for mode in case.modes]
+
+
 def pytest_benchmark(benchmark: Any, case: Case, impl: str, mode: str, dtype: torch.dtype = torch.float16) -> None:
     """Time ``impl`` of ``case`` in ``mode`` for pytest-benchmark; do_bench numbers go to ``extra_info``.
 
@@ -352,7 +362,7 @@ def pytest_benchmark(benchmark: Any, case: Case, impl: str, mode: str, dtype: to
     import pytest
 
     fn = implementations(case)[impl]
-    benchmark.group = f"{case.op} {case.label} {mode} {str(dtype).replace('torch.', '')}"
+    benchmark.group = f"{case.op} {case.label} {mode} {dtype_name(dtype)}"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -32,6 +32,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from fastattn.ops._common import dtype_name
 from fastattn.perf.cases import SCRATCH
 
 _ALLOC_ONLY = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
@@ -151,7 +152,7 @@ def measure(setup: Callable[[], tuple[Callable[[], Any], dict[str, Tensor], Sequ
     def pack(t: Tensor) -> Tensor:
         s = t.untyped_storage()
         ref = StorageWeakRef(s)
-        packed.setdefault(ref.cdata, (ref, tuple(t.shape), str(t.dtype).replace("torch.", ""), s.nbytes()))
+        packed.setdefault(ref.cdata, (ref, tuple(t.shape), dtype_name(t.dtype), s.nbytes()))
         return t  # keeps nothing of its own: holding the tensor here would keep it alive past the backward
 
     with FakeTensorMode(), _Tracker() as tracker:

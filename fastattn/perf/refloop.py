@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from fastattn.hwfit import KernelSpec
+from fastattn.ops._common import dtype_name
 
 # reference kernel -> the fastattn kernel it stands beside (same tile convention: for dK/dV BLOCK_N is the key block
 # a program owns and BLOCK_M the query block it streams)
@@ -52,15 +53,19 @@ def _cols(X, zh, idx, cols, stride_h, stride_l):
 
 
 @triton.jit
+def _program(OWN: tl.constexpr, STREAM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(head, the OWN rows this program owns, the first STREAM rows it streams, the head-dim columns)."""
+    return (tl.program_id(1).to(tl.int64), tl.program_id(0) * OWN + tl.arange(0, OWN), tl.arange(0, STREAM),
+            tl.arange(0, BLOCK_D))
+
+
+@triton.jit
 def _ref_attn_fwd(
     Q, K, V, Out, Lse,  # (Z*H, L, D) each, D contiguous; Lse (Z*H, L) fp32
     stride_h, stride_l, L, qk_scale,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    zh = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    keys = tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
+    zh, rows, keys, cols = _program(BLOCK_M, BLOCK_N, BLOCK_D)
     q = tl.load(_rows(Q, zh, rows, cols, stride_h, stride_l))
     kt_ptrs = _cols(K, zh, keys, cols, stride_h, stride_l)  # (BLOCK_D, BLOCK_N): k^T
     v_ptrs = _rows(V, zh, keys, cols, stride_h, stride_l)
@@ -88,10 +93,7 @@ def _ref_attn_bwd_dkdv(
     stride_h, stride_l, L, qk_scale, sm_scale,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    zh = tl.program_id(1).to(tl.int64)
-    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_D)
+    zh, keys, rows, cols = _program(BLOCK_N, BLOCK_M, BLOCK_D)
     k = tl.load(_rows(K, zh, keys, cols, stride_h, stride_l))
     v = tl.load(_rows(V, zh, keys, cols, stride_h, stride_l))
     qt_ptrs = _cols(Q, zh, rows, cols, stride_h, stride_l)  # (BLOCK_D, BLOCK_M): q^T
@@ -119,10 +121,7 @@ def _ref_attn_bwd_dq(
     stride_h, stride_l, L, qk_scale, sm_scale,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    zh = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    keys = tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
+    zh, rows, keys, cols = _program(BLOCK_M, BLOCK_N, BLOCK_D)
     q = tl.load(_rows(Q, zh, rows, cols, stride_h, stride_l))
     do = tl.load(_rows(DO, zh, rows, cols, stride_h, stride_l))
     lse = tl.load(Lse + zh * L + rows)
@@ -146,7 +145,7 @@ KERNELS = {"_ref_attn_fwd": _ref_attn_fwd, "_ref_attn_bwd_dkdv": _ref_attn_bwd_d
 
 def variant(dtype: torch.dtype, d: int) -> str:
     """The variant label, in the words of fastattn's attention specs (``float16 D<=64 plain``)."""
-    return f"{str(dtype).replace('torch.', '')} D<={d} plain"
+    return f"{dtype_name(dtype)} D<={d} plain"
 
 
 def _args(dtype: torch.dtype, d: int) -> dict:
