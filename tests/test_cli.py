@@ -530,10 +530,15 @@ def test_scratch_matches_the_launchers():
         return bn_ops._num_partials(M, C, cpu)
     got, (mean, rstd) = _scratch_of(bn_ops._stats, x, rm, rv, None, 0.1, 1e-5)
     assert got == cases._batch_norm_stats_scratch((x, rm, rv, None, 0.1, 1e-5), {}, partials=partials) > 0
-    out = bn_ops._apply(x, identity, mean, rstd, w, b, True, 1e-5)
-    args = (torch.randn_like(x), x, out, mean, rstd, w, b, True, 1e-5, True, True, True, True)
-    got, _ = _scratch_of(bn_ops._backward, *args)
-    assert got == cases._batch_norm_backward_scratch(args, {}, partials=partials) > 0
+    out = bn_ops._apply(x, identity, mean, rstd, w, b, True, 1e-5, "relu", 0.0)
+    for shape, need_dx in (((3, 5, 7, 9), True), ((3, 5, 7, 9), False), ((2, 5, 1, 1), True)):
+        # training with dx: the partial sums live in dx's buffer where it holds them (not for 2 values per channel)
+        xs = torch.randn(shape)
+        args = (torch.randn_like(xs), xs, bn_ops._apply(xs, None, mean, rstd, w, b, True, 1e-5, "relu", 0.0), None,
+                mean, rstd, w, b, True, 1e-5, "relu", 0.0, need_dx, False, True, True)
+        got, _ = _scratch_of(bn_ops._backward, *args)
+        assert got == cases._batch_norm_backward_scratch(args, {}, partials=partials) > 0
+    assert out.shape == x.shape
 
 
 def test_scratch_programs_match_the_cuda_launchers(monkeypatch):

@@ -76,6 +76,16 @@ def check_float_dtype(op: str, name: str, t: Tensor, allowed: tuple[torch.dtype,
                         f"{dtype_name(t.dtype)}")
 
 
+def check_like(op: str, name: str, t: object, x: Tensor) -> None:
+    """``t`` is None or a Tensor of ``x``'s shape (a residual or identity added to ``x``); raises naming ``name``."""
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"fastattn.{op}: {name} must be a Tensor or None, got {type(t).__name__}")
+    if t.shape != x.shape:
+        raise ValueError(f"fastattn.{op}: {name} must have x's shape {tuple(x.shape)}; got {tuple(t.shape)}")
+
+
 def fallback_reason(device: torch.device, dtype: torch.dtype,
                     dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> str | None:
     """Why tensors of ``dtype`` on ``device`` cannot run the Triton kernels (None when they can): no GPU and no

@@ -574,21 +574,22 @@ def _batch_norm_stats_scratch(args: tuple, kwargs: dict, partials: Callable[[int
 
 def _batch_norm_backward_scratch(args: tuple, kwargs: dict, partials: Callable[[int, int], int] | None = None
                                  ) -> int:
-    """fp64 partial sums (2, S, C) and, training with dx, dx's coefficients (3, C)."""
+    """fp64 partial sums (2, S, C) -- in dx's buffer when training computes dx -- and, training with dx, dx's
+    coefficients (3, C): ``fastattn.ops.batch_norm.scratch_bytes``."""
+    from fastattn.ops import batch_norm as bn_ops
+
     partials = partials or (lambda M, C: _batch_norm_partials(M, C, SCRATCH_SMS))
-    x, training, need_dx, need_dw, need_db = args[1], args[7], args[9], args[11], args[12]
+    x, training, need_dx, need_dw, need_db = args[1], args[8], args[12], args[14], args[15]
     N, C, H, W = x.shape
-    if N * H * W == 0 or C == 0 or not (need_dw or need_db or (training and need_dx)):
-        return 0
-    stat = 8 if x.dtype == torch.float64 else 4
-    return 2 * partials(N * H * W, C) * C * 8 + (3 * C * stat if training and need_dx else 0)
+    return bn_ops.scratch_bytes(x, training, need_dx, need_dw or need_db or (training and need_dx),
+                                partials(N * H * W, C))
 
 
 SCRATCH["fastattn::batch_norm_stats"] = _batch_norm_stats_scratch
-SCRATCH["fastattn::batch_norm_add_relu_backward"] = _batch_norm_backward_scratch
+SCRATCH["fastattn::batch_norm_act_backward"] = _batch_norm_backward_scratch
 SCRATCH_NOTES["fastattn::batch_norm_stats"] = "batch_norm's fp64 partial sums of the statistics"
-SCRATCH_NOTES["fastattn::batch_norm_add_relu_backward"] = (
-    "batch_norm backward's fp64 partial sums and dx coefficients")
+SCRATCH_NOTES["fastattn::batch_norm_act_backward"] = (
+    "batch_norm backward's dx coefficients and, without dx, its fp64 partial sums (with dx they live in dx's buffer)")
 
 
 # The partial-attention ops (merge_attention, kvcache) register their cases from their own module.
