@@ -15,7 +15,7 @@ from fastattn._runtime import FallbackWarning, deterministic_backward, record_la
 from fastattn.ops.attention import attention, scaled_dot_product_attention
 from fastattn.ops.batch_norm import batch_norm_act, batch_norm_add_relu
 from fastattn.ops.kvcache import attention_with_kvcache
-from fastattn.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from fastattn.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, layer_norm2d, rms_norm
 from fastattn.ops.merge_attention import merge_attention
 from fastattn.ops.patch_embed import patch_embed
 from fastattn.patching import PatchEntry, PatchReport, patch, patch_report, unpatch
@@ -46,6 +46,7 @@ __all__ = [
     "batch_norm_add_relu",
     "deterministic_backward",
     "layer_norm",
+    "layer_norm2d",
     "merge_attention",
     "models",
     "nn",

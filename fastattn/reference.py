@@ -298,6 +298,11 @@ def add_layer_norm(
     return out.to(x.dtype), z
 
 
+def layer_norm2d(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the channels of (N, C, H, W), as torchvision's and timm's ConvNeXt ``LayerNorm2d`` compute it."""
+    return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
+
+
 def add_rms_norm(
     x: Tensor,
     residual: Tensor | None = None,

@@ -53,6 +53,8 @@ GELU_KAPPA = tl.constexpr(0.044715)
 # reduction (dy, out, x, two running sums, up to five tensors' addresses) stays at or below 80 registers.
 
 TILES = ((128, 16), (64, 32), (32, 64), (16, 128))
+# The interpreter's cost is per program and per op, not per element: large tiles, long on B or on C.
+INTERPRETER_TILES = ((1024, 32), (128, 128), (16, 2048))
 
 
 def gpu_tile_configs():
@@ -60,18 +62,20 @@ def gpu_tile_configs():
 
 
 def tile_configs():
-    # The interpreter's cost is per program and per op, not per element: one large tile.
-    return pick_configs(gpu_tile_configs(), triton.Config({"BLOCK_B": 32, "BLOCK_C": 64}, num_warps=4, num_stages=1))
+    return pick_configs(gpu_tile_configs(), [triton.Config({"BLOCK_B": b, "BLOCK_C": c}, num_warps=4, num_stages=1)
+                                             for b, c in INTERPRETER_TILES])
+
+
+def _waste(cfg, B, C):
+    """How many times the tile is larger than the (power-of-two padded) data it covers."""
+    bb, bc = cfg.kwargs["BLOCK_B"], cfg.kwargs["BLOCK_C"]
+    return bb / min(bb, triton.next_power_of_2(B)) * (bc / min(bc, triton.next_power_of_2(C)))
 
 
 def tile_prune(configs, named_args, **kwargs):
     """Keep tiles that are not mostly padding and whose contiguous side is long enough to coalesce."""
     B, C, c_inner = named_args["B"], named_args["C"], named_args["C_INNER"]
     pb, pc = triton.next_power_of_2(B), triton.next_power_of_2(C)
-
-    def waste(cfg):
-        bb, bc = cfg.kwargs["BLOCK_B"], cfg.kwargs["BLOCK_C"]
-        return bb / min(bb, pb) * (bc / min(bc, pc))
 
     def fits(cfg):
         bb, bc = cfg.kwargs["BLOCK_B"], cfg.kwargs["BLOCK_C"]
@@ -80,7 +84,16 @@ def tile_prune(configs, named_args, **kwargs):
         return bc >= min(pc, 32) if c_inner else bb >= min(pb, 64)
 
     kept = [c for c in configs if fits(c)]
-    return kept or [min(configs, key=waste)]
+    return kept or [min(configs, key=lambda c: _waste(c, B, C))]
+
+
+def launch_tile_prune(configs, named_args, **kwargs):
+    """The autotuner's prune: :func:`tile_prune`; in the interpreter, which cannot time configs, only the one of its
+    tiles that wastes least."""
+    kept = tile_prune(configs, named_args)
+    if not interpreting():
+        return kept
+    return [min(kept, key=lambda c: _waste(c, named_args["B"], named_args["C"]))]
 
 
 # Partials summed per step: fixed, never tuned, so the combination order never changes (2 in the interpreter, so
@@ -94,7 +107,7 @@ def gpu_combine_configs():
 
 
 def combine_configs():
-    return pick_configs(gpu_combine_configs(), triton.Config({"BLOCK_C": 16}, num_warps=4, num_stages=1))
+    return pick_configs(gpu_combine_configs(), triton.Config({"BLOCK_C": 64}, num_warps=4, num_stages=1))
 
 
 def combine_prune(configs, named_args, **kwargs):
@@ -294,7 +307,7 @@ def _grad(DY, Out, Id, Bias, x, mean_hi, mean_lo, scale, a1, a2, b0, c0, offs_b,
 
 
 @triton.autotune(configs=tile_configs(), key=["B_BUCKET", "C_BUCKET", "C_INNER"],
-                 prune_configs_by={"early_config_prune": tile_prune})
+                 prune_configs_by={"early_config_prune": launch_tile_prune})
 @triton.jit
 def _bn_fwd_reduce(
     X, Partial, Shift,  # x (N, C, H, W) seen as (A1, A2, C, B); (2, S, C) fp64: sums of x - K, (x - K)^2; (C,) K
@@ -365,7 +378,7 @@ def _bn_fwd_combine(
 
 
 @triton.autotune(configs=tile_configs(), key=["B_BUCKET", "C_BUCKET", "C_INNER"],
-                 prune_configs_by={"early_config_prune": tile_prune})
+                 prune_configs_by={"early_config_prune": launch_tile_prune})
 @triton.jit
 def _bn_fwd_apply(
     X, Id, Out, Mean, Var, W, Bias,
@@ -393,7 +406,7 @@ def _bn_fwd_apply(
 
 
 @triton.autotune(configs=tile_configs(), key=["B_BUCKET", "C_BUCKET", "C_INNER"],
-                 prune_configs_by={"early_config_prune": tile_prune})
+                 prune_configs_by={"early_config_prune": launch_tile_prune})
 @triton.jit
 def _bn_bwd_reduce(
     DY, Out, X, Id, Mean, Var, W, Bias, DId, DX, Partial,
@@ -471,7 +484,7 @@ def _bn_bwd_combine(
 
 
 @triton.autotune(configs=tile_configs(), key=["B_BUCKET", "C_BUCKET", "C_INNER"],
-                 prune_configs_by={"early_config_prune": tile_prune})
+                 prune_configs_by={"early_config_prune": launch_tile_prune})
 @triton.jit
 def _bn_bwd_dx(
     DY, Out, X, Id, G, Mean, Coef, Bias, DX,

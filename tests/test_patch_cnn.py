@@ -1,0 +1,178 @@
+"""fastattn.patch on the CNNs beyond ResNet (issue 16): torchvision's EfficientNet-B0, MobileNetV3-Small,
+MobileNetV2, RegNetY-400MF and ConvNeXt-T, timm's EfficientNet-B0, ResNet-26D and ConvNeXt-Atto, as their builders
+make them. Eval and a training step against the unpatched model and its float64 copy (tests/modelcheck.py: the
+output, every gradient, the running statistics and num_batches_tracked after the step), the Triton kernels
+launched, and the report showing every BatchNorm + activation pair (and each fused residual) fused.
+
+Dropout and stochastic depth stay on (they are torch's and timm's, untouched by fastattn): each training run is
+reseeded, so the three draw the same masks. 64 px images wherever a BatchNorm normalises the last stage (2x2
+positions of 2 images: at 32 px it would see 2 values per channel, the ill-conditioned case tests/modelcheck.py rules
+out); 32 px for the ConvNeXts (LayerNorm over channels). Batch 2, every kernel through the interpreter.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from modelcheck import BN_BWD, BN_EVAL, BN_TRAIN, LN, LN_BWD, compare_models, import_or_skip
+from torch import nn
+
+import fastattn
+from fastattn.nn import activation_of
+
+
+def check_patched(model: nn.Module, px: int, eval_kernels, train_kernels, kinks: bool = False
+                  ) -> fastattn.PatchReport:
+    """fastattn.patch(deepcopy(model)) against ``model`` (eval and a training step); returns the patch report.
+    ``kinks``: ReLU-type activations throughout, so the training step runs ours in float64 (tests/modelcheck.py)."""
+    model.eval()
+    ours = fastattn.patch(copy.deepcopy(model))
+    report = fastattn.patch_report(ours)
+    compare_models(ours, model, (torch.randn(2, 3, px, px),), eval_kernels=eval_kernels, train_kernels=train_kernels,
+                   seed=0, train_dtype=torch.float64 if kinks else torch.float32)
+    return report
+
+
+def expected_pairs(model: nn.Module) -> dict[str, str]:
+    """Qualified BatchNorm name -> the activation class fused with it, for every BatchNorm2d directly followed by an
+    activation fastattn fuses inside a Sequential (torchvision's Conv2dNormActivation, timm's deep stem) and every
+    timm BatchNormAct2d with one; from the unpatched model's structure."""
+    pairs = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Sequential):
+            kids = list(m.named_children())
+            for (a, bn), (_, act) in itertools.pairwise(kids):
+                if type(bn) is nn.BatchNorm2d and type(act) is not nn.Identity and activation_of(act) is not None:
+                    pairs[f"{name}.{a}" if name else a] = type(act).__name__
+        elif type(m).__name__ == "BatchNormAct2d" and type(m.act) is not nn.Identity:
+            pairs[name] = type(m.act).__name__
+    return pairs
+
+
+def assert_pairs_fused(report: fastattn.PatchReport, pairs: dict[str, str], residuals: int) -> None:
+    fused = {e.name: e.detail for e in report.fused}
+    for name, act in pairs.items():
+        assert name in fused and f"BN + {act}" in fused[name], f"{name} (BN + {act}) not fused: {fused.get(name)}"
+    adds = [e for e in report.fused if "add" in e.detail and e.fused_as and "BatchNormAct2d" in e.fused_as]
+    assert len(adds) == residuals, f"{len(adds)} residual adds fused, expected {residuals}"
+
+
+def _torchvision():
+    tv = import_or_skip("torchvision")
+    return tv
+
+
+def _timm():
+    return import_or_skip("timm")
+
+
+TRAIN = BN_TRAIN + BN_BWD
+
+
+def test_torchvision_efficientnet_b0():
+    tv = _torchvision()
+    model = tv.models.efficientnet_b0(num_classes=5)  # stochastic depth 0.2 and classifier dropout 0.2 stay on
+    report = check_patched(model, 64, BN_EVAL, TRAIN)
+    pairs = expected_pairs(model)
+    assert set(pairs.values()) == {"SiLU"} and len(pairs) > 30
+    residuals = sum(m.use_res_connect for m in model.modules() if type(m) is tv.models.efficientnet.MBConv)
+    assert_pairs_fused(report, pairs, residuals)
+    left = {e.module for e in report.left_alone}
+    assert "SqueezeExcitation" in left
+
+
+def test_torchvision_mobilenet_v3_small():
+    tv = _torchvision()
+    model = tv.models.mobilenet_v3_small(num_classes=5)
+    report = check_patched(model, 64, BN_EVAL, TRAIN, kinks=True)
+    pairs = expected_pairs(model)
+    assert set(pairs.values()) == {"ReLU", "Hardswish"}
+    residuals = sum(m.use_res_connect for m in model.modules() if type(m) is tv.models.mobilenetv3.InvertedResidual)
+    assert_pairs_fused(report, pairs, residuals)
+
+
+def test_torchvision_mobilenet_v2():
+    tv = _torchvision()
+    model = tv.models.mobilenet_v2(num_classes=5)
+    report = check_patched(model, 64, BN_EVAL, TRAIN, kinks=True)
+    pairs = expected_pairs(model)
+    assert set(pairs.values()) == {"ReLU6"}
+    residuals = sum(m.use_res_connect for m in model.modules() if type(m) is tv.models.mobilenetv2.InvertedResidual)
+    assert_pairs_fused(report, pairs, residuals)
+
+
+def test_torchvision_regnet_y_400mf():
+    tv = _torchvision()
+    model = tv.models.regnet_y_400mf(num_classes=5)
+    report = check_patched(model, 64, BN_EVAL, TRAIN, kinks=True)
+    pairs = expected_pairs(model)
+    assert set(pairs.values()) == {"ReLU"}
+    blocks = [m for m in model.modules() if type(m) is tv.models.regnet.ResBottleneckBlock]
+    assert_pairs_fused(report, pairs, len(blocks))  # every block: the last BN + shortcut + ReLU
+
+
+def test_torchvision_convnext_tiny():
+    tv = _torchvision()
+    model = tv.models.convnext_tiny(num_classes=5)  # stochastic depth 0.1 stays on
+    report = check_patched(model, 32, LN, LN + LN_BWD)
+    norms2d = [n for n, m in model.named_modules() if type(m) is tv.models.convnext.LayerNorm2d]
+    fused = {e.name: e.fused_as for e in report.fused}
+    assert norms2d and all("LayerNorm2d" in fused[n] for n in norms2d)
+    assert sum("FusedTorchvisionLayerNorm2d" in (e.fused_as or "") for e in report.fused) == len(norms2d)
+
+
+def test_timm_efficientnet_b0():
+    timm = _timm()
+    model = timm.create_model("efficientnet_b0", num_classes=5, drop_rate=0.2)
+    report = check_patched(model, 64, BN_EVAL, TRAIN)
+    pairs = expected_pairs(model)
+    assert set(pairs.values()) == {"SiLU"} and len(pairs) > 30
+    blocks = timm.models._efficientnet_blocks
+    residuals = sum(m.has_skip for m in model.modules()
+                    if type(m) in (blocks.InvertedResidual, blocks.DepthwiseSeparableConv))
+    assert_pairs_fused(report, pairs, residuals)
+    assert "SqueezeExcite" in {e.module for e in report.left_alone}
+
+
+def test_timm_resnet26d():
+    timm = _timm()
+    model = timm.create_model("resnet26d", num_classes=5)
+    report = check_patched(model, 64, BN_EVAL, TRAIN, kinks=True)
+    pairs = expected_pairs(model)  # the deep stem's two BN + ReLU
+    assert list(pairs) == ["conv1.1", "conv1.4"]
+    assert_pairs_fused(report, pairs, 0)
+    fused = {e.name: e.detail for e in report.fused}
+    assert "stem" in fused[""] and all(f"layer{i}.0" in fused for i in range(1, 5))  # stem BN + ReLU, the blocks
+
+
+def test_timm_convnext_atto():
+    timm = _timm()
+    model = timm.create_model("convnext_atto", num_classes=5)
+    report = check_patched(model, 32, LN, LN + LN_BWD)
+    norms2d = [n for n, m in model.named_modules() if type(m).__name__ == "LayerNorm2d"]
+    assert norms2d and sum("FusedTimmLayerNorm2d" in (e.fused_as or "") for e in report.fused) == len(norms2d)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_stochastic_depth_and_drop_path_stay_torchs(training):
+    """With stochastic depth (torchvision's MBConv) and drop path (timm's InvertedResidual) active, the patched block
+    takes the library's own path: the same random draws give the same result as the unpatched block."""
+    tv, timm = _torchvision(), _timm()
+    blocks = [tv.models.efficientnet.MBConv(tv.models.efficientnet.MBConvConfig(1, 3, 1, 8, 8, 1), 0.5,
+                                            nn.BatchNorm2d),
+              timm.models._efficientnet_blocks.InvertedResidual(8, 8, exp_ratio=2.0, act_layer=nn.SiLU,
+                                                                drop_path_rate=0.5)]
+    for block in blocks:
+        ours = fastattn.patch(copy.deepcopy(block))
+        assert type(ours) is not type(block)
+        x = torch.randn(4, 8, 5, 5)
+        for m in (block, ours):
+            m.train(training)
+        outs = []
+        for m in (block, ours):
+            torch.manual_seed(3)
+            outs.append(m(x))
+        torch.testing.assert_close(outs[1], outs[0])  # fp32 both ways: BN kernels against torch's
