@@ -8,6 +8,7 @@ precision, with a check that the Triton kernels, not the eager fallback, ran.
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -478,6 +479,60 @@ def test_module_torch_compile_fullgraph_cumulative_momentum():
     assert ours.num_batches_tracked.item() == 2
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
     torch.testing.assert_close(ours.running_var, theirs.running_var)
+
+
+@pytest.mark.parametrize("activation,act_module", [("silu", torch.nn.SiLU()), ("leaky_relu", torch.nn.LeakyReLU(0.2)),
+                                                 ("hardswish", torch.nn.Hardswish())], ids=["silu", "leaky", "hswish"])
+def test_batch_norm_act2d_module(activation, act_module):
+    """fastattn.nn.BatchNormAct2d: nn.BatchNorm2d's constructor and state_dict, act(bn(x) + identity) in training
+    (running statistics and num_batches_tracked as nn.BatchNorm2d's) and eval."""
+    ours = fastattn.nn.BatchNormAct2d(6, momentum=0.2, activation=activation, negative_slope=0.2)
+    theirs = torch.nn.BatchNorm2d(6, momentum=0.2)
+    assert isinstance(ours, torch.nn.BatchNorm2d) and list(ours.state_dict()) == list(theirs.state_dict())
+    assert f"activation={activation}" in repr(ours) and "fused=batch_norm+add+act" in repr(ours)
+    theirs.weight.data.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    for step in range(2):
+        x, identity = torch.randn(4, 6, 5, 3), (torch.randn(4, 6, 5, 3) if step else None)
+        with _runtime.record_launches() as n:
+            out = ours(x, identity)
+        assert n["_bn_fwd_reduce"] == 1
+        ref = theirs(x)
+        torch.testing.assert_close(out, act_module(ref if identity is None else ref + identity))
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 2
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(2, 6, 3, 3)
+    torch.testing.assert_close(ours(x), act_module(theirs(x)))
+    torch.testing.assert_close(ours(x, activation="identity"), theirs(x))  # a per-call override
+
+
+def test_batch_norm_act2d_swapped_in_is_a_plain_batch_norm():
+    """An nn.BatchNorm2d that fastattn.patch swapped to BatchNormAct2d has no activation of its own."""
+    bn = torch.nn.BatchNorm2d(5)
+    ref = copy.deepcopy(bn)
+    bn.__class__ = fastattn.nn.BatchNormAct2d
+    x = torch.randn(3, 5, 4, 4)
+    torch.testing.assert_close(bn(x), ref(x))
+    assert "activation=identity (the enclosing block passes its own)" in repr(bn)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fastattn.nn.BatchNormAct2d(5, activation="swish")
+
+
+def test_torch_compile_fullgraph_batch_norm_act():
+    x = torch.randn(4, 8, 5, 3, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+
+    def f(x, w, rm, rv):
+        return fastattn.batch_norm_act(x, None, rm, rv, w, None, True, activation="silu").square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with _runtime.record_launches() as n:
+        got = torch.autograd.grad(compiled(x, w, torch.zeros(8), torch.ones(8)), (x, w))
+    assert n["_bn_fwd_apply"] == 1 and n["_bn_bwd_dx"] == 1
+    for a, e in zip(got, torch.autograd.grad(f(x, w, torch.zeros(8), torch.ones(8)), (x, w))):
+        assert torch.equal(a, e)  # the same kernels: bitwise
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------

@@ -139,6 +139,21 @@ def test_layer_norm2d_rejects_other_ranks():
         fastattn.layer_norm2d(torch.randn(2, 3, 4))
 
 
+def test_layer_norm2d_module_and_compile():
+    """fastattn.nn.LayerNorm2d: nn.LayerNorm's state_dict, ConvNeXt's LayerNorm2d forward; compiles in one graph."""
+    ours, theirs = fastattn.nn.LayerNorm2d(12, eps=1e-6), torch.nn.LayerNorm(12, eps=1e-6)
+    assert list(ours.state_dict()) == list(theirs.state_dict()) and "channels-first" in repr(ours)
+    theirs.weight.data.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 12, 5, 3, requires_grad=True)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    with _runtime.record_launches() as n:
+        out = compiled(x)
+        out.sum().backward()
+    assert n[FWD] == 1 and n[BWD] == 1
+    torch.testing.assert_close(out, theirs(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
 # -- hidden sizes -----------------------------------------------------------------------------------------------------
 
 SIZES = [(1, (3, 37)), (65, (2, 53)), (768, (2, 9)), (1000, (17,)), (1536, (9,)), (4099, (5,)), (8192, (3,)),

@@ -56,7 +56,7 @@ def assert_pairs_fused(report: fastattn.PatchReport, pairs: dict[str, str], resi
     fused = {e.name: e.detail for e in report.fused}
     for name, act in pairs.items():
         assert name in fused and f"BN + {act}" in fused[name], f"{name} (BN + {act}) not fused: {fused.get(name)}"
-    adds = [e for e in report.fused if "add" in e.detail and e.fused_as and "BatchNormAct2d" in e.fused_as]
+    adds = [e for e in report.fused if "add" in e.detail and "BatchNorm" not in e.module]  # the blocks
     assert len(adds) == residuals, f"{len(adds)} residual adds fused, expected {residuals}"
 
 
@@ -143,9 +143,9 @@ def test_timm_resnet26d():
     report = check_patched(model, 64, BN_EVAL, TRAIN, kinks=True)
     pairs = expected_pairs(model)  # the deep stem's two BN + ReLU
     assert list(pairs) == ["conv1.1", "conv1.4"]
-    assert_pairs_fused(report, pairs, 0)
-    fused = {e.name: e.detail for e in report.fused}
-    assert "stem" in fused[""] and all(f"layer{i}.0" in fused for i in range(1, 5))  # stem BN + ReLU, the blocks
+    blocks = sum(type(m) is timm.models.resnet.Bottleneck for m in model.modules())  # BN + add + ReLU tails
+    assert_pairs_fused(report, pairs, blocks)
+    assert "stem" in {e.name: e.detail for e in report.fused}[""]  # the stem's bn1 + act1
 
 
 def test_timm_convnext_atto():
@@ -176,3 +176,35 @@ def test_stochastic_depth_and_drop_path_stay_torchs(training):
             torch.manual_seed(3)
             outs.append(m(x))
         torch.testing.assert_close(outs[1], outs[0])  # fp32 both ways: BN kernels against torch's
+
+
+def test_unpatch_pickle_options_and_hooks(tmp_path):
+    """The new fused classes pickle (whole model) and unpatch exactly; the options and forward hooks leave modules
+    alone, reported."""
+    tv, timm = _torchvision(), _timm()
+    cna = tv.ops.misc.Conv2dNormActivation
+    model = nn.Sequential(cna(3, 8, activation_layer=nn.Hardswish), nn.Sequential(nn.BatchNorm2d(8), nn.GELU()),
+                          timm.layers.BatchNormAct2d(8, act_layer=nn.LeakyReLU), tv.models.convnext.LayerNorm2d(8))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    classes = [type(m) for m in model.modules()]
+    fastattn.patch(model)
+    fused = {e.name: e.detail for e in fastattn.patch_report(model).fused}
+    assert fused["0.1"] == "BN + Hardswish" and fused["1.0"] == "BN + GELU" and "LeakyReLU(0.01)" in fused["2"]
+    x = torch.randn(2, 3, 6, 5)
+    with torch.no_grad():
+        out = model.eval()(x)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+    fastattn.unpatch(model)
+    assert [type(m) for m in model.modules()] == classes
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+    off = fastattn.patch(copy.deepcopy(model), batch_norm=False, layer_norm=False)
+    left = {e.name: e.detail for e in fastattn.patch_report(off).left_alone}
+    assert left["0"] == left["1"] == left["2"] == "batch_norm=False" and left["3"] == "layer_norm=False"
+    hooked = copy.deepcopy(model)
+    hooked[0][2].register_forward_hook(lambda *a: None)
+    fastattn.patch(hooked)
+    assert "forward hooks" in {e.name: e.detail for e in fastattn.patch_report(hooked).left_alone}["0"]
