@@ -257,11 +257,15 @@ def test_patched_torchvision_training_step(monkeypatch):
     vit = ("tiny ViT", lambda: torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1,
                                                                     num_heads=2, hidden_dim=32, mlp_dim=64,
                                                                     num_classes=10))
+    effnet = torchvision.models.efficientnet
+    tiny_effnet = ("tiny EfficientNet", lambda: effnet.EfficientNet(
+        [effnet.MBConvConfig(1, 3, 1, 8, 8, 1), effnet.MBConvConfig(2, 3, 2, 8, 8, 2)], 0.2, num_classes=10))
     with fastattn.record_launches() as launches:
-        rows = gpu.run_patched_models(torch.float32, quick=True, models=[vit], image=16, classes=10)
-    assert [r["impl"] for r in rows] == ["eager", "fastattn.patch"]
+        rows = gpu.run_patched_models(torch.float32, quick=True, models=[vit, tiny_effnet], image=16, classes=10)
+    assert [r["impl"] for r in rows] == ["eager", "fastattn.patch"] * 2
     assert all(r["status"] == "ok" and r["unit"] == "images/s" and r["ms"] > 0 for r in rows), rows
-    assert launches["_attn_fwd"] > 0 and launches["_pe_fwd"] > 0  # the patched run used the fused kernels
+    assert launches["_attn_fwd"] > 0 and launches["_pe_fwd"] > 0  # the patched runs used the fused kernels
+    assert launches["_bn_fwd_apply"] > 0 and launches["_bn_bwd_dx"] > 0
 
 
 def _fused_and_eager(make, x):
@@ -294,6 +298,11 @@ def test_blocks_fused_and_eager_agree():
     for name, buf in eager.named_buffers():  # running statistics and batch counts, downsample's BN included
         torch.testing.assert_close(dict(fused.named_buffers())[name], buf, atol=1e-5, rtol=1e-5, msg=name)
     assert blocks.ResNet50(blocks.EAGER_OPS, classes=5)(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+    assert blocks.fused_patterns(blocks.MBConv.patterns) == ["bn_act", "bn_add"]
+    _, _, launches = _fused_and_eager(lambda ops: blocks.MBConv(8, 3, 3, ops), torch.randn(2, 8, 6, 5))
+    assert launches["_bn_fwd_apply"] == 3 and launches["_bn_bwd_dx"] == 3, dict(launches)  # bn1, bn2, bn3 + add
+    _, _, launches = _fused_and_eager(lambda ops: blocks.ConvNeXtStage(8, 16, ops), torch.randn(2, 8, 6, 6))
+    assert launches["_layer_norm_fwd"] == 2 and launches["_layer_norm_bwd"] == 2, dict(launches)
 
 
 # -- gpu-check, with the CPU standing in for the device ---------------------------------------------------------
