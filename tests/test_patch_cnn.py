@@ -72,46 +72,32 @@ def _timm():
 TRAIN = BN_TRAIN + BN_BWD
 
 
-def test_torchvision_efficientnet_b0():
+def _residual_blocks(model: nn.Module, block: str) -> int:
+    """How many ``block`` modules (a torchvision class path under ``torchvision.models``) fuse a residual add."""
     tv = _torchvision()
-    model = tv.models.efficientnet_b0(num_classes=5)  # stochastic depth 0.2 and classifier dropout 0.2 stay on
-    report = check_patched(model, 64, BN_EVAL, TRAIN)
-    pairs = expected_pairs(model)
-    assert set(pairs.values()) == {"SiLU"} and len(pairs) > 30
-    residuals = sum(m.use_res_connect for m in model.modules() if type(m) is tv.models.efficientnet.MBConv)
-    assert_pairs_fused(report, pairs, residuals)
-    left = {e.module for e in report.left_alone}
-    assert "SqueezeExcitation" in left
+    module, _, name = block.rpartition(".")
+    cls = getattr(getattr(tv.models, module), name)
+    return sum(getattr(m, "use_res_connect", True) for m in model.modules() if type(m) is cls)
 
 
-def test_torchvision_mobilenet_v3_small():
+# (builder, activations of its BN pairs, the block whose residual is fused, ReLU-type kinks: tests/modelcheck.py)
+TORCHVISION_BN = [
+    ("efficientnet_b0", {"SiLU"}, "efficientnet.MBConv", False),  # stochastic depth 0.2, dropout 0.2 stay on
+    ("mobilenet_v3_small", {"ReLU", "Hardswish"}, "mobilenetv3.InvertedResidual", True),
+    ("mobilenet_v2", {"ReLU6"}, "mobilenetv2.InvertedResidual", True),
+    ("regnet_y_400mf", {"ReLU"}, "regnet.ResBottleneckBlock", True),  # the last BN + shortcut + ReLU
+]
+
+
+@pytest.mark.parametrize("builder,acts,block,kinks", TORCHVISION_BN, ids=[c[0] for c in TORCHVISION_BN])
+def test_torchvision_batch_norm_models(builder, acts, block, kinks):
     tv = _torchvision()
-    model = tv.models.mobilenet_v3_small(num_classes=5)
-    report = check_patched(model, 64, BN_EVAL, TRAIN, kinks=True)
+    model = getattr(tv.models, builder)(num_classes=5)
+    report = check_patched(model, 64, BN_EVAL, TRAIN, kinks=kinks)
     pairs = expected_pairs(model)
-    assert set(pairs.values()) == {"ReLU", "Hardswish"}
-    residuals = sum(m.use_res_connect for m in model.modules() if type(m) is tv.models.mobilenetv3.InvertedResidual)
-    assert_pairs_fused(report, pairs, residuals)
-
-
-def test_torchvision_mobilenet_v2():
-    tv = _torchvision()
-    model = tv.models.mobilenet_v2(num_classes=5)
-    report = check_patched(model, 64, BN_EVAL, TRAIN, kinks=True)
-    pairs = expected_pairs(model)
-    assert set(pairs.values()) == {"ReLU6"}
-    residuals = sum(m.use_res_connect for m in model.modules() if type(m) is tv.models.mobilenetv2.InvertedResidual)
-    assert_pairs_fused(report, pairs, residuals)
-
-
-def test_torchvision_regnet_y_400mf():
-    tv = _torchvision()
-    model = tv.models.regnet_y_400mf(num_classes=5)
-    report = check_patched(model, 64, BN_EVAL, TRAIN, kinks=True)
-    pairs = expected_pairs(model)
-    assert set(pairs.values()) == {"ReLU"}
-    blocks = [m for m in model.modules() if type(m) is tv.models.regnet.ResBottleneckBlock]
-    assert_pairs_fused(report, pairs, len(blocks))  # every block: the last BN + shortcut + ReLU
+    assert set(pairs.values()) == acts and len(pairs) > 10
+    assert_pairs_fused(report, pairs, _residual_blocks(model, block))
+    assert "SqueezeExcitation" in {e.module for e in report.left_alone} or builder == "mobilenet_v2"
 
 
 def test_torchvision_convnext_tiny():
