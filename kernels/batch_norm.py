@@ -53,8 +53,9 @@ GELU_KAPPA = tl.constexpr(0.044715)
 # reduction (dy, out, x, two running sums, up to five tensors' addresses) stays at or below 80 registers.
 
 TILES = ((128, 16), (64, 32), (32, 64), (16, 128))
-# The interpreter's cost is per program and per op, not per element: large tiles, long on B or on C.
-INTERPRETER_TILES = ((1024, 32), (128, 128), (16, 2048))
+# The interpreter's cost is per program and per op, not per element: large tiles, long on B or on C (and the
+# small one for small shapes).
+INTERPRETER_TILES = ((1024, 32), (128, 128), (16, 2048), (32, 64))
 
 
 def gpu_tile_configs():
@@ -88,12 +89,14 @@ def tile_prune(configs, named_args, **kwargs):
 
 
 def launch_tile_prune(configs, named_args, **kwargs):
-    """The autotuner's prune: :func:`tile_prune`; in the interpreter, which cannot time configs, only the one of its
-    tiles that wastes least."""
+    """The autotuner's prune: :func:`tile_prune`; in the interpreter, which cannot time configs, its own
+    INTERPRETER_TILES collapse to the one that wastes least (other configs, e.g. a test's, are kept as they are)."""
     kept = tile_prune(configs, named_args)
     if not interpreting():
         return kept
-    return [min(kept, key=lambda c: _waste(c, named_args["B"], named_args["C"]))]
+    own = [c for c in kept if (c.kwargs["BLOCK_B"], c.kwargs["BLOCK_C"]) in INTERPRETER_TILES]
+    best = [min(own, key=lambda c: _waste(c, named_args["B"], named_args["C"]))] if own else []
+    return [c for c in kept if c not in own] + best
 
 
 # Partials summed per step: fixed, never tuned, so the combination order never changes (2 in the interpreter, so
