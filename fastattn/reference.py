@@ -252,6 +252,11 @@ def batch_norm_add_relu(x, identity, running_mean, running_var, weight=None, bia
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def layer_norm2d(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the channels of (N, C, H, W), as torchvision's and timm's ConvNeXt ``LayerNorm2d`` compute it."""
+    return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
+
+
 def _add_dropout_residual(x: Tensor, residual: Tensor | None, dropout_p: float, residual_in_fp32: bool,
                           dropout_mask: Tensor | None) -> Tensor:
     """``dropout(x) + residual`` in the residual stream's dtype (x's, or fp32 for fp16/bf16 x with
@@ -296,11 +301,6 @@ def add_layer_norm(
     out = F.layer_norm(z.to(ct), (z.size(-1),), weight.to(ct) if weight is not None else None,
                        bias.to(ct) if bias is not None else None, eps)
     return out.to(x.dtype), z
-
-
-def layer_norm2d(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-6) -> Tensor:
-    """LayerNorm over the channels of (N, C, H, W), as torchvision's and timm's ConvNeXt ``LayerNorm2d`` compute it."""
-    return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
 
 
 def add_rms_norm(

@@ -76,8 +76,8 @@ def check_float_dtype(op: str, name: str, t: Tensor, allowed: tuple[torch.dtype,
                         f"{dtype_name(t.dtype)}")
 
 
-def check_like(op: str, name: str, t: object, x: Tensor) -> None:
-    """``t`` is None or a Tensor of ``x``'s shape (a residual or identity added to ``x``); raises naming ``name``."""
+def check_like_x(op: str, name: str, t: object, x: Tensor) -> None:
+    """An optional second activation (a residual, an identity): None, or a Tensor of ``x``'s shape."""
     if t is None:
         return
     if not isinstance(t, Tensor):

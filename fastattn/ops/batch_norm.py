@@ -34,7 +34,7 @@ from fastattn.ops._common import (
     acc_tl,
     bucket,
     check_float_dtype,
-    check_like,
+    check_like_x,
     dtype_name,
     fallback_reason,
     stat_dtype,
@@ -355,7 +355,7 @@ def _check(op: str, x: Tensor, identity: Tensor | None, running_mean: Tensor | N
         raise ValueError(f"fastattn.{op}: x must be 4-D (N, C, H, W); got shape {tuple(x.shape)}")
     check_float_dtype(op, "x", x, KERNEL_DTYPES)
     C = x.shape[1]
-    check_like(op, "identity", identity, x)
+    check_like_x(op, "identity", identity, x)
     if identity is not None and identity.dtype != x.dtype:
         raise TypeError(f"fastattn.{op}: identity must have x's dtype {dtype_name(x.dtype)}; got "
                         f"{dtype_name(identity.dtype)}")

@@ -28,7 +28,7 @@ from torch import Tensor
 from fastattn import _runtime, reference
 from fastattn.hwfit import KernelSpec
 from fastattn.kernels import layer_norm as K
-from fastattn.ops._common import TL_DTYPES, check_like, draw_seed, dtype_name, fallback_reason, seed_int, stat_dtype
+from fastattn.ops._common import TL_DTYPES, draw_seed, dtype_name, fallback_reason, seed_int, stat_dtype
 
 # What a forward and a backward launch (the reduction only with a weight or bias to differentiate).
 FORWARD_KERNELS = (_runtime.kernel_name(K._layer_norm_fwd),)
@@ -305,8 +305,12 @@ def _check(op: str, x, residual, weight, bias, eps, dropout_p, residual_in_fp32,
     if x.dim() < len(norm_shape) or tuple(x.shape[x.dim() - len(norm_shape):]) != norm_shape:
         raise ValueError(f"fastattn.{op}: normalized_shape {norm_shape} must equal the trailing dims of x; "
                          f"got x of shape {tuple(x.shape)}")
-    check_like(op, "residual", residual, x)
     if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"fastattn.{op}: residual must be a Tensor or None, got {type(residual).__name__}")
+        if residual.shape != x.shape:
+            raise ValueError(f"fastattn.{op}: residual must have x's shape {tuple(x.shape)}; got "
+                             f"{tuple(residual.shape)}")
         ok = (x.dtype,) + ((torch.float32,) if residual_in_fp32 else ())
         if residual.dtype not in ok:
             hint = "" if residual_in_fp32 else " (an fp32 residual stream needs residual_in_fp32=True)"
