@@ -186,10 +186,13 @@ def test_gpu_runner_rows_ratios_and_failures(monkeypatch, tmp_path):
     assert sorted(os.path.basename(p) for p in pngs) == ["attention_lm_tflops.png", "attention_speedup.png"]
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "patch_embed", "batch_norm", "merge_attention", "kvcache"])
-def test_gpu_runner_on_every_op(monkeypatch, op):
+@pytest.mark.parametrize("op,which", [("layer_norm", 0), ("patch_embed", 0), ("batch_norm", 0), ("batch_norm", -1),
+                                      ("merge_attention", 0), ("kvcache", 0)],
+                         ids=["layer_norm", "patch_embed", "batch_norm", "batch_norm_act-silu", "merge_attention",
+                              "kvcache"])
+def test_gpu_runner_on_every_op(monkeypatch, op, which):
     _cpu_standin(monkeypatch)
-    case = cases.get(op, "small")[0]
+    case = cases.get(op, "small")[which]
     with fastattn.record_launches() as launches:
         rows = gpu.run_case(case, torch.float32, with_compile=False)
     missing = [k for k in case.kernels if launches[k] == 0]
