@@ -1,8 +1,10 @@
-"""Fused BatchNorm + residual add + ReLU at the ResNet-50 block tails (fastattn.perf.cases: stage outputs
+"""Fused BatchNorm + residual add + ReLU at the ResNet-50 block tails (fastattn.perf.cases_bn: stage outputs
 256x56x56, 512x28x28, 1024x14x14 and 2048x7x7, batch 64 and 256, training and eval, NCHW and channels_last; weight,
 bias and running statistics in fp32): forward, backward and forward+backward of ``fastattn.batch_norm_add_relu``
 against the eager reference (``relu(F.batch_norm(x) + identity)``) and torch.compile of it. Eval mode keeps the
-gradient flowing to x and identity (fine-tuning with frozen statistics).
+gradient flowing to x and identity (fine-tuning with frozen statistics). Also ``fastattn.batch_norm_act`` with SiLU
+and no identity at EfficientNet-B0's stage shapes (stem 32x112x112 to head 1280x7x7, batch 64, training) against
+``silu(F.batch_norm(x))``.
 
     pytest bench/bench_batch_norm.py --benchmark-only [--bench-dtypes fp16,bf16]
 

@@ -13,9 +13,9 @@ from fastattn import models, nn
 from fastattn import patch as _patch_module  # the compatibility module: imported before the function takes its name
 from fastattn._runtime import FallbackWarning, deterministic_backward, record_launches
 from fastattn.ops.attention import attention, scaled_dot_product_attention
-from fastattn.ops.batch_norm import batch_norm_add_relu
+from fastattn.ops.batch_norm import batch_norm_act, batch_norm_add_relu
 from fastattn.ops.kvcache import attention_with_kvcache
-from fastattn.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from fastattn.ops.layer_norm import add_layer_norm, add_rms_norm, layer_norm, layer_norm2d, rms_norm
 from fastattn.ops.merge_attention import merge_attention
 from fastattn.ops.patch_embed import patch_embed
 from fastattn.ops.varlen import AuxRequest, varlen_attn
@@ -44,9 +44,11 @@ __all__ = [
     "add_rms_norm",
     "attention",
     "attention_with_kvcache",
+    "batch_norm_act",
     "batch_norm_add_relu",
     "deterministic_backward",
     "layer_norm",
+    "layer_norm2d",
     "merge_attention",
     "models",
     "nn",

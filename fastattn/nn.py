@@ -12,6 +12,9 @@ when they are torch's (the reference models and the patched library blocks use t
 - ``add_then_norm(norm, x, residual, dropout)``: the pre-norm residual step, returns ``norm(residual + dropout(x))``
   and the new residual ``residual + dropout(x)``; fused likewise.
 - ``bn_relu(bn, x, identity=None)``: ``relu(bn(x) + identity)``; fused when ``bn`` is a :class:`BatchNormAddReLU`.
+- ``bn_act(bn, x, act=None, identity=None)``: ``act(bn(x) + identity)`` for an activation module ``act``; fused when
+  ``bn`` is a :class:`BatchNormAct2d` without an activation of its own and ``act`` one fastattn fuses
+  (:func:`activation_of`).
 
 Fused dropout draws its mask inside the kernel from its own random stream, so a fused and an eager block with
 dropout > 0 are equal in distribution, not bit for bit; compare them with dropout 0 or in eval mode.
@@ -19,12 +22,14 @@ dropout > 0 are equal in distribution, not bit for bit; compare them with dropou
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastattn.ops.batch_norm import batch_norm_add_relu
-from fastattn.ops.layer_norm import _add_norm
+from fastattn.ops.batch_norm import ACTIVATIONS, batch_norm_act
+from fastattn.ops.layer_norm import _add_norm, layer_norm2d
 from fastattn.ops.patch_embed import patch_embed
 
 
@@ -122,6 +127,23 @@ def _check_patchify(conv: torch.nn.Conv2d) -> None:
                          f"padding={conv.padding}, dilation={conv.dilation}, groups={conv.groups}")
 
 
+def bn_forward(bn: torch.nn.BatchNorm2d, x: Tensor, identity: Tensor | None, activation: str,
+                negative_slope: float) -> Tensor:
+    """``nn.BatchNorm2d.forward``'s semantics (num_batches_tracked, momentum or the cumulative average, batch
+    statistics without running ones) around ``fastattn.batch_norm_act``."""
+    bn._check_input_dim(x)
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    # Batch statistics in training, and in eval when there are no running statistics (as _BatchNorm.forward).
+    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
+    use_buffers = not bn.training or bn.track_running_stats
+    return batch_norm_act(
+        x, identity, bn.running_mean if use_buffers else None, bn.running_var if use_buffers else None, bn.weight,
+        bn.bias, bn_training, bn.momentum, bn.eps, activation=activation, negative_slope=negative_slope,
+        num_batches_tracked=bn.num_batches_tracked if bn.momentum is None else None,
+    )
+
+
 class BatchNormAddReLU(torch.nn.BatchNorm2d):
     """``relu(bn(x) + identity)`` in one fused op: a ``BatchNorm2d`` **followed by the residual add and a ReLU**.
 
@@ -134,22 +156,68 @@ class BatchNormAddReLU(torch.nn.BatchNorm2d):
     """
 
     def forward(self, x: Tensor, identity: Tensor | None = None) -> Tensor:
-        self._check_input_dim(x)
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-        # Batch statistics in training, and in eval when there are no running statistics (as _BatchNorm.forward).
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        use_buffers = not self.training or self.track_running_stats
-        return batch_norm_add_relu(
-            x, identity,
-            self.running_mean if use_buffers else None,
-            self.running_var if use_buffers else None,
-            self.weight, self.bias, bn_training, self.momentum, self.eps,
-            num_batches_tracked=self.num_batches_tracked if self.momentum is None else None,
-        )
+        return bn_forward(self, x, identity, "relu", 0.0)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", fused=batch_norm+add+relu"
+
+
+class FusedBatchNorm:
+    """A BatchNorm module whose ``forward(x, identity=None)`` adds ``identity`` before its activation in the fused
+    kernel (:class:`BatchNormAct2d`, timm's ``BatchNormAct2d`` once patched)."""
+
+
+class BatchNormAct2d(torch.nn.BatchNorm2d, FusedBatchNorm):
+    """``act(bn(x) + identity)`` in one fused op (``fastattn.batch_norm_act``): a ``BatchNorm2d`` followed by an
+    optional residual add and ``activation`` (any of ``fastattn.ops.batch_norm.ACTIVATIONS``: ``"identity"``,
+    ``"relu"``, ``"relu6"``, ``"leaky_relu"`` with ``negative_slope``, ``"hardsigmoid"``, ``"hardswish"``,
+    ``"silu"``, ``"gelu"``, ``"gelu_tanh"``).
+
+    Constructor (with the keyword-only ``activation``, ``negative_slope``), parameters, buffers, ``state_dict`` and
+    BatchNorm semantics are ``nn.BatchNorm2d``'s, as :class:`BatchNormAddReLU`'s. ``forward(x, identity=None, *,
+    activation=None, negative_slope=None)``: the keywords override the module's own for one call (the blocks
+    ``fastattn.patch`` fuses pass the activation module that follows). An ``nn.BatchNorm2d`` that
+    ``fastattn.patch`` swapped to this class has no activation of its own (``"identity"``): alone it is that plain
+    BatchNorm, and the block around it passes the activation it fuses.
+    """
+
+    activation = "identity"  # the class defaults: what an nn.BatchNorm2d swapped in by fastattn.patch computes
+    negative_slope = 0.01
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, activation: str = "silu",
+                 negative_slope: float = 0.01) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"fastattn.nn.BatchNormAct2d: activation must be one of {', '.join(ACTIVATIONS)}; got "
+                             f"{activation!r}")
+        self.activation = activation
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x: Tensor, identity: Tensor | None = None, *, activation: str | None = None,
+                negative_slope: float | None = None) -> Tensor:
+        return bn_forward(self, x, identity, activation or self.activation,
+                           self.negative_slope if negative_slope is None else negative_slope)
+
+    def extra_repr(self) -> str:
+        own = "activation" in self.__dict__
+        act = self.activation if own else "identity (the enclosing block passes its own)"
+        slope = f", negative_slope={self.negative_slope}" if own and self.activation == "leaky_relu" else ""
+        return super().extra_repr() + f", activation={act}{slope}, fused=batch_norm+add+act"
+
+
+class LayerNorm2d(torch.nn.LayerNorm):
+    """``nn.LayerNorm`` over the channels of an (N, C, H, W) tensor (ConvNeXt's ``LayerNorm2d``, torchvision's and
+    timm's) in fastattn's layer-norm kernels: ``fastattn.layer_norm2d``, no permuted copy, the result in channels_last
+    memory as theirs. Constructor and ``state_dict``: ``nn.LayerNorm``'s with ``normalized_shape = C``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if len(self.normalized_shape) != 1:
+            raise ValueError(f"fastattn.nn.LayerNorm2d: normalized_shape must be (C,); got {self.normalized_shape}")
+        return layer_norm2d(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", channels-first (N, C, H, W)"
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -199,6 +267,71 @@ def add_then_norm(norm: nn.Module, x: Tensor, residual: Tensor,
         return norm(x, residual, dropout_p=p, residual_in_fp32=fp32)
     residual = residual + (dropout(x) if dropout is not None else x)
     return norm(residual), residual
+
+
+# activation module class -> the activation batch_norm_act fuses for an instance (exact types only: a subclass may
+# compute something else), as (name, negative_slope); libraries add their own classes by "module.QualName"
+ACTIVATION_MODULES: dict[type | str, Callable[[nn.Module], tuple[str, float] | None]] = {
+    nn.Identity: lambda m: ("identity", 0.0),
+    nn.ReLU: lambda m: ("relu", 0.0),
+    nn.ReLU6: lambda m: ("relu6", 0.0),
+    nn.LeakyReLU: lambda m: ("leaky_relu", float(m.negative_slope)),
+    nn.Hardsigmoid: lambda m: ("hardsigmoid", 0.0),
+    nn.Hardswish: lambda m: ("hardswish", 0.0),
+    nn.SiLU: lambda m: ("silu", 0.0),
+    nn.GELU: lambda m: {"none": ("gelu", 0.0), "tanh": ("gelu_tanh", 0.0)}.get(m.approximate),
+}
+
+
+def activation_of(module: nn.Module | None) -> tuple[str, float] | None:
+    """``(activation, negative_slope)`` of ``fastattn.batch_norm_act`` that ``module`` computes (None:
+    ``"identity"``), or None when fastattn has no fused form of it (an unknown class, or a subclass)."""
+    if module is None:
+        return ("identity", 0.0)
+    cls = type(module)
+    spec = ACTIVATION_MODULES.get(cls) or ACTIVATION_MODULES.get(f"{cls.__module__}.{cls.__qualname__}")
+    return spec(module) if spec is not None else None
+
+
+def bn_act(bn: nn.Module, x: Tensor, act: nn.Module | None = None, identity: Tensor | None = None) -> Tensor:
+    """``act(bn(x) + identity)`` (``act`` None: no activation): a norm + activation pair, or a block's tail."""
+    spec = activation_of(act)
+    ident = None if identity is None else identity.to(x.dtype)  # the sum keeps x's dtype under autocast, as `+=`
+    if isinstance(bn, BatchNormAct2d) and bn.activation == "identity" and spec is not None:
+        return bn(x, ident, activation=spec[0], negative_slope=spec[1])
+    y = bn(x)
+    if ident is not None:
+        y = y + ident
+    return act(y) if act is not None else y
+
+
+def fusable_pair(bn: nn.Module, act: nn.Module | None) -> bool:
+    """Whether ``bn`` followed by ``act`` runs as one fused op: a BatchNorm2d fastattn.patch swapped (a
+    :class:`BatchNormAct2d` without an activation of its own) and an activation module fastattn fuses."""
+    return isinstance(bn, BatchNormAct2d) and bn.activation == "identity" and act is not None and \
+        activation_of(act) is not None
+
+
+def run_sequential(modules: Iterable[nn.Module], x: Tensor) -> Tensor:
+    """``nn.Sequential``'s forward over ``modules``, each :func:`fusable_pair` (BN, activation) as one fused op."""
+    mods = list(modules)
+    i = 0
+    while i < len(mods):
+        if i + 1 < len(mods) and fusable_pair(mods[i], mods[i + 1]):
+            x = bn_act(mods[i], x, mods[i + 1])
+            i += 2
+        else:
+            x = mods[i](x)
+            i += 1
+    return x
+
+
+def bn_add(bn: nn.Module, x: Tensor, identity: Tensor) -> Tensor:
+    """``bn(x) + identity`` for a BatchNorm whose own activation (if any) is the identity: fused into its kernel when
+    ``bn`` is a :class:`FusedBatchNorm`."""
+    if isinstance(bn, FusedBatchNorm):
+        return bn(x, identity.to(x.dtype))
+    return bn(x) + identity
 
 
 def bn_relu(bn: nn.Module, x: Tensor, identity: Tensor | None = None) -> Tensor:

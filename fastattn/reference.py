@@ -316,36 +316,52 @@ def patch_embed(
     return t
 
 # ---------------------------------------------------------------------------------------------------------------
-# batch_norm (BatchNorm + residual add + ReLU)
+# batch_norm (BatchNorm + residual add + activation)
 # ---------------------------------------------------------------------------------------------------------------
 
+# activation name -> its torch.nn.functional form (slope: leaky_relu's negative slope)
+ACTIVATIONS = {
+    "identity": lambda y, slope: y,
+    "relu": lambda y, slope: F.relu(y),
+    "relu6": lambda y, slope: F.relu6(y),
+    "leaky_relu": lambda y, slope: F.leaky_relu(y, slope),
+    # torch's float64 hardsigmoid backward multiplies by 1/6 rounded to fp32 (1e-8 off): the float64 oracle divides
+    "hardsigmoid": lambda y, slope: F.relu6(y + 3.0) / 6.0 if y.dtype == torch.float64 else F.hardsigmoid(y),
+    "hardswish": lambda y, slope: F.hardswish(y),
+    "silu": lambda y, slope: F.silu(y),
+    "gelu": lambda y, slope: F.gelu(y),
+    "gelu_tanh": lambda y, slope: F.gelu(y, approximate="tanh"),
+}
 
-def batch_norm_add_relu(
-    x: Tensor,
-    identity: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    momentum: float | None = 0.1,
-    eps: float = 1e-5,
-    *,
-    num_batches_tracked: Tensor | None = None,
-) -> Tensor:
-    """relu(F.batch_norm(x, ...) + identity); ``momentum=None`` uses the cumulative factor 1 / num_batches_tracked
+
+def batch_norm_act(x: Tensor, identity: Tensor | None = None, running_mean: Tensor | None = None,
+                   running_var: Tensor | None = None, weight: Tensor | None = None, bias: Tensor | None = None,
+                   training: bool = False, momentum: float | None = 0.1, eps: float = 1e-5, *,
+                   activation: str = "relu", negative_slope: float = 0.01,
+                   num_batches_tracked: Tensor | None = None) -> Tensor:
+    """act(F.batch_norm(x, ...) + identity); ``momentum=None`` uses the cumulative factor 1 / num_batches_tracked
     (the count including this batch), as ``nn.BatchNorm2d`` does."""
     if momentum is None:
         momentum = 1.0 / float(num_batches_tracked) if num_batches_tracked is not None else 0.0
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    if identity is not None:
-        y = y + identity
-    return F.relu(y)
+    return ACTIVATIONS[activation](y if identity is None else y + identity, negative_slope)
+
+
+def batch_norm_add_relu(x, identity, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                        eps=1e-5, *, num_batches_tracked=None) -> Tensor:
+    """relu(F.batch_norm(x, ...) + identity): :func:`batch_norm_act` with ``activation="relu"``."""
+    return batch_norm_act(x, identity, running_mean, running_var, weight, bias, training, momentum, eps,
+                          activation="relu", num_batches_tracked=num_batches_tracked)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # add + layer_norm / rms_norm
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def layer_norm2d(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the channels of (N, C, H, W), as torchvision's and timm's ConvNeXt ``LayerNorm2d`` compute it."""
+    return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
 
 
 def _add_dropout_residual(x: Tensor, residual: Tensor | None, dropout_p: float, residual_in_fp32: bool,

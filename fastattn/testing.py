@@ -572,12 +572,70 @@ def norm_floors(x: Tensor, residual: Tensor | None, weight: Tensor | None, bias:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _activation_terms(z: Tensor, activation: str, slope: float, u: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For exact pre-activations ``z`` (float64): ``act'(z)``, ``act''(z)`` (autograd on the float64 reference), and
+    the absolute errors of the kernels' ``act(z)`` and ``act'(z)`` evaluated in arithmetic of unit roundoff ``u``
+    (kernels/batch_norm.py's formulas, operation by operation; ``exp`` as ``exp2(x log2 e)``: ``2u |x| + 4u``
+    relative, ``erf`` and the ``tanh`` of kernels/_common.py as stated there). Zero where the kernels only select
+    (relu, relu6, the flat parts of the piecewise ones)."""
+    from fastattn.reference import ACTIVATIONS
+
+    zz = z.detach().clone().requires_grad_()
+    (d1,) = torch.autograd.grad(ACTIVATIONS[activation](zz, slope).sum(), zz, create_graph=True)
+    d2 = torch.autograd.grad(d1.sum(), zz, allow_unused=True)[0] if d1.requires_grad else None
+    d1, d2 = d1.detach(), (d2.detach() if d2 is not None else torch.zeros_like(z))
+    out = ACTIVATIONS[activation](z, slope)
+    zero = torch.zeros_like(z)
+    a, o = z.abs(), out.abs()
+    if activation == "leaky_relu":  # z * slope, the slope rounded to fp32
+        return d1, d2, 2 * u * o, u * d1.abs()
+    if activation == "hardsigmoid":  # relu6(z + 3) / 6
+        live = (z > -3) & (z < 3)
+        return d1, d2, torch.where(live, u * (z + 3).abs() / 6, zero) + u * o, zero
+    if activation == "hardswish":  # z * relu6(z + 3) / 6; act' = z / 3 + 0.5 between the kinks
+        live = (z > -3) & (z < 3)
+        return d1, d2, torch.where(live, u * a * (z + 3).abs() / 6, zero) + 2 * u * o, \
+            torch.where(live, u * a / 3 + u * d1.abs(), zero)
+    if activation == "silu":  # z / (1 + exp(-z)); act' = s (1 + z (1 - s))
+        s = torch.sigmoid(z)
+        rel_s = (1 - s) * (2 * u * a + 4 * u) + 2 * u
+        err_s = s * rel_s
+        err_zo = a * (err_s + u * (1 - s)) + u * (a * (1 - s))
+        q = 1 + z * (1 - s)
+        return d1, d2, o * rel_s, q.abs() * err_s + s * (err_zo + u * q.abs()) + u * d1.abs()
+    if activation == "gelu":  # 0.5 z (1 + erf(z / sqrt 2)); act' = cdf + z pdf
+        arg = z * math.sqrt(0.5)
+        erf = torch.erf(arg)
+        err_erf = 2 / math.sqrt(math.pi) * torch.exp(-arg * arg) * 2 * u * arg.abs() + 4 * u * erf.abs()
+        err_cdf = 0.5 * (err_erf + u * (1 + erf).abs())
+        pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+        err_zp = a * pdf * (1.5 * u * z * z + 6 * u) + u * a * pdf
+        return d1, d2, a * err_cdf + u * o, err_cdf + err_zp + u * d1.abs()
+    if activation == "gelu_tanh":  # 0.5 z (1 + tanh(beta (z + kappa z^3)))
+        beta, kappa = math.sqrt(2 / math.pi), 0.044715
+        cube = a ** 3
+        s1 = z + kappa * z ** 3
+        inner = beta * s1
+        err_inner = beta * (4 * u * kappa * cube + u * s1.abs()) + 2 * u * inner.abs()
+        t = torch.tanh(inner)
+        err_t = (1 - t * t) * err_inner + (1 - t.abs()) * (4 * inner.abs() + 6) * u + 4 * u * t.abs() + u
+        err_h1 = 0.5 * (err_t + u * (1 + t).abs())
+        omt = 1 - t * t
+        h2a = 0.5 * a * omt
+        err_h2a = 0.5 * a * (2 * t.abs() * err_t + u * t * t + u * omt) + u * h2a
+        ip = beta * (1 + 3 * kappa * z * z)
+        err_ip = beta * (9 * u * kappa * z * z + u * (1 + 3 * kappa * z * z)) + 2 * u * ip
+        return d1, d2, a * err_h1 + u * o, err_h1 + ip * err_h2a + h2a * err_ip + u * h2a * ip + u * d1.abs()
+    return d1, d2, zero, zero  # identity, relu, relu6: exact selections
+
+
 def batch_norm_floors(x: Tensor, identity: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
                       weight: Tensor | None, bias: Tensor | None, grad_out: Tensor | None, *, dtype: torch.dtype,
                       training: bool, eps: float = 1e-5, momentum: float | None = 0.1,
-                      lane_terms: int | None = None) -> dict[str, float]:
+                      lane_terms: int | None = None, activation: str = "relu",
+                      negative_slope: float = 0.01) -> dict[str, float]:
     """Floors of ``out``, ``dx``, ``didentity``, ``dweight``, ``dbias``, ``running_mean``, ``running_var`` of the
-    fused BatchNorm + add + ReLU (kernels/batch_norm.py), per channel over its ``M = N H W`` values.
+    fused BatchNorm + add + activation (kernels/batch_norm.py), per channel over its ``M = N H W`` values.
 
     Fused only (torch's CPU kernels compute fp32 batch norm in higher precision). Each lane of a program sums its
     share of a channel in fp32 (``L = lane_terms`` values, at most ``M``; the launcher's schedule gives it), then the
@@ -587,14 +645,18 @@ def batch_norm_floors(x: Tensor, identity: Tensor | None, running_mean: Tensor |
     - training statistics: ``err(mean) = L u mean|x - K|``, ``err(var) = (L + 2) u mean (x - K)^2 + 2 |mean - K|
       err(mean)``; ``rstd`` from float64 rounded to fp32: relative ``err(var) / (2 (var + eps)) + u``. Eval: ``w
       rstd`` from float64, rounded: ``u``.
-    - ``y = ((x - hi) - lo) (w rstd) + b + identity`` in fp32 (two subtractions, the product, two adds): ``|w| rstd
-      (err(mean) + 2u |x - mean|) + |xhat w| (err(rstd) + 2u) + 2u (|xhat w + b| + |y|)``. ReLU is exact.
-    - backward, ``g = dy [out > 0]`` (exact), lane sums of ``g`` and ``g xm`` (``xm = x - mean`` as above):
-      ``err(sum g) = L u sum|g|``, ``err(sum g xm) = (L + 3) u sum|g xm| + err(mean) |sum g|``;
-      ``dbias = sum g``, ``dweight = rstd sum g xm`` (relative ``err(rstd) + u`` more);
-      training ``dx = k1 g + k2 xm + k3`` from fp32 coefficients: ``|w| rstd ((3 err(rstd) + 6u) t + err(sum g) / M
-      + |xhat| rstd err(sum g xm) / M) + |w| rstd^2 |sum g xhat| / M (err(mean) + 2u |xm|)`` with ``t = |g| + |sum
-      g| / M + |xhat| |sum g xhat| / M``; eval ``dx = g (w rstd)``: ``3u |dx|``. ``didentity = g`` is exact.
+    - ``z = ((x - hi) - lo) (w rstd) + b + identity`` in fp32 (two subtractions, the product, two adds): ``err(z) =
+      |w| rstd (err(mean) + 2u |x - mean|) + |xhat w| (err(rstd) + 2u) + 2u (|xhat w + b| + |z|)``;
+      ``out = act(z)``: ``|act'(z)| err(z) + e_f(z)``, ``e_f`` the activation's own rounding (:func:`_activation_terms`;
+      0 for relu, relu6 and identity). First order: the tests keep z away from the kinks of the piecewise ones.
+    - backward, ``g = dy act'(z)``: exact for relu (the mask of ``out > 0``) and identity, else ``err(g) = |dy|
+      (|act''(z)| err(z) + e_d(z)) + u |g|`` (z recomputed as the forward computed it, ``e_d`` the rounding of
+      act'); lane sums of ``g`` and ``g xm`` (``xm = x - mean`` as above): ``err(sum g) = L u sum|g| + sum
+      err(g)``, ``err(sum g xm) = (L + 3) u sum|g xm| + err(mean) |sum g| + sum err(g) |xm|``; ``dbias = sum g``,
+      ``dweight = rstd sum g xm`` (relative ``err(rstd) + u`` more); training ``dx = k1 g + k2 xm + k3`` from fp32
+      coefficients: ``|w| rstd (err(g) + (3 err(rstd) + 6u) t + err(sum g) / M + |xhat| rstd err(sum g xm) / M) +
+      |w| rstd^2 |sum g xhat| / M (err(mean) + 2u |xm|)`` with ``t = |g| + |sum g| / M + |xhat| |sum g xhat| / M``;
+      eval ``dx = g (w rstd)``: ``|w| rstd err(g) + 3u |dx|``. ``didentity = g``: ``err(g)``.
     - running statistics ``(1 - m) r + m stat`` (the variance unbiased by ``M / (M - 1)``): ``3u (|r| + |stat|) + m
       err(stat)``.
     """
@@ -609,7 +671,7 @@ def batch_norm_floors(x: Tensor, identity: Tensor | None, running_mean: Tensor |
             return torch.full((1, C, 1, 1), default, dtype=torch.float64)
         return t.detach().double().view(1, -1, 1, 1)
 
-    w, b = per_channel(weight, 1.0).abs(), per_channel(bias, 0.0).abs()
+    w, b = per_channel(weight, 1.0), per_channel(bias, 0.0)
     if training:
         mean, var = x64.mean(dims, keepdim=True), x64.var(dims, unbiased=False, keepdim=True)
         spread = (x64 - mean).abs()
@@ -623,10 +685,12 @@ def batch_norm_floors(x: Tensor, identity: Tensor | None, running_mean: Tensor |
     rstd = (var + eps).rsqrt()
     xm = x64 - mean
     xhat = xm * rstd
-    ident = identity.detach().double().abs() if identity is not None else 0.0
-    y = xhat * w + b + ident
-    floors = {"out": _top(w * rstd * (err_mean + 2 * u * xm.abs()) + (xhat * w).abs() * (err_rstd + 2 * u)
-                          + 2 * u * ((xhat * w).abs() + b + y.abs())), "didentity": 0.0}
+    z = xhat * w + b + (identity.detach().double() if identity is not None else 0.0)
+    w, b = w.abs(), b.abs()
+    err_z = (w * rstd * (err_mean + 2 * u * xm.abs()) + (xhat * w).abs() * (err_rstd + 2 * u)
+             + 2 * u * ((xhat * w).abs() + b + z.abs()))
+    d1, d2, e_f, e_d = _activation_terms(z, activation, negative_slope, u)
+    floors = {"out": _top(d1.abs() * err_z + e_f)}
     if training and running_mean is not None:
         mom = 0.1 if momentum is None else float(momentum)
         rm, rv = per_channel(running_mean, 0.0).abs(), per_channel(running_var, 1.0).abs()
@@ -635,19 +699,23 @@ def batch_norm_floors(x: Tensor, identity: Tensor | None, running_mean: Tensor |
         floors["running_var"] = _top(3 * u * (rv + var * unbias) + mom * unbias * err_var)
     if grad_out is None:
         return floors
-    g = grad_out.detach().double().abs()  # |g| <= |dy| (the ReLU zeroes some)
+    dy = grad_out.detach().double().abs()
+    g = dy * d1.abs()
+    err_g = 0.0 if activation in ("relu", "identity") else dy * (d2.abs() * err_z + e_d) + u * g
+    err_g = torch.as_tensor(err_g, dtype=torch.float64).expand_as(g)
     sum_g, sum_gxm = g.sum(dims, keepdim=True), (g * xm.abs()).sum(dims, keepdim=True)
-    err_sum_g = lanes * u * sum_g
-    err_sum_gxm = (lanes + 3) * u * sum_gxm + err_mean * sum_g
+    err_sum_g = lanes * u * sum_g + err_g.sum(dims, keepdim=True)
+    err_sum_gxm = (lanes + 3) * u * sum_gxm + err_mean * sum_g + (err_g * xm.abs()).sum(dims, keepdim=True)
+    floors["didentity"] = _top(err_g)
     floors["dbias"] = _top(err_sum_g)
     floors["dweight"] = _top(rstd * err_sum_gxm + rstd * sum_gxm * (err_rstd + u))
     if training:
         sum_gxhat = rstd * sum_gxm
         t = g + sum_g / M + xhat.abs() * sum_gxhat / M
-        err_dx = (w * rstd * ((3 * err_rstd + 6 * u) * t + err_sum_g / M + xhat.abs() * rstd * err_sum_gxm / M)
+        err_dx = (w * rstd * (err_g + (3 * err_rstd + 6 * u) * t + err_sum_g / M + xhat.abs() * rstd * err_sum_gxm / M)
                   + w * rstd * rstd * sum_gxhat / M * (err_mean + 2 * u * xm.abs()))
     else:
-        err_dx = 3 * u * w * rstd * g
+        err_dx = w * rstd * (err_g + 3 * u * g)
     floors["dx"] = _top(err_dx)
     return floors
 

@@ -31,8 +31,11 @@ NEG_INF = tl.constexpr(float("-inf"))
 
 
 def pick_configs(gpu_configs, interpreter_config):
-    """The autotuner's candidates: the GPU list, or one interpreter config (autotune cannot time on a CPU)."""
-    return [interpreter_config] if interpreting() else gpu_configs
+    """The autotuner's candidates: the GPU list, or the interpreter's config (or list of configs, of which the
+    kernel's prune keeps one: autotune cannot time on a CPU)."""
+    if not interpreting():
+        return gpu_configs
+    return list(interpreter_config) if isinstance(interpreter_config, (list, tuple)) else [interpreter_config]
 
 
 @triton.jit

@@ -12,11 +12,12 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when 
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from shims import torchvision_cpu_shim  # noqa: E402
+from shims import interpreter_shim, torchvision_cpu_shim  # noqa: E402
 
 import fastattn  # noqa: E402,F401  (decorates the kernels now, under the setting above)
 
 torchvision_cpu_shim()  # tests/shims.py: also called by the worker processes of tests/ranks.py
+interpreter_shim()
 
 
 @pytest.fixture

@@ -9,6 +9,12 @@ compared at the scale of its module's statistics (its running variance), not at 
 
 Configs must be well conditioned for this to mean anything: BatchNorm over two values per channel (batch 2 at 1x1
 spatial) turns rounding differences into order-one gradient differences, for eager PyTorch as much as for us.
+Likewise a derivative that jumps (ReLU's at 0, ReLU6's at 0 and 6, Hardswish's at +-3): in a deep network some of the
+millions of fp32 pre-activations land within a rounding of a kink, where an fp32 run -- eager's or ours, at different
+places -- takes the other side's derivative, an O(|dy|) gradient error no rounding analysis bounds. The training step
+of such networks (MobileNets, RegNet, ResNet-D: ``train_dtype=torch.float64``) runs ours in float64, through the same
+kernels interpreted in float64, against eager's fp32 error: a fused wiring or semantics error still shows at O(1),
+the kinks do not (their flips need a pre-activation within 1e-16 of the kink).
 """
 
 from __future__ import annotations
@@ -124,10 +130,14 @@ def assert_step_close(ours: Step, eager: Step, ref: Step, dtype: torch.dtype = t
 
 def compare_models(ours: nn.Module, eager: nn.Module, inputs: tuple, kwargs: dict | None = None, *, eval_kernels=(),
                    train_kernels=(), train: bool = True, evaluate: bool = True,
-                   device: torch.device = DEVICE) -> None:
+                   device: torch.device = DEVICE, seed: int | None = None,
+                   train_dtype: torch.dtype = torch.float32) -> None:
     """``ours`` against ``eager`` (same weights, fp32) and a float64 copy of ``eager``: eval outputs under no_grad,
     then in training mode the output, every parameter gradient and every buffer (BN statistics). ``inputs`` are
-    float32 (float tensors are cast to float64 for the reference); the kernels named must have run."""
+    float32 (float tensors are cast to float64 for the reference); the kernels named must have run. ``seed``: reseed
+    torch's generator before each training run, so that dropout and stochastic depth (torch's, left in place by
+    fastattn) draw the same masks in the three (a float64 tensor draws the mask a float32 one does). ``train_dtype``
+    float64 runs ours' training step in float64 (the same kernels, interpreted: see the module docstring on kinks)."""
     kwargs = kwargs or {}
     ours, eager, inputs, kwargs = (to_device(x, device) for x in (ours, eager, inputs, kwargs))
     ref = copy.deepcopy(eager).double()
@@ -145,8 +155,14 @@ def compare_models(ours: nn.Module, eager: nn.Module, inputs: tuple, kwargs: dic
     if train:
         grad_out = None
         res = {}
+        if train_dtype == torch.float64:
+            if device.type != "cpu":
+                pytest.skip("float64 runs the Triton kernels only under the interpreter")
+            runs = runs[:2] + (("ours", ours.double(), _double(inputs), _double(kwargs)),)
         for label, m, ins, kw in runs:
             m.train()
+            if seed is not None:
+                torch.manual_seed(seed)
             with fastattn.record_launches() as launches:
                 out = _first(m(*ins, **kw))
                 if grad_out is None:

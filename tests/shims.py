@@ -28,3 +28,48 @@ def torchvision_cpu_shim() -> None:
     _TORCHVISION_LIB = torch.library.Library("torchvision", "FRAGMENT")
     _TORCHVISION_LIB.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _TORCHVISION_LIB.define("qnms(Tensor qdets, Tensor scores, float iou_threshold) -> Tensor")
+
+
+def interpreter_shim() -> None:
+    """Triton's interpreter (3.x) re-patches ``triton.language`` at every call of a nested ``@triton.jit`` function:
+    ``inspect.getmembers`` scans that find nothing left to patch when the launch around the call has patched those
+    very modules (its scope restores them when the launch ends). A third of an interpreted BatchNorm step is spent
+    there. While a launch has them patched, a nested call whose language modules are among them skips it; anything
+    else runs as Triton wrote it, and an interpreter without these internals is left alone."""
+    import inspect
+    import threading
+
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter as interp
+    except ImportError:
+        return
+    patch_lang = getattr(interp, "_patch_lang", None)
+    scope_cls = getattr(interp, "_LangPatchScope", None)
+    if patch_lang is None or scope_cls is None or getattr(patch_lang, "_fastattn_shim", False):
+        return
+    state = threading.local()
+
+    def langs(fn) -> set[int]:  # the modules Triton's _patch_lang patches for fn
+        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+
+    def patch_once(fn):
+        patched = getattr(state, "patched", None)
+        if patched is not None and langs(fn) <= patched:
+            return scope_cls()  # nested call inside a launch: nothing left to patch, nothing to restore
+        scope = patch_lang(fn)
+        if patched is not None:  # nested, other modules: patched until the launch ends, as Triton leaves them
+            patched |= langs(fn)
+            return scope
+        state.patched = langs(fn)
+        restore = scope.restore
+
+        def restore_and_clear() -> None:
+            state.patched = None
+            restore()
+
+        scope.restore = restore_and_clear
+        return scope
+
+    patch_once._fastattn_shim = True
+    interp._patch_lang = patch_once

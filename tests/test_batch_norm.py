@@ -1,5 +1,5 @@
-"""fastattn.batch_norm_add_relu against relu(F.batch_norm(...) + identity): output, every gradient and the running
-statistics (2x-eager rule, fastattn.testing).
+"""fastattn.batch_norm_act / batch_norm_add_relu against act(F.batch_norm(...) + identity): output, every gradient
+and the running statistics (2x-eager rule, fastattn.testing), for every activation.
 
 Each case runs three times on the same inputs (low-precision values, so every run sees exactly the same numbers):
 eager PyTorch in float64 (the reference), eager PyTorch in the low precision (eager's error) and ours in the low
@@ -8,6 +8,7 @@ precision, with a check that the Triton kernels, not the eager fallback, ran.
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -24,11 +25,16 @@ from fastattn.ops import batch_norm as bn_ops
 from fastattn.testing import batch_norm_floors
 
 GRADS = ("dx", "didentity", "dweight", "dbias")
+ACTIVATIONS = bn_ops.ACTIVATIONS
+# Where each activation's derivative jumps: the tests keep the pre-activation away from these (see below).
+KINKS = {"relu": (0.0,), "relu6": (0.0, 6.0), "leaky_relu": (0.0,), "hardsigmoid": (-3.0, 3.0),
+         "hardswish": (-3.0, 3.0)}
 
 
-def _eager(x, identity, rm, rv, w, b, training, momentum, eps, num_batches_tracked=None):
-    return reference.batch_norm_add_relu(x, identity, rm, rv, w, b, training, momentum, eps,
-                                         num_batches_tracked=num_batches_tracked)
+def _eager(x, identity, rm, rv, w, b, training, momentum, eps, num_batches_tracked=None, activation="relu",
+           negative_slope=0.01):
+    return reference.batch_norm_act(x, identity, rm, rv, w, b, training, momentum, eps, activation=activation,
+                                    negative_slope=negative_slope, num_batches_tracked=num_batches_tracked)
 
 
 def _lowp(shape, dtype, scale=1.0, offset=0.0):
@@ -44,21 +50,24 @@ def _leaf(t, dtype, fmt=None, requires_grad=False):
 KINK_MARGIN = {torch.float16: 0.02, torch.bfloat16: 0.1, torch.float32: 1e-4}
 
 
-def _away_from_the_kink(x, ident, rm, rv, w, b, training, eps, dtype):
-    """Move the inputs whose pre-activation z = bn(x) + identity lies within a few roundings of 0.
+def _away_from_the_kink(x, ident, rm, rv, w, b, training, eps, dtype, kinks=(0.0,)):
+    """Move the inputs whose pre-activation z = bn(x) + identity lies within a few roundings of a kink.
 
-    Eager PyTorch rounds bn(x) to the low precision before adding identity, so near z = 0 its ReLU mask differs
+    Eager PyTorch rounds bn(x) to the low precision before adding identity and activating, so near a point where
+    the activation's derivative jumps (ReLU's 0, ReLU6's 0 and 6, the hard ones' -3 and 3) its derivative differs
     from the float64 one; each such element costs it an O(|dy|) gradient error, which would make the 2x-eager rule
-    vacuous for every gradient. Away from the kink the rule measures the arithmetic."""
+    vacuous for every gradient. Away from the kinks the rule measures the arithmetic."""
     margin = KINK_MARGIN[dtype]
-    for _ in range(4):
+    for _ in range(4 if kinks else 0):
         z = F.batch_norm(x, rm, rv, w, b, training, 0.0, eps)  # momentum 0: the running stats are not changed
         if ident is not None:
             z = z + ident
-        close = z.abs() < margin
+        nearest = torch.stack([z - k for k in kinks]).abs().argmin(0)
+        d = z - torch.tensor(kinks, dtype=z.dtype)[nearest]  # signed distance to the nearest kink
+        close = d.abs() < margin
         if not close.any():
             break
-        step = torch.where(z < 0, -2.0 * margin, 2.0 * margin)
+        step = torch.where(d < 0, -2.0 * margin, 2.0 * margin)
         if ident is not None:  # the statistics do not depend on identity: move it
             ident = torch.where(close, ident + step, ident).to(dtype).double()
         else:  # move x by the step seen through this channel's scale; the batch statistics shift by O(step / M)
@@ -69,23 +78,30 @@ def _away_from_the_kink(x, ident, rm, rv, w, b, training, eps, dtype):
 
 
 def check_case(shape, dtype, *, training=True, identity=True, channels_last=False, affine=True, running=True,
-               momentum=0.1, eps=1e-5, offset=0.0, requires=("x", "identity", "weight", "bias")):
-    """Compare ours with eager in ``dtype`` against float64 eager; returns ours' results."""
+               momentum=0.1, eps=1e-5, offset=0.0, requires=("x", "identity", "weight", "bias"), activation=None,
+               negative_slope=0.01, scale=2.0):
+    """Compare ours with eager in ``dtype`` against float64 eager; returns ours' results. ``activation=None``:
+    ``fastattn.batch_norm_add_relu``, else ``fastattn.batch_norm_act`` with that activation."""
     C = shape[1]
+    act = activation or "relu"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = _lowp(shape, dtype, 2.0, offset)
+    x = _lowp(shape, dtype, scale, offset)
     ident = _lowp(shape, dtype) if identity else None
     w = (torch.rand(C, dtype=torch.float64) + 0.5).float().double() if affine else None
     b = _lowp((C,), torch.float32) if affine else None
     rm = _lowp((C,), torch.float32) if running else None
     rv = _lowp((C,), torch.float32).abs() + 0.5 if running else None
     grad_out = _lowp(shape, dtype)
-    x, ident = _away_from_the_kink(x, ident, rm, rv, w, b, training, eps, dtype)
+    x, ident = _away_from_the_kink(x, ident, rm, rv, w, b, training, eps, dtype, KINKS.get(act, ()))
+
+    def ours(*args):
+        if activation is None:
+            return fastattn.batch_norm_add_relu(*args)
+        return fastattn.batch_norm_act(*args, activation=activation, negative_slope=negative_slope)
 
     layout_kept = []
 
     def run(label, lowp):
-        fn = fastattn.batch_norm_add_relu if label == "ours" else _eager
         pdt = torch.float64 if label == "ref" else torch.float32
         xs = _leaf(x, lowp, fmt, "x" in requires)
         ids = _leaf(ident, lowp, fmt, "identity" in requires) if identity else None
@@ -94,7 +110,8 @@ def check_case(shape, dtype, *, training=True, identity=True, channels_last=Fals
         rms = _leaf(rm, pdt) if running else None
         rvs = _leaf(rv, pdt) if running else None
         leaves = {"dx": xs, "didentity": ids, "dweight": ws, "dbias": bs}
-        out = fn(xs, ids, rms, rvs, ws, bs, training, momentum, eps)
+        args = (xs, ids, rms, rvs, ws, bs, training, momentum, eps)
+        out = ours(*args) if label == "ours" else _eager(*args, activation=act, negative_slope=negative_slope)
         if any(t is not None and t.requires_grad for t in leaves.values()):
             out.backward(grad_out.to(lowp).to(memory_format=fmt))
         if label == "ours":
@@ -106,16 +123,17 @@ def check_case(shape, dtype, *, training=True, identity=True, channels_last=Fals
     if requires:
         kernels[bn_ops.BACKWARD_KERNELS[0]] = 1
     floors = batch_norm_floors(x, ident, rm, rv, w, b, grad_out, dtype=dtype, training=training, eps=eps,
-                               momentum=momentum, lane_terms=bn_ops.lane_terms(x.to(memory_format=fmt)))
+                               momentum=momentum, lane_terms=bn_ops.lane_terms(x.to(memory_format=fmt)),
+                               activation=act, negative_slope=negative_slope)
     results = three_way(run, dtype, kernels=kernels, floors=floors)
-    ours, eager = results["ours"], results["eager"]
+    ours_r, eager = results["ours"], results["eager"]
     assert layout_kept == [True], "the output does not keep x's memory format"
     for name in GRADS:
         if results["ref"][name] is None:
-            assert ours[name] is None, f"{name}: a gradient where torch has none"
+            assert ours_r[name] is None, f"{name}: a gradient where torch has none"
         else:
-            assert ours[name].dtype == eager[name].dtype, f"{name}: dtype {ours[name].dtype} != {eager[name].dtype}"
-    return ours
+            assert ours_r[name].dtype == eager[name].dtype, f"{name}: dtype {ours_r[name].dtype} != {eager[name].dtype}"
+    return ours_r
 
 
 # -- ResNet-like shapes, both layouts, training and inference, with and without identity ---------------------------
@@ -136,6 +154,48 @@ def test_shapes_fp16(shape, channels_last, training, identity):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_dtypes(dtype, channels_last, training):
     check_case((4, 24, 7, 5), dtype, training=training, channels_last=channels_last)
+
+
+# -- every activation (batch_norm_act): fp16, bf16 and fp32, training and eval, both layouts -----------------------
+
+ACTIVATION_CASES = [  # (dtype, training, channels_last, identity)
+    (torch.float16, True, False, True),
+    (torch.float16, False, True, False),
+    (torch.bfloat16, True, True, True),
+    (torch.float32, True, False, False),
+]
+
+
+@pytest.mark.parametrize("dtype,training,channels_last,identity", ACTIVATION_CASES,
+                         ids=["fp16-train-nchw-identity", "fp16-eval-cl", "bf16-train-cl-identity", "fp32-train-nchw"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation(activation, dtype, training, channels_last, identity):
+    # values over [-6, 6] and beyond: every piece of the piecewise activations and the tails of the smooth ones
+    check_case((3, 20, 7, 5), dtype, training=training, channels_last=channels_last, identity=identity,
+               activation=activation, negative_slope=0.2, scale=3.0)
+
+
+def test_leaky_relu_negative_slope_and_bias_only_gradient():
+    check_case((4, 9, 5, 3), torch.float16, activation="leaky_relu", negative_slope=-0.3, requires=("bias",))
+    check_case((4, 9, 5, 3), torch.float16, activation="silu", requires=("weight", "identity"), training=False)
+
+
+@pytest.mark.parametrize("activation,identity,saved", [
+    ("relu", True, {"x", "out"}), ("silu", False, {"x"}), ("silu", True, {"x", "identity"}),
+    ("identity", True, {"x"}), ("gelu_tanh", False, {"x"})])
+def test_saves_the_least_the_backward_needs(activation, identity, saved):
+    """ReLU keeps its output (its mask); an activation whose derivative is taken at the pre-activation keeps the
+    identity (if any) to recompute it from x; identity needs neither. Besides these: per-channel vectors only."""
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    ident = torch.randn(2, 3, 4, 5, requires_grad=True) if identity else None
+    w, b = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        out = fastattn.batch_norm_act(x, ident, None, None, w, b, True, activation=activation)
+    big = {"x" if t.data_ptr() == x.data_ptr() else "out" if t.data_ptr() == out.data_ptr() else
+           "identity" if ident is not None and t.data_ptr() == ident.data_ptr() else tuple(t.shape)
+           for t in kept if t.numel() > 3}
+    assert big == saved
 
 
 def test_eval_batch_1_spatial_1x1():
@@ -286,8 +346,9 @@ def test_repeatable_bitwise():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_gradcheck_float64_through_the_kernels(training):
+@pytest.mark.parametrize("training,activation", [(True, "relu"), (False, "relu"), (True, "silu"),
+                                                 (False, "gelu_tanh"), (True, "gelu")])
+def test_gradcheck_float64_through_the_kernels(training, activation):
     if not _runtime.interpreting():
         pytest.skip("float64 runs the Triton kernels only under the interpreter")
     x = torch.randn(3, 4, 3, 2, dtype=torch.float64, requires_grad=True)
@@ -297,7 +358,7 @@ def test_gradcheck_float64_through_the_kernels(training):
     rm, rv = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
 
     def f(x, identity, w, b):
-        return fastattn.batch_norm_add_relu(x, identity, rm.clone(), rv.clone(), w, b, training)
+        return fastattn.batch_norm_act(x, identity, rm.clone(), rv.clone(), w, b, training, activation=activation)
 
     with _runtime.record_launches() as n:
         assert torch.autograd.gradcheck(f, (x, identity, w, b), eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
@@ -332,7 +393,7 @@ def test_torch_compile_fullgraph_updates_running_stats_like_eager():
 
 
 def test_registered_custom_ops():
-    for name in ("batch_norm_stats", "batch_norm_add_relu", "batch_norm_add_relu_backward"):
+    for name in ("batch_norm_stats", "batch_norm_act", "batch_norm_act_backward"):
         assert hasattr(torch.ops.fastattn, name)
     schema = str(torch.ops.fastattn.batch_norm_stats.default._schema)
     assert "Tensor(a1!)? running_mean" in schema and "Tensor(a2!)? running_var" in schema
@@ -412,6 +473,60 @@ def test_module_torch_compile_fullgraph_cumulative_momentum():
     torch.testing.assert_close(ours.running_var, theirs.running_var)
 
 
+@pytest.mark.parametrize("activation,act_module", [("silu", torch.nn.SiLU()), ("leaky_relu", torch.nn.LeakyReLU(0.2)),
+                                                 ("hardswish", torch.nn.Hardswish())], ids=["silu", "leaky", "hswish"])
+def test_batch_norm_act2d_module(activation, act_module):
+    """fastattn.nn.BatchNormAct2d: nn.BatchNorm2d's constructor and state_dict, act(bn(x) + identity) in training
+    (running statistics and num_batches_tracked as nn.BatchNorm2d's) and eval."""
+    ours = fastattn.nn.BatchNormAct2d(6, momentum=0.2, activation=activation, negative_slope=0.2)
+    theirs = torch.nn.BatchNorm2d(6, momentum=0.2)
+    assert isinstance(ours, torch.nn.BatchNorm2d) and list(ours.state_dict()) == list(theirs.state_dict())
+    assert f"activation={activation}" in repr(ours) and "fused=batch_norm+add+act" in repr(ours)
+    theirs.weight.data.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    for step in range(2):
+        x, identity = torch.randn(4, 6, 5, 3), (torch.randn(4, 6, 5, 3) if step else None)
+        with _runtime.record_launches() as n:
+            out = ours(x, identity)
+        assert n["_bn_fwd_reduce"] == 1
+        ref = theirs(x)
+        torch.testing.assert_close(out, act_module(ref if identity is None else ref + identity))
+    assert ours.num_batches_tracked.item() == theirs.num_batches_tracked.item() == 2
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(2, 6, 3, 3)
+    torch.testing.assert_close(ours(x), act_module(theirs(x)))
+    torch.testing.assert_close(ours(x, activation="identity"), theirs(x))  # a per-call override
+
+
+def test_batch_norm_act2d_swapped_in_is_a_plain_batch_norm():
+    """An nn.BatchNorm2d that fastattn.patch swapped to BatchNormAct2d has no activation of its own."""
+    bn = torch.nn.BatchNorm2d(5)
+    ref = copy.deepcopy(bn)
+    bn.__class__ = fastattn.nn.BatchNormAct2d
+    x = torch.randn(3, 5, 4, 4)
+    torch.testing.assert_close(bn(x), ref(x))
+    assert "activation=identity (the enclosing block passes its own)" in repr(bn)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fastattn.nn.BatchNormAct2d(5, activation="swish")
+
+
+def test_torch_compile_fullgraph_batch_norm_act():
+    x = torch.randn(4, 8, 5, 3, requires_grad=True)
+    w = torch.randn(8, requires_grad=True)
+
+    def f(x, w, rm, rv):
+        return fastattn.batch_norm_act(x, None, rm, rv, w, None, True, activation="silu").square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    with _runtime.record_launches() as n:
+        got = torch.autograd.grad(compiled(x, w, torch.zeros(8), torch.ones(8)), (x, w))
+    assert n["_bn_fwd_apply"] == 1 and n["_bn_bwd_dx"] == 1
+    for a, e in zip(got, torch.autograd.grad(f(x, w, torch.zeros(8), torch.ones(8)), (x, w))):
+        assert torch.equal(a, e)  # the same kernels: bitwise
+
+
 # -- bad input -----------------------------------------------------------------------------------------------------
 
 def _args(shape=(2, 3, 4, 4), **over):
@@ -438,6 +553,8 @@ BAD = [
     ("momentum_none", _args(momentum=None), TypeError, "momentum=None"),
     ("momentum_type", _args(momentum="0.1"), TypeError, "momentum must be a float"),
     ("batch1_1x1", _args(shape=(1, 3, 1, 1)), ValueError, "Expected more than 1 value per channel"),
+    ("activation", _args(activation="swish"), ValueError, "activation must be one of identity, relu"),
+    ("negative_slope", _args(negative_slope="0.1"), TypeError, "negative_slope must be a float"),
 ]
 
 
@@ -445,7 +562,10 @@ BAD = [
 def test_bad_input_raises_naming_the_argument(case):
     _, kwargs, exc, text = case
     with pytest.raises(exc, match=text):
-        fastattn.batch_norm_add_relu(**kwargs)
+        if "activation" in kwargs or "negative_slope" in kwargs:
+            fastattn.batch_norm_act(**kwargs)
+        else:
+            fastattn.batch_norm_add_relu(**kwargs)
 
 
 def test_device_mix_is_rejected():

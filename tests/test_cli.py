@@ -188,10 +188,13 @@ def test_gpu_runner_rows_ratios_and_failures(monkeypatch, tmp_path):
     assert sorted(os.path.basename(p) for p in pngs) == ["attention_lm_tflops.png", "attention_speedup.png"]
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "patch_embed", "batch_norm", "merge_attention", "kvcache", "varlen"])
-def test_gpu_runner_on_every_op(monkeypatch, op):
+@pytest.mark.parametrize("op,which", [("layer_norm", 0), ("patch_embed", 0), ("batch_norm", 0), ("batch_norm", -1),
+                                      ("merge_attention", 0), ("kvcache", 0), ("varlen", 0)],
+                         ids=["layer_norm", "patch_embed", "batch_norm", "batch_norm_act-silu", "merge_attention",
+                              "kvcache", "varlen"])
+def test_gpu_runner_on_every_op(monkeypatch, op, which):
     _cpu_standin(monkeypatch)
-    case = cases.get(op, "small")[0]
+    case = cases.get(op, "small")[which]
     with fastattn.record_launches() as launches:
         rows = gpu.run_case(case, torch.float32, with_compile=False)
     missing = [k for k in case.kernels if launches[k] == 0]
@@ -259,11 +262,15 @@ def test_patched_torchvision_training_step(monkeypatch):
     vit = ("tiny ViT", lambda: torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1,
                                                                     num_heads=2, hidden_dim=32, mlp_dim=64,
                                                                     num_classes=10))
+    effnet = torchvision.models.efficientnet
+    tiny_effnet = ("tiny EfficientNet", lambda: effnet.EfficientNet(
+        [effnet.MBConvConfig(1, 3, 1, 8, 8, 1), effnet.MBConvConfig(2, 3, 2, 8, 8, 2)], 0.2, num_classes=10))
     with fastattn.record_launches() as launches:
-        rows = gpu.run_patched_models(torch.float32, quick=True, models=[vit], image=16, classes=10)
-    assert [r["impl"] for r in rows] == ["eager", "fastattn.patch"]
+        rows = gpu.run_patched_models(torch.float32, quick=True, models=[vit, tiny_effnet], image=16, classes=10)
+    assert [r["impl"] for r in rows] == ["eager", "fastattn.patch"] * 2
     assert all(r["status"] == "ok" and r["unit"] == "images/s" and r["ms"] > 0 for r in rows), rows
-    assert launches["_attn_fwd"] > 0 and launches["_pe_fwd"] > 0  # the patched run used the fused kernels
+    assert launches["_attn_fwd"] > 0 and launches["_pe_fwd"] > 0  # the patched runs used the fused kernels
+    assert launches["_bn_fwd_apply"] > 0 and launches["_bn_bwd_dx"] > 0
 
 
 def _fused_and_eager(make, x):
@@ -296,6 +303,11 @@ def test_blocks_fused_and_eager_agree():
     for name, buf in eager.named_buffers():  # running statistics and batch counts, downsample's BN included
         torch.testing.assert_close(dict(fused.named_buffers())[name], buf, atol=1e-5, rtol=1e-5, msg=name)
     assert blocks.ResNet50(blocks.EAGER_OPS, classes=5)(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+    assert blocks.fused_patterns(blocks.MBConv.patterns) == ["bn_act", "bn_add"]
+    _, _, launches = _fused_and_eager(lambda ops: blocks.MBConv(8, 3, 3, ops), torch.randn(2, 8, 6, 5))
+    assert launches["_bn_fwd_apply"] == 3 and launches["_bn_bwd_dx"] == 3, dict(launches)  # bn1, bn2, bn3 + add
+    _, _, launches = _fused_and_eager(lambda ops: blocks.ConvNeXtStage(8, 16, ops), torch.randn(2, 8, 6, 6))
+    assert launches["_layer_norm_fwd"] == 2 and launches["_layer_norm_bwd"] == 2, dict(launches)
 
 
 # -- gpu-check, with the CPU standing in for the device ---------------------------------------------------------
@@ -537,10 +549,15 @@ def test_scratch_matches_the_launchers():
         return bn_ops._num_partials(M, C, cpu)
     got, (mean, rstd) = _scratch_of(bn_ops._stats, x, rm, rv, None, 0.1, 1e-5)
     assert got == cases._batch_norm_stats_scratch((x, rm, rv, None, 0.1, 1e-5), {}, partials=partials) > 0
-    out = bn_ops._apply(x, identity, mean, rstd, w, b, True, 1e-5)
-    args = (torch.randn_like(x), x, out, mean, rstd, w, b, True, 1e-5, True, True, True, True)
-    got, _ = _scratch_of(bn_ops._backward, *args)
-    assert got == cases._batch_norm_backward_scratch(args, {}, partials=partials) > 0
+    out = bn_ops._apply(x, identity, mean, rstd, w, b, True, 1e-5, "relu", 0.0)
+    for shape, need_dx in (((3, 5, 7, 9), True), ((3, 5, 7, 9), False), ((2, 5, 1, 1), True)):
+        # training with dx: the partial sums live in dx's buffer where it holds them (not for 2 values per channel)
+        xs = torch.randn(shape)
+        args = (torch.randn_like(xs), xs, bn_ops._apply(xs, None, mean, rstd, w, b, True, 1e-5, "relu", 0.0), None,
+                mean, rstd, w, b, True, 1e-5, "relu", 0.0, need_dx, False, True, True)
+        got, _ = _scratch_of(bn_ops._backward, *args)
+        assert got == cases._batch_norm_backward_scratch(args, {}, partials=partials) > 0
+    assert out.shape == x.shape
 
 
 def test_scratch_programs_match_the_cuda_launchers(monkeypatch):

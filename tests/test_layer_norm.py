@@ -94,6 +94,66 @@ def check_case(x, residual=None, weight=None, bias=None, *, dtype, rms=False, ep
     return three_way(run, dtype, kernels=kernels, floors=floors)
 
 
+# -- channels-first LayerNorm2d (ConvNeXt) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape,channels_last", [((2, 96, 7, 5), False), ((3, 13, 3, 1), True), ((1, 40, 2, 9), False)],
+                         ids=["convnext-nchw", "odd-cl", "batch1-nchw"])
+def test_layer_norm2d(shape, channels_last, dtype, monkeypatch):
+    """Over the channel dim at stride H*W (NCHW) or 1 (channels_last), every gradient, read without a copy."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    C = shape[1]
+    x, w, b, dy = randn(*shape), randn(C), randn(C), randn(*shape)
+    read = []
+    real = _runtime.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        if _runtime.kernel_name(kernel) == FWD:
+            read.append(args[0].data_ptr())
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(_runtime, "launch", spy)
+
+    def run(label, lowp):
+        pdt = torch.float64 if label == "ref" else dtype
+        xl = x.to(lowp, copy=True).to(memory_format=fmt).requires_grad_()
+        wl, bl = w.to(pdt, copy=True).requires_grad_(), b.to(pdt, copy=True).requires_grad_()
+        fn = fastattn.layer_norm2d if label == "ours" else reference.layer_norm2d
+        out = fn(xl, wl, bl, 1e-6)
+        if label == "ours":
+            assert out.is_contiguous(memory_format=torch.channels_last) and read == [xl.data_ptr()]
+        out.backward(dy.to(out.dtype))
+        return {"out": out, "dx": xl.grad, "dweight": wl.grad, "dbias": bl.grad}
+
+    def low(t):
+        return t.to(dtype).double().permute(0, 2, 3, 1)  # the rows the kernels normalise: (N, H, W, C)
+
+    floors = norm_floors(low(x), None, w.to(dtype).double(), b.to(dtype).double(), dy.permute(0, 2, 3, 1),
+                         dtype=dtype, eps=1e-6)
+    three_way(run, dtype, kernels={FWD: 1, BWD: 1, REDUCE: 1}, floors=floors)
+
+
+def test_layer_norm2d_rejects_other_ranks():
+    with pytest.raises(ValueError, match="x must be a 4-D"):
+        fastattn.layer_norm2d(torch.randn(2, 3, 4))
+
+
+def test_layer_norm2d_module_and_compile():
+    """fastattn.nn.LayerNorm2d: nn.LayerNorm's state_dict, ConvNeXt's LayerNorm2d forward; compiles in one graph."""
+    ours, theirs = fastattn.nn.LayerNorm2d(12, eps=1e-6), torch.nn.LayerNorm(12, eps=1e-6)
+    assert list(ours.state_dict()) == list(theirs.state_dict()) and "channels-first" in repr(ours)
+    theirs.weight.data.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 12, 5, 3, requires_grad=True)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    with _runtime.record_launches() as n:
+        out = compiled(x)
+        out.sum().backward()
+    assert n[FWD] == 1 and n[BWD] == 1
+    torch.testing.assert_close(out, theirs(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
 # -- hidden sizes -----------------------------------------------------------------------------------------------------
 
 SIZES = [(1, (3, 37)), (65, (2, 53)), (768, (2, 9)), (1000, (17,)), (1536, (9,)), (4099, (5,)), (8192, (3,)),

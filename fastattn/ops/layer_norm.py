@@ -457,6 +457,21 @@ def layer_norm(
     return _add_norm("layer_norm", input, None, weight, bias, eps, 0.0, False, False, False, shape)
 
 
+def layer_norm2d(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the channels of an (N, C, H, W) tensor: ConvNeXt's channels-first ``LayerNorm2d``
+    (torchvision's and timm's), ``F.layer_norm(x.permute(0, 2, 3, 1), (C,), weight, bias, eps).permute(0, 3, 1, 2)``.
+
+    The kernels read x through its strides, the normalised channel dim at stride H*W (NCHW) or 1 (channels_last):
+    no permuted copy. As there, the result is (N, C, H, W) in channels_last memory (the layer norm's rows are the
+    N*H*W positions), and so is the gradient of x."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"fastattn.layer_norm2d: x must be a 4-D (N, C, H, W) tensor; got {got}")
+    out = _add_norm("layer_norm2d", x.permute(0, 2, 3, 1), None, weight, bias, eps, 0.0, False, False, False,
+                    (x.shape[1],))
+    return out.permute(0, 3, 1, 2)
+
+
 def rms_norm(
     input: Tensor,
     normalized_shape: int | Sequence[int],

@@ -16,7 +16,8 @@ Recognised (each under its option):
 - ``attention``: ``nn.MultiheadAttention`` (the forward rebuilt around ``fastattn.scaled_dot_product_attention``),
   timm's ``Attention``, fastattn's ``models.MultiHeadAttention``.
 - ``layer_norm``: ``nn.LayerNorm`` / ``nn.RMSNorm`` / timm's ``LayerNorm`` (-> ``fastattn.nn.LayerNorm`` /
-  ``RMSNorm``) and the blocks whose residual add is fused into the following norm: ``nn.TransformerEncoderLayer`` /
+  ``RMSNorm``), torchvision's and timm's channels-first ``LayerNorm2d`` (ConvNeXt; ``fastattn.layer_norm2d``) and
+  the blocks whose residual add is fused into the following norm: ``nn.TransformerEncoderLayer`` /
   ``DecoderLayer`` (post-norm and pre-norm), torchvision's ViT ``EncoderBlock``, timm's ``Block``.
   ``nn.TransformerEncoderLayer`` and ``nn.TransformerEncoder`` are also swapped whenever their attention is, so that
   torch's eval fast path (``torch._transformer_encoder_layer_fwd``, nested tensors), which never calls
@@ -24,7 +25,12 @@ Recognised (each under its option):
 - ``patch_embed``: torchvision's and timm's ``VisionTransformer`` (projection, class token and position
   embedding in one kernel) and fastattn's own.
 - ``batch_norm``: torchvision's and timm's ``BasicBlock`` / ``Bottleneck`` and the ResNet stems (BN + ReLU and
-  BN + add + ReLU; those BatchNorms become ``fastattn.nn.BatchNormAddReLU``), fastattn's own ResNet.
+  BN + add + ReLU; those BatchNorms become ``fastattn.nn.BatchNormAddReLU``), fastattn's own ResNet; the BN +
+  activation pairs of ``nn.Sequential`` and torchvision's ``Conv2dNormActivation``, timm's ``BatchNormAct2d``, and
+  the block tails where BN + the residual add (+ activation) fuse: torchvision's ``MBConv``, MobileNetV2/V3
+  ``InvertedResidual``, RegNet ``ResBottleneckBlock``, timm's ``InvertedResidual`` / ``DepthwiseSeparableConv``
+  (those BatchNorms become ``fastattn.nn.BatchNormAct2d``, ``fastattn.batch_norm_act``). Squeeze-excitation
+  modules are left alone, reported.
 - Hugging Face transformers (:mod:`~fastattn.patching.transformers`), recognised by what the modules compute: a
   ``PreTrainedModel``'s attention implementation (``attention``), its RMSNorms and the residual add + norm of its
   layers (``layer_norm``), ViT's embeddings (``patch_embed``).

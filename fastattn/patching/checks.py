@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import itertools
 import sys
 import textwrap
 import weakref
@@ -18,7 +19,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from fastattn.nn import FUSED_NORMS, BatchNormAddReLU, _check_patchify
+from fastattn.nn import FUSED_NORMS, BatchNormAct2d, BatchNormAddReLU, _check_patchify, activation_of
 from fastattn.patching.rules import REGISTRY, Options, Rule, Skip, Swap
 from fastattn.patching.wrappers import SHARDED, sharded, unwrap
 
@@ -160,18 +161,49 @@ def norm_kernel(rule: Rule, name: str, m: nn.Module, opts: Options) -> list[Swap
     return [rule.swap(name, m, f"{unwrap(type(m)).__name__} kernel")]
 
 
-def bn_swaps(name: str, module: nn.Module, tails: dict[str, str]) -> list[Swap]:
-    """BatchNorm2d -> BatchNormAddReLU for the given attributes (attr -> detail)."""
+def bn_swaps(name: str, module: nn.Module, tails: dict[str, str], fused: type = BatchNormAddReLU) -> list[Swap]:
+    """BatchNorm2d -> ``fused`` (BatchNormAddReLU, or BatchNormAct2d) for the given attributes (attr -> detail)."""
     swaps = []
     for attr, detail in tails.items():
         bn = getattr(module, attr)
         if sharded(bn):
             raise Skip(f"{attr} is {SHARDED}")
         if type(bn) is nn.BatchNorm2d:
-            swaps.append(Swap(child(name, attr), bn, BatchNormAddReLU, detail))
-        elif not isinstance(bn, BatchNormAddReLU):
+            swaps.append(Swap(child(name, attr), bn, fused, detail))
+        elif not isinstance(bn, fused):
             raise Skip(f"{attr} is {type(bn).__qualname__}, not nn.BatchNorm2d")
     return swaps
+
+
+def act_label(act: nn.Module | None) -> str:
+    """``"SiLU"``, ``"LeakyReLU(0.2)"``: what a fused activation is called in the report."""
+    spec = activation_of(act)
+    if act is None or spec is None or spec[0] == "identity":
+        return "identity" if act is None or spec is not None else type(act).__qualname__
+    return f"{type(act).__name__}({spec[1]:g})" if spec[0] == "leaky_relu" else type(act).__name__
+
+
+def bn_act_pairs(m: nn.Module) -> list[tuple[str, str]]:
+    """(BN attribute, activation attribute) of each child ``nn.BatchNorm2d`` directly followed by an activation
+    module fastattn fuses (:func:`fastattn.nn.activation_of`; not an ``nn.Identity``), in a Sequential's order."""
+    items = [(k, v) for k, v in m._modules.items() if v is not None]
+    return [(a, b) for (a, ma), (b, mb) in itertools.pairwise(items)
+            if type(ma) is nn.BatchNorm2d and type(mb) is not nn.Identity and activation_of(mb) is not None]
+
+
+def sequential(rule: Rule, name: str, m: nn.Module, opts: Options) -> list[Swap]:
+    """The check of a Sequential (or a Sequential subclass with Sequential's forward, torchvision's
+    Conv2dNormActivation): each BN + activation pair of its children runs as one fused op
+    (``fastattn.nn.run_sequential``); nothing to report when it has no such pair."""
+    pairs = bn_act_pairs(m)
+    if not pairs:
+        return []
+    if not opts.batch_norm:
+        raise Skip("batch_norm=False")
+    no_hooks(m, tuple(act for _, act in pairs))
+    what = {bn: f"BN + {act_label(m._modules[act])}" for bn, act in pairs}
+    return [rule.swap(name, m, ", ".join(f"{bn}: {w}" for bn, w in what.items()) + " fused")] + \
+        bn_swaps(name, m, what, BatchNormAct2d)
 
 
 def relu_block(acts: tuple[str, ...], bns: dict[str, str], detail: str = "BN + ReLU and BN + add + ReLU fused",

@@ -1,5 +1,7 @@
 """timm: ``LayerNorm``, ``Attention``, the ViT's ``Block`` and ``VisionTransformer``, the ResNets' ``BasicBlock``,
-``Bottleneck`` and ``ResNet`` (stem).
+``Bottleneck`` and ``ResNet`` (stem), ``BatchNormAct2d`` and the EfficientNet blocks built on it
+(``InvertedResidual``, ``DepthwiseSeparableConv``), and ConvNeXt's ``LayerNorm2d``; the squeeze-excitation modules
+are left alone (reported).
 
 Each fused class is ``FusedTimm<Class>(mixin, timm's class)``, built on first use and kept here
 (``fastattn.patching.timm.FusedTimmBlock``), where pickling finds it. The mixin replaces one method, whose timm
@@ -14,6 +16,11 @@ signature is checked first (tested with timm 1.0.31):
   register tokens, a fixed image size) in one ``patch_embed``.
 - ``BasicBlock`` / ``Bottleneck.forward`` and ``ResNet.forward_features`` (the stem): each BN + ReLU, and the
   block's tail BN + add + ReLU, as one ``fastattn.nn.BatchNormAddReLU``.
+- ``BatchNormAct2d.forward``: BN + its ``act`` as one ``fastattn.batch_norm_act`` (an optional ``identity`` added
+  before the activation, for the blocks below).
+- ``InvertedResidual`` / ``DepthwiseSeparableConv.forward``: the last BN + the residual add as one op while the
+  block's ``drop_path`` is off (eval, or rate 0); otherwise timm's own path, drop path included.
+- ``LayerNorm2d.forward``: ``fastattn.layer_norm2d`` (the channel dim at stride H*W, no permuted copy).
 """
 
 from __future__ import annotations
@@ -24,11 +31,23 @@ import torch
 from torch import Tensor, nn
 
 import fastattn
-from fastattn.nn import LayerNorm, add_then_norm, bn_relu
+from fastattn.nn import (
+    ACTIVATION_MODULES,
+    FusedBatchNorm,
+    LayerNorm,
+    LayerNorm2d,
+    activation_of,
+    add_then_norm,
+    bn_add,
+    bn_forward,
+    bn_relu,
+)
 from fastattn.patching.checks import (
     BLOCK_BNS,
     BOTTLENECK_BNS,
     STEM_BNS,
+    act_label,
+    child,
     exact,
     identity,
     no_hooks,
@@ -37,7 +56,7 @@ from fastattn.patching.checks import (
     patchify,
     relu_block,
 )
-from fastattn.patching.rules import Options, Rule, Skip, Swap, fused_class_getattr, register
+from fastattn.patching.rules import REGISTRY, Options, Rule, Skip, Swap, fused_class_getattr, register
 from fastattn.patching.wrappers import SHARDED, sharded
 
 __getattr__ = fused_class_getattr(__name__)  # the fused classes, built on first access (also when unpickling)
@@ -129,6 +148,53 @@ class _TimmResNet:
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
+class _TimmBatchNormAct2d(FusedBatchNorm):
+    """timm ``BatchNormAct2d``: BN + ``act`` as one ``fastattn.batch_norm_act``; ``forward(x, identity=None)`` adds
+    ``identity`` before the activation (the blocks fuse their residual into a BN whose ``act`` is the identity)."""
+
+    def forward(self, x: Tensor, identity: Tensor | None = None) -> Tensor:
+        activation, slope = activation_of(self.act)
+        return bn_forward(self, x, identity, activation, slope)
+
+
+def _path_kept(drop_path: nn.Module, training: bool) -> bool:
+    """timm's ``drop_path`` passes its input through: an ``nn.Identity``, or a ``DropPath`` in eval or at rate 0."""
+    return type(drop_path) is nn.Identity or not training or drop_path.drop_prob == 0.0
+
+
+class _TimmInvertedResidual:
+    """timm ``InvertedResidual`` (MBConv): ``bn3`` + the residual add as one op while ``drop_path`` is off."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        if self.conv_s2d is not None:
+            x = self.bn_s2d(self.conv_s2d(x))
+        x = self.bn2(self.conv_dw(self.bn1(self.conv_pw(x))))
+        x = self.conv_pwl(self.se(self.aa(x)))
+        if self.has_skip and _path_kept(self.drop_path, self.training):
+            return bn_add(self.bn3, x, shortcut)
+        x = self.bn3(x)
+        return self.drop_path(x) + shortcut if self.has_skip else x
+
+
+class _TimmDepthwiseSeparableConv:
+    """timm ``DepthwiseSeparableConv``: ``bn2`` + the residual add as one op while ``drop_path`` is off."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x
+        if self.conv_s2d is not None:
+            x = self.bn_s2d(self.conv_s2d(x))
+        x = self.conv_pw(self.se(self.aa(self.bn1(self.conv_dw(x)))))
+        if self.has_skip and _path_kept(self.drop_path, self.training):
+            return bn_add(self.bn2, x, shortcut)
+        x = self.bn2(x)
+        return self.drop_path(x) + shortcut if self.has_skip else x
+
+
+class _TimmLayerNorm2d(LayerNorm2d):
+    """timm ``LayerNorm2d``: ``fastattn.layer_norm2d``, no permuted copy."""
+
+
 def _attention(rule: Rule, name: str, m: nn.Module, opts: Options) -> list[Swap]:
     exact(m, "attn_drop", nn.Dropout, "nn.Dropout")
     return [rule.swap(name, m, "attention kernel")]
@@ -171,8 +237,43 @@ def _nothing_before_the_add(m: nn.Module) -> None:
         raise Skip("drop_path sits between the last BN and the add")
 
 
+def _bn_act(rule: Rule, name: str, m: nn.Module, opts: Options) -> list[Swap]:
+    identity(m, "drop", "it runs between the BN and its activation")
+    if activation_of(m.act) is None:
+        raise Skip(f"act is {type(m.act).__qualname__}, not an activation fastattn fuses")
+    no_hooks(m, ("drop", "act"))
+    return [rule.swap(name, m, f"BN + {act_label(m.act)} fused")]
+
+
+def _residual_bn(bn_attr: str):
+    """The check of a timm EfficientNet block whose last BN (``bn_attr``, a BatchNormAct2d without activation) the
+    residual add is fused into."""
+    def check(rule: Rule, name: str, m: nn.Module, opts: Options) -> list[Swap]:
+        if not m.has_skip:
+            return []  # no residual: its BatchNormAct2d layers are fused on their own
+        bn = getattr(m, bn_attr)
+        norm_act = sys.modules["timm.layers.norm_act"].BatchNormAct2d
+        exact(m, bn_attr, norm_act, "timm's BatchNormAct2d")
+        if type(bn.act) is not nn.Identity:
+            raise Skip(f"{bn_attr} applies {type(bn.act).__qualname__} before the residual add")
+        exact(m, "drop_path", (nn.Identity, sys.modules["timm.layers.drop"].DropPath), "nn.Identity or DropPath")
+        bn_rule = REGISTRY.rule_for(bn)
+        return [rule.swap(name, m, f"{bn_attr} + add fused (drop_path off: eval, or rate 0)")] + \
+            bn_rule.plan(child(name, bn_attr), bn, opts)
+    return check
+
+
+_SE = ("squeeze-excitation: a global pool, two 1x1 convs and a gate that multiplies the feature map; nothing "
+       "fastattn fuses, so it stays timm's (the convs and BatchNorms around it are fused on their own)")
+
+
+def _se(rule: Rule, name: str, m: nn.Module, opts: Options) -> list[Swap]:
+    raise Skip(_SE)
+
+
 _VIT = "timm.models.vision_transformer"
 _RESNET = "timm.models.resnet"
+_EFFNET = "timm.models._efficientnet_blocks"
 _TOKENS = ("x", "attn_mask", "is_causal")
 register(
     Rule("timm", "timm.layers.norm.LayerNorm", norm_kernel, option="layer_norm", mixin=_TimmLayerNorm, params=("x",)),
@@ -188,6 +289,21 @@ register(
          option="batch_norm", mixin=_TimmBottleneck, params=("x",)),
     Rule("timm", f"{_RESNET}.ResNet", relu_block(("act1",), STEM_BNS, "stem BN + ReLU fused"), option="batch_norm",
          mixin=_TimmResNet, method="forward_features", params=("x",)),
+    Rule("timm", "timm.layers.norm_act.BatchNormAct2d", _bn_act, option="batch_norm", mixin=_TimmBatchNormAct2d,
+         params=("x",)),
+    Rule("timm", f"{_EFFNET}.InvertedResidual", _residual_bn("bn3"), option="batch_norm",
+         mixin=_TimmInvertedResidual, params=("x",)),
+    Rule("timm", f"{_EFFNET}.DepthwiseSeparableConv", _residual_bn("bn2"), option="batch_norm",
+         mixin=_TimmDepthwiseSeparableConv, params=("x",)),
+    Rule("timm", "timm.layers.norm.LayerNorm2d", norm_kernel, option="layer_norm", mixin=_TimmLayerNorm2d,
+         params=("x",)),
+    Rule("timm", f"{_EFFNET}.SqueezeExcite", _se, left_alone=_SE),
+    Rule("timm", "timm.layers.squeeze_excite.SEModule", _se, left_alone=_SE),
     Rule("timm", "timm.layers.patch_embed.PatchEmbed"),  # containers: their children are patched on their own
     Rule("timm", "timm.layers.mlp.Mlp"),
+    Rule("timm", "timm.models.convnext.ConvNeXtBlock"),
+    Rule("timm", "timm.layers.classifier.NormMlpClassifierHead"),
 )
+# timm's own activation classes that batch_norm_act computes (create_act_layer returns torch's for the others)
+ACTIVATION_MODULES["timm.layers.activations.GELU"] = lambda m: ("gelu", 0.0)
+ACTIVATION_MODULES["timm.layers.activations.GELUTanh"] = lambda m: ("gelu_tanh", 0.0)

@@ -1,5 +1,5 @@
 """torch.nn: ``MultiheadAttention``, ``TransformerEncoderLayer``, ``TransformerEncoder``, ``TransformerDecoderLayer``,
-``LayerNorm`` and ``RMSNorm``.
+``LayerNorm``, ``RMSNorm`` and ``Sequential`` (its BatchNorm2d + activation pairs, e.g. timm's ResNet-D deep stem).
 
 The fused forwards are torch's own, rebuilt around fastattn's ops: ``MultiheadAttention``'s in-projection, masks and
 out-projection around ``fastattn.scaled_dot_product_attention``; the layers' dropout + residual add + LayerNorm in
@@ -16,8 +16,18 @@ from torch import Tensor, nn
 
 import fastattn
 from fastattn import _runtime
-from fastattn.nn import BatchNormAddReLU, LayerNorm, PatchEmbed, RMSNorm, add_norm, add_then_norm
-from fastattn.patching.checks import norm_detail, norm_kernel
+from fastattn.nn import (
+    BatchNormAct2d,
+    BatchNormAddReLU,
+    LayerNorm,
+    LayerNorm2d,
+    PatchEmbed,
+    RMSNorm,
+    add_norm,
+    add_then_norm,
+    run_sequential,
+)
+from fastattn.patching.checks import norm_detail, norm_kernel, sequential
 from fastattn.patching.rules import REGISTRY, Options, Rule, Skip, Swap, register
 
 
@@ -220,6 +230,14 @@ class FusedTransformerEncoder(nn.TransformerEncoder):
         return self.norm(out) if self.norm is not None else out
 
 
+class FusedSequential(nn.Sequential):
+    """``nn.Sequential`` running each BatchNorm2d + activation pair of its children as one fused op
+    (``fastattn.nn.run_sequential``; the BatchNorms are swapped to ``fastattn.nn.BatchNormAct2d``)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return run_sequential(self, input)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # rules
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,8 +284,10 @@ def _subclass(cls: str) -> str:
 register(
     Rule("torch.nn", "torch.nn.modules.batchnorm.SyncBatchNorm", _sync_bn, option="batch_norm", left_alone=_SYNC_BN),
     Rule("torch.nn", "torch.nn.modules.batchnorm._BatchNorm",
-         left_alone="no ReLU follows it inside a block fastattn recognises (e.g. a shortcut's BatchNorm), so there is "
-                    "nothing to fuse; it stays torch's"),  # BatchNorms are fused by the block around them
+         left_alone="no activation or residual add follows it inside a block fastattn recognises (e.g. a shortcut's "
+                    "BatchNorm), so there is nothing to fuse; it stays torch's"),  # fused by the block around them
+    # option () : a Sequential without a BN + activation pair is not reported; one with a pair says batch_norm=False
+    Rule("torch.nn", "torch.nn.Sequential", sequential, fused=FusedSequential),
     Rule("torch.nn", "torch.nn.LayerNorm", norm_kernel, option="layer_norm", fused=LayerNorm,
          left_alone=_subclass("LayerNorm")),
     Rule("torch.nn", "torch.nn.RMSNorm", norm_kernel, option="layer_norm", fused=RMSNorm,
@@ -283,4 +303,4 @@ register(
     Rule("torch.nn", "torch.nn.TransformerDecoder"),
 )
 # fastattn's own layers run fused as built: reported as fused, never swapped
-REGISTRY.add_built_fused(LayerNorm, RMSNorm, PatchEmbed, BatchNormAddReLU)
+REGISTRY.add_built_fused(LayerNorm, RMSNorm, PatchEmbed, BatchNormAddReLU, BatchNormAct2d, LayerNorm2d)

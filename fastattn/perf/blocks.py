@@ -1,4 +1,5 @@
-"""A ViT-B/16 and a ResNet-50 written against an *op table*, for block-level memory and end-to-end timing.
+"""A ViT-B/16, a ResNet-50, an EfficientNet-B0 block and a ConvNeXt-T stage written against an *op table*, for
+block-level memory and end-to-end timing.
 
 Each model calls the fusable patterns through ``self.ops[<pattern>]`` (a dict of callables), so the same module
 runs eager PyTorch (:data:`EAGER_OPS`), torch's SDPA (:data:`TORCH_SDPA_OPS`) or fastattn's kernels
@@ -12,6 +13,9 @@ runs eager PyTorch (:data:`EAGER_OPS`), torch's SDPA (:data:`TORCH_SDPA_OPS`) or
 - ``patch_embed(conv, x, pos, cls)``: ``cat([cls, conv(x).flatten(2).transpose(1, 2)], 1) + pos``:
   (B, C, H, W) -> (B, 1 + L, dim).
 - ``bn_relu(bn, x)`` and ``bn_add_relu(bn, x, identity)``: ``relu(bn(x))`` and ``relu(bn(x) + identity)``.
+- ``bn_act(bn, x, activation)`` and ``bn_add(bn, x, identity)``: ``act(bn(x))`` (``activation`` a name of
+  ``fastattn.batch_norm_act``) and ``bn(x) + identity`` (an MBConv's tail).
+- ``layer_norm2d(norm, x)``: ConvNeXt's channels-first LayerNorm of (B, C, H, W), ``norm`` an ``nn.LayerNorm(C)``.
 
 :data:`FUSED_OPS` replaces every pattern with its fastattn op (under autocast with the casts autocast would have
 applied to the eager ops it replaces); :func:`fused_patterns` says which patterns a table fuses, so reports never
@@ -29,6 +33,7 @@ from torch import Tensor, nn
 
 import fastattn
 from fastattn import reference
+from fastattn.nn import bn_forward
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -57,6 +62,18 @@ def _bn_add_relu(bn: nn.BatchNorm2d, x: Tensor, identity: Tensor) -> Tensor:
     return F.relu(bn(x) + identity)
 
 
+def _bn_act(bn: nn.BatchNorm2d, x: Tensor, activation: str) -> Tensor:
+    return reference.ACTIVATIONS[activation](bn(x), 0.01)
+
+
+def _bn_add(bn: nn.BatchNorm2d, x: Tensor, identity: Tensor) -> Tensor:
+    return bn(x) + identity
+
+
+def _layer_norm2d(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    return reference.layer_norm2d(x, norm.weight, norm.bias, norm.eps)
+
+
 EAGER_OPS: dict[str, Callable] = {
     "attention": _attention,
     "layer_norm": _layer_norm,
@@ -64,6 +81,9 @@ EAGER_OPS: dict[str, Callable] = {
     "patch_embed": _patch_embed,
     "bn_relu": _bn_relu,
     "bn_add_relu": _bn_add_relu,
+    "bn_act": _bn_act,
+    "bn_add": _bn_add,
+    "layer_norm2d": _layer_norm2d,
 }
 
 TORCH_SDPA_OPS: dict[str, Callable] = {**EAGER_OPS, "attention": F.scaled_dot_product_attention}
@@ -94,11 +114,19 @@ def _fused_patch_embed(conv: nn.Conv2d, x: Tensor, pos: Tensor, cls: Tensor) -> 
 
 def _fused_bn_add_relu(bn: nn.BatchNorm2d, x: Tensor, identity: Tensor | None = None) -> Tensor:
     """relu(bn(x) + identity) with ``nn.BatchNorm2d.forward``'s bookkeeping (running statistics tracked)."""
-    if bn.training and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-    return fastattn.batch_norm_add_relu(x, identity, bn.running_mean, bn.running_var, bn.weight, bn.bias,
-                                        bn.training, bn.momentum, bn.eps,
-                                        num_batches_tracked=bn.num_batches_tracked if bn.momentum is None else None)
+    return bn_forward(bn, x, identity, "relu", 0.0)
+
+
+def _fused_bn_act(bn: nn.BatchNorm2d, x: Tensor, activation: str) -> Tensor:
+    return bn_forward(bn, x, None, activation, 0.01)
+
+
+def _fused_bn_add(bn: nn.BatchNorm2d, x: Tensor, identity: Tensor) -> Tensor:
+    return bn_forward(bn, x, identity, "identity", 0.0)
+
+
+def _fused_layer_norm2d(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    return fastattn.layer_norm2d(x, norm.weight, norm.bias, norm.eps)
 
 
 # One line per fastattn op that serves a pattern.
@@ -110,6 +138,9 @@ FUSED_OPS: dict[str, Callable] = {
     "patch_embed": _fused_patch_embed,
     "bn_relu": _fused_bn_add_relu,
     "bn_add_relu": _fused_bn_add_relu,
+    "bn_act": _fused_bn_act,
+    "bn_add": _fused_bn_add,
+    "layer_norm2d": _fused_layer_norm2d,
 }
 
 
@@ -223,6 +254,58 @@ class ResNet50(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+# -- EfficientNet-B0 and ConvNeXt-T ------------------------------------------------------------------------------
+
+
+class MBConv(nn.Module):
+    """EfficientNet's inverted residual: 1x1 expansion, depthwise k x k, squeeze-excitation, 1x1 projection, each
+    conv followed by its BatchNorm (+ SiLU), the projection's BN by the residual add."""
+
+    patterns = ("bn_act", "bn_add")
+
+    def __init__(self, cin: int, expand: int, k: int, ops: dict[str, Callable]):
+        super().__init__()
+        self.ops = ops
+        mid = cin * expand
+        self.conv_pw = nn.Conv2d(cin, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv_dw = nn.Conv2d(mid, mid, k, padding=k // 2, groups=mid, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.se_reduce = nn.Conv2d(mid, max(1, cin // 4), 1)
+        self.se_expand = nn.Conv2d(max(1, cin // 4), mid, 1)
+        self.conv_pwl = nn.Conv2d(mid, cin, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cin)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W)
+        h = self.ops["bn_act"](self.bn1, self.conv_pw(x), "silu")
+        h = self.ops["bn_act"](self.bn2, self.conv_dw(h), "silu")
+        h = h * torch.sigmoid(self.se_expand(F.silu(self.se_reduce(h.mean((2, 3), keepdim=True)))))
+        return self.ops["bn_add"](self.bn3, self.conv_pwl(h), x)
+
+
+class ConvNeXtStage(nn.Module):
+    """A ConvNeXt stage's entry: the downsampling channels-first LayerNorm + 2x2 stride-2 conv, then a block
+    (depthwise 7x7, channels-last LayerNorm, MLP with GELU, layer scale, residual)."""
+
+    patterns = ("layer_norm2d", "layer_norm")
+
+    def __init__(self, cin: int, dim: int, ops: dict[str, Callable]):
+        super().__init__()
+        self.ops = ops
+        self.down_norm = nn.LayerNorm(cin, eps=1e-6)
+        self.down = nn.Conv2d(cin, dim, 2, stride=2)
+        self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-6))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W)
+        x = self.down(self.ops["layer_norm2d"](self.down_norm, x))
+        h = self.ops["layer_norm"](self.norm, self.conv_dw(x).permute(0, 2, 3, 1))  # (B, H, W, C)
+        return x + (self.gamma * self.fc2(F.gelu(self.fc1(h)))).permute(0, 3, 1, 2)
+
+
 # -- what the reports run --------------------------------------------------------------------------------------
 
 
@@ -261,6 +344,16 @@ def _bottleneck(ops, device, dtype):
     return block, torch.randn(64, 256, 56, 56, device=device, dtype=dtype)
 
 
+def _mbconv(ops, device, dtype):
+    block = construct(lambda: MBConv(24, 6, 3, ops), device, dtype)
+    return block, torch.randn(64, 24, 56, 56, device=device, dtype=dtype)
+
+
+def _convnext_stage(ops, device, dtype):
+    stage = construct(lambda: ConvNeXtStage(96, 192, ops), device, dtype)
+    return stage, torch.randn(64, 96, 56, 56, device=device, dtype=dtype)
+
+
 def _vit_model(ops, device, dtype):
     return construct(lambda: ViT(ops), device, dtype), torch.randn(64, 3, 224, 224, device=device, dtype=dtype)
 
@@ -273,6 +366,8 @@ def _resnet_model(ops, device, dtype):
 BLOCKS = [
     Workload("ViT-B/16 block", "B=64 L=197 C=768 H=12", ViTBlock.patterns, _vit_block),
     Workload("ResNet-50 bottleneck", "B=64 256x56x56 (mid 64)", Bottleneck.patterns, _bottleneck),
+    Workload("EfficientNet-B0 MBConv", "B=64 24x56x56 (expand 144, k3, SE)", MBConv.patterns, _mbconv),
+    Workload("ConvNeXt-T stage 2 entry", "B=64 96x56x56 -> 192x28x28", ConvNeXtStage.patterns, _convnext_stage),
     Workload("ViT-B/16 model", "B=64 224px, 12 blocks", ViT.patterns, _vit_model, input_grad=False),
     Workload("ResNet-50 model", "B=64 224px", ResNet50.patterns, _resnet_model, input_grad=False),
 ]

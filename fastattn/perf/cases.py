@@ -436,102 +436,7 @@ def patch_embed_cases(suite: str) -> list[Case]:
 # batch_norm (BatchNorm + residual add + ReLU)
 # ---------------------------------------------------------------------------------------------------------------
 
-_BN_PARAMS = ("running_mean", "running_var", "weight", "bias")
-
-
-def _away_from_relu_kink(x: Tensor, identity: Tensor, rm: Tensor, rv: Tensor, w: Tensor, b: Tensor,
-                         training: bool, margin: float = 0.1) -> Tensor:
-    """``identity`` moved where ``bn(x) + identity`` lies within ``margin`` of 0, in values every half type holds.
-
-    Eager torch rounds ``bn(x)`` to the low precision before the add, so near 0 its ReLU mask differs from the
-    float64 one and each such element costs it an O(|dy|) gradient error: the 2x-eager rule would measure nothing.
-    The statistics do not depend on identity, so moving it keeps them (as tests/test_batch_norm.py does).
-    """
-    with torch.no_grad():
-        for _ in range(4):
-            z = F.batch_norm(x, rm, rv, w, b, training, 0.0, 1e-5) + identity
-            close = z.abs() < margin
-            if not close.any():
-                break
-            step = torch.where(z < 0, -2.0 * margin, 2.0 * margin)
-            identity = torch.where(close, identity + step, identity).to(torch.bfloat16).to(identity.dtype)
-    return identity
-
-
-def _batch_norm_case(label: str, Nb: int, C: int, H: int, W: int, training: bool, channels_last: bool,
-                     exact: bool = False) -> Case:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-
-    def make(device: torch.device, dtype: torch.dtype) -> Inputs:
-        pdt = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype  # parameters and statistics
-
-        def act(std: float) -> Tensor:
-            return torch.empty(Nb, C, H, W, device=device, dtype=dtype, memory_format=fmt).normal_(0.0, std)
-
-        def vec(lo: float, hi: float) -> Tensor:
-            return torch.empty(C, device=device, dtype=pdt).uniform_(lo, hi)
-
-        x, identity = act(2.0), act(1.0)
-        rm, rv, w, b = vec(-0.5, 0.5), vec(0.5, 1.5), vec(0.5, 1.5), vec(-0.5, 0.5)
-        if exact:  # the interpreter check: inputs every half type holds, away from the ReLU's kink
-            x, identity, rm, rv, w, b = (t.to(torch.bfloat16).to(t.dtype) for t in (x, identity, rm, rv, w, b))
-            identity = _away_from_relu_kink(x, identity, rm, rv, w, b, training)
-        for t in (x, identity, w, b):
-            t.requires_grad_()
-        return Inputs((x, identity, rm, rv, w, b), {"training": training, "momentum": 0.1, "eps": 1e-5},
-                      ("x", "identity") + _BN_PARAMS, keep_fp32=_BN_PARAMS)
-
-    def min_bytes(dtype: torch.dtype) -> tuple[int, int]:
-        e, act, vec = _elt(dtype), Nb * C * H * W, 4 * C  # per-channel vectors: fp32
-        stats = 6 * vec if training else 2 * vec  # running stats read and written + mean, rstd written | read
-        fwd = e * 3 * act + 2 * vec + stats  # read x, identity, weight, bias; write out
-        # read dy, x, out, weight and the two statistics; write dx, didentity, dweight, dbias
-        bwd = e * 5 * act + 3 * vec + 2 * vec
-        return fwd, bwd
-
-    def check_saved(case: Case, saved: list) -> str | None:
-        # x and out (its ReLU mask) and per-channel vectors; never identity or the pre-activation.
-        big = [s for s in saved if s.role not in ("input x", "output") and s.nbytes > 16 * C]
-        if big:
-            return "saves more than x, out and per-channel statistics: " + ", ".join(
-                f"{s.role} {s.shape} {s.dtype}" for s in big)
-        return None
-
-    kernels = ("_bn_fwd_apply", "_bn_bwd_reduce", "_bn_bwd_combine")
-    if training:
-        kernels += ("_bn_fwd_reduce", "_bn_fwd_combine", "_bn_bwd_dx")
-    return Case(
-        op="batch_norm", label=label,
-        shape=f"N={Nb} C={C} {H}x{W} {'train' if training else 'eval'} {'NHWC' if channels_last else 'NCHW'}",
-        make=make, fused=fastattn.batch_norm_add_relu, eager=reference.batch_norm_add_relu,
-        min_bytes=min_bytes, check_saved=check_saved,
-        saved_note="saves x, out (the ReLU mask) and per-channel statistics, as eager does", kernels=kernels,
-        dims={"N": Nb, "C": C, "HW": H * W, "train": int(training), "channels_last": int(channels_last)},
-    )
-
-
-@register("batch_norm")
-def batch_norm_cases(suite: str) -> list[Case]:
-    """The tail of every ResNet-50 bottleneck, ``relu(bn3(conv3(x)) + identity)``, at the four stage outputs
-    (256x56x56, 512x28x28, 1024x14x14, 2048x7x7), batch 64 and 256, training (batch statistics, running ones
-    updated) and eval (running statistics; the gradient still flows, as when fine-tuning with frozen BatchNorm),
-    NCHW and channels_last; weight, bias and running statistics in fp32 as in mixed-precision training."""
-    stages = ((256, 56), (512, 28), (1024, 14), (2048, 7))
-
-    def case(b: int, c: int, s: int, training: bool, cl: bool) -> Case:
-        label = f"ResNet-50 {c}x{s}x{s} B{b} {'train' if training else 'eval'}" + (" NHWC" if cl else "")
-        return _batch_norm_case(label, b, c, s, s, training, cl)
-
-    if suite == "gpu":
-        return [case(b, c, s, t, cl) for b in (64, 256) for c, s in stages for t in (True, False)
-                for cl in (False, True)]
-    if suite in ("quick", "check"):
-        return [case(64, 256, 56, True, True), case(64, 2048, 7, True, False)]
-    if suite == "model":  # FakeTensors: the layout changes no byte count
-        return [case(64, c, s, True, False) for c, s in stages] + [case(64, 256, 56, False, False)]
-    return [_batch_norm_case("small train", 3, 5, 7, 9, True, False, exact=True),
-            _batch_norm_case("small train NHWC", 2, 130, 5, 3, True, True, exact=True),
-            _batch_norm_case("small eval NHWC", 4, 67, 3, 5, False, True, exact=True)]
+# The cases live in fastattn.perf.cases_bn (imported at the end); the scratch of its custom ops here, with the rest.
 
 
 def _batch_norm_partials(M: int, C: int, sms: int) -> int:
@@ -553,23 +458,24 @@ def _batch_norm_stats_scratch(args: tuple, kwargs: dict, partials: Callable[[int
 
 def _batch_norm_backward_scratch(args: tuple, kwargs: dict, partials: Callable[[int, int], int] | None = None
                                  ) -> int:
-    """fp64 partial sums (2, S, C) and, training with dx, dx's coefficients (3, C)."""
+    """fp64 partial sums (2, S, C) -- in dx's buffer when training computes dx -- and, training with dx, dx's
+    coefficients (3, C): ``fastattn.ops.batch_norm.scratch_bytes``."""
+    from fastattn.ops import batch_norm as bn_ops
+
     partials = partials or (lambda M, C: _batch_norm_partials(M, C, SCRATCH_SMS))
-    a = op_arguments("fastattn::batch_norm_add_relu_backward", args, kwargs)
+    a = op_arguments("fastattn::batch_norm_act_backward", args, kwargs)
     x, training, need_dx, need_dw, need_db = a["x"], a["training"], a["need_dx"], a["need_dw"], a["need_db"]
     N, C, H, W = x.shape
-    if N * H * W == 0 or C == 0 or not (need_dw or need_db or (training and need_dx)):
-        return 0
-    stat = 8 if x.dtype == torch.float64 else 4
-    return 2 * partials(N * H * W, C) * C * 8 + (3 * C * stat if training and need_dx else 0)
+    return bn_ops.scratch_bytes(x, training, need_dx, need_dw or need_db or (training and need_dx),
+                                partials(N * H * W, C))
 
 
 SCRATCH["fastattn::batch_norm_stats"] = _batch_norm_stats_scratch
-SCRATCH["fastattn::batch_norm_add_relu_backward"] = _batch_norm_backward_scratch
+SCRATCH["fastattn::batch_norm_act_backward"] = _batch_norm_backward_scratch
 SCRATCH_NOTES["fastattn::batch_norm_stats"] = "batch_norm's fp64 partial sums of the statistics"
-SCRATCH_NOTES["fastattn::batch_norm_add_relu_backward"] = (
-    "batch_norm backward's fp64 partial sums and dx coefficients")
+SCRATCH_NOTES["fastattn::batch_norm_act_backward"] = (
+    "batch_norm backward's dx coefficients and, without dx, its fp64 partial sums (with dx they live in dx's buffer)")
 
 
-# The partial-attention ops (merge_attention, kvcache) register their cases from their own module.
-from fastattn.perf import cases_kv  # noqa: E402,F401
+# The partial-attention ops (merge_attention, kvcache) and batch_norm register their cases from their own modules.
+from fastattn.perf import cases_bn, cases_kv  # noqa: E402,F401

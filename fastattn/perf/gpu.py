@@ -252,7 +252,8 @@ def run_end_to_end(dtype: torch.dtype, quick: bool = False, progress: Progress |
 def run_patched_models(dtype: torch.dtype, quick: bool = False, progress: Progress | None = None,
                        models: Sequence[tuple[str, Callable[[], torch.nn.Module]]] | None = None,
                        image: int = 224, classes: int = 1000) -> list[dict]:
-    """Training steps of torchvision's ViT-B/16 and ResNet-50 as users run them, eager vs ``fastattn.patch``.
+    """Training steps of torchvision's ViT-B/16, ResNet-50 and EfficientNet-B0 as users run them, eager vs
+    ``fastattn.patch``.
 
     Both runs build the model with the same constructor and seed, so the patched one has the very weights of the
     eager one; rows say "skipped" when torchvision is not importable. ``models``/``image`` replace the defaults
@@ -267,8 +268,9 @@ def run_patched_models(dtype: torch.dtype, quick: bool = False, progress: Progre
             return [{"op": "end-to-end", "case": f"torchvision {name} train step", "shape": f"B={batch} {image}px",
                      "dtype": dtype_name(dtype), "impl": impl, "mode": "train step",
                      "status": f"skipped: torchvision not importable ({type(err).__name__})"}
-                    for name in ("ViT-B/16", "ResNet-50") for impl in ("eager", "fastattn.patch")]
-        models = [("ViT-B/16", torchvision.models.vit_b_16), ("ResNet-50", torchvision.models.resnet50)]
+                    for name in ("ViT-B/16", "ResNet-50", "EfficientNet-B0") for impl in ("eager", "fastattn.patch")]
+        models = [("ViT-B/16", torchvision.models.vit_b_16), ("ResNet-50", torchvision.models.resnet50),
+                  ("EfficientNet-B0", torchvision.models.efficientnet_b0)]
 
     def workload(name, ctor):
         def build(ops, device, _dtype):
@@ -299,7 +301,7 @@ def run(ops: Sequence[str], dtype: torch.dtype, suite: str = "gpu", with_compile
 
     all_cases = [c for op in ops for c in cases_mod.get(op, suite)]
     n_impls = sum(len(implementations(c, with_compile)) for c in all_cases)
-    n_e2e = 6 + 4 if end_to_end else 0
+    n_e2e = 6 + 6 if end_to_end else 0  # (ViT, ResNet) x 3 op tables, 3 torchvision models x 2
     progress = Progress("GPU benchmark", n_impls + n_e2e, every_s=10.0)
     rows = []
     for case in all_cases:
