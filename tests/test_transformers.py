@@ -221,6 +221,15 @@ def test_generate_gemma2_softcap_decodes_through_the_kvcache_kernel():
     assert launches[KV] == 3, dict(launches)
 
 
+def test_generate_with_a_long_prompt_decodes_split_kv():
+    """A 300-token prompt, one sequence: each decode step's 2 key/value heads are fewer tiles than the interpreter's
+    SMs, so the schedule splits the cache and the combine kernel runs; same tokens as the unpatched model."""
+    model = llama(max_position_embeddings=512).eval()
+    got, expected, launches = _generate(model, {"input_ids": torch.randint(1, 100, (1, 300))}, new=3)
+    assert torch.equal(got, expected)
+    assert (launches[KV], launches["_merge_fwd"]) == (2, 2), dict(launches)
+
+
 def test_gradient_checkpointing_still_recomputes():
     """transformers 5 checkpoints a layer by wrapping its class forward; the fused class's forward is wrapped too,
     so the backward recomputes it: the forward kernels of the layers run twice per step."""
@@ -588,3 +597,4 @@ def test_compiled_decode_step_is_one_graph_for_every_cache_length():
             assert bool(launches["_merge_fwd"]) == (Lk == 300)
             torch.testing.assert_close(out, hf_attention.attention_forward(module, q, k, v, None)[0])
     assert frames[0] > 0 and frames == frames[:1] * 3, frames  # compiled for the first length only
+
