@@ -1,7 +1,7 @@
 """fastattn.patch on Hugging Face transformers models built from tiny configs (no downloads): logits and every
 parameter gradient against the unpatched model under the model-level rule of tests/modelcheck.py, the Triton kernels
-launched, ``generate``, gradient checkpointing, ``torch.compile``, unpatch, pickling, the RMSNorm probe and the
-attention function's fallbacks.
+launched, ``generate`` (decode steps through the KV-cache kernel, split-KV for a long cache), gradient checkpointing,
+``torch.compile``, unpatch, pickling, the RMSNorm probe and the attention function's fallbacks.
 
 Every config is 1-2 layers of width 32, vocabulary 100, sequences of 7 tokens and images of 32 px: every kernel runs
 through Triton's interpreter. Dropout is 0 wherever gradients are compared (fused dropout draws its own stream).
@@ -16,12 +16,15 @@ import warnings
 
 import pytest
 import torch
+from harness import three_way
 from modelcheck import ATTN, ATTN_BWD, LN, LN_BWD, PE, PE_BWD, assert_kernels, compare_models, import_or_skip
 
 import fastattn
+from fastattn import reference
+from fastattn.ops import kvcache as kv_ops
 from fastattn.patching import rules
 from fastattn.patching import transformers_attention as hf_attention
-from fastattn.testing import assert_close_to_reference, norm_floors
+from fastattn.testing import assert_close_to_reference, kvcache_floors, norm_floors
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = import_or_skip("transformers")
@@ -174,15 +177,57 @@ def test_t5_position_bias():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_generate_gives_the_same_tokens():
-    model = llama(num_hidden_layers=2).eval()
+KV = kv_ops.FORWARD_KERNELS[0]
+
+
+def _generate(model, inputs: dict, new: int = 4):
+    """Greedy ``generate`` of the unpatched ``model`` and of a patched copy: (tokens, ours, launches of ours)."""
     ours = fastattn.patch(copy.deepcopy(model))
-    inputs = _tokens(left_pad=2)
-    kw = {"max_new_tokens": 4, "min_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
     with fastattn.record_launches() as launches:
         got = ours.generate(**inputs, **kw)
-    assert torch.equal(got, model.generate(**inputs, **kw))
-    assert launches["_attn_fwd"] == 2 * 4  # prefill and three cached decode steps, each layer
+    return got, model.generate(**inputs, **kw), launches
+
+
+def test_generate_gives_the_same_tokens():
+    """Left padding: every step has a mask, which the KV-cache kernel does not take, so each runs the attention
+    kernel."""
+    got, expected, launches = _generate(llama(num_hidden_layers=2).eval(), _tokens(left_pad=2))
+    assert torch.equal(got, expected)
+    assert launches["_attn_fwd"] == 2 * 4 and launches[KV] == 0  # prefill and three cached decode steps, each layer
+
+
+def test_generate_decodes_through_the_kvcache_kernel():
+    """No padding: the decode steps get no mask, and each layer's runs attention_with_kvcache over the DynamicCache's
+    keys (GQA: 4 query heads on 2 key/value heads); the prefill keeps the attention kernel."""
+    got, expected, launches = _generate(llama(num_hidden_layers=2).eval(), _tokens())
+    assert torch.equal(got, expected)
+    assert (launches["_attn_fwd"], launches[KV]) == (2, 2 * 3), dict(launches)
+
+
+def test_generate_gemma2_softcap_decodes_through_the_kvcache_kernel():
+    """Gemma 2 alternates a sliding layer (window 4, shorter than the sequence: a mask every step) and a global one
+    (no mask when decoding): the global layer's decode steps run the KV-cache kernel with the softcap, the sliding
+    layer's the path of the prefill (the attention kernel where it takes softcap, else the model's eager attention
+    with a FallbackWarning). Same tokens as the unpatched model (whose default is its eager attention)."""
+    cfg = transformers.Gemma2Config(**{**TINY, "num_hidden_layers": 2}, num_key_value_heads=2, head_dim=8,
+                                    attn_logit_softcapping=5.0, final_logit_softcapping=None, sliding_window=4)
+    model = transformers.Gemma2ForCausalLM(cfg).eval()
+    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [4, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fastattn.FallbackWarning)
+        got, expected, launches = _generate(model, _tokens())
+    assert torch.equal(got, expected)
+    assert launches[KV] == 3, dict(launches)
+
+
+def test_generate_with_a_long_prompt_decodes_split_kv():
+    """A 300-token prompt, one sequence: each decode step's 2 key/value heads are fewer tiles than the interpreter's
+    SMs, so the schedule splits the cache and the combine kernel runs; same tokens as the unpatched model."""
+    model = llama(max_position_embeddings=512).eval()
+    got, expected, launches = _generate(model, {"input_ids": torch.randint(1, 100, (1, 300))}, new=3)
+    assert torch.equal(got, expected)
+    assert (launches[KV], launches["_merge_fwd"]) == (2, 2), dict(launches)
 
 
 def test_gradient_checkpointing_still_recomputes():
@@ -453,3 +498,103 @@ def test_attention_function_hands_the_modifiers_to_a_kernel_that_takes_them(monk
     hf_attention.attention_forward(_Module(), q, k, v, None, is_causal=False, sliding_window=3)
     assert calls[0]["softcap"] == 5.0 and calls[0]["window_size"] == (2, -1) and calls[0]["sinks"] is sinks
     assert "window_size" not in calls[1] and "softcap" not in calls[1]
+
+
+class _Cross(_Module):
+    is_causal = False  # cross-attention (Whisper's, T5's decoder): a few decoder rows against the encoder's keys
+
+
+def _cache_qkv(B, H, HKV, Lq, Lk, D, dtype=torch.float64):
+    """q as the models pass it (a (B, Lq, H, D) projection transposed), k/v as a DynamicCache holds them: (B, H_kv,
+    Lk, D) contiguous, which the KV-cache kernel reads as (B, Lk, H_kv, D) through strides."""
+    q = torch.randn(B, Lq, H, D, dtype=dtype).transpose(1, 2)
+    return q, torch.randn(B, HKV, Lk, D, dtype=dtype), torch.randn(B, HKV, Lk, D, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["decode", "cross-softcap"])
+def test_long_cache_decode_step_takes_the_split_kv_path(case, dtype):
+    """A 523-key cache, one sequence, 8 query heads on 2 key/value heads: 2 tiles, fewer than the interpreter's
+    INTERPRETER_SMS, so the schedule splits the keys and the combine kernel merges them. The result is within the 2x
+    rule of the float64 truth against eager attention over the same cache, with kvcache_floors for that schedule.
+    "cross-softcap": 3 non-causal query rows (cross-attention) with Gemma's softcap."""
+    Lq, module, softcap = (1, _Module(), None) if case == "decode" else (3, _Cross(), 5.0)
+    module.num_key_value_groups = 4
+    q, k, v = _cache_qkv(1, 8, 2, Lq, 523, 16)
+    lowp = [t.to(dtype) for t in (q, k, v)]
+    sched = kv_ops.launch_schedule(*(t.transpose(1, 2) for t in lowp), None, 0)
+    assert sched.splits > 1, sched
+
+    def run(label, prec):
+        qq, kk, vv = (t.to(prec) for t in (q, k, v))
+        if label == "ours":
+            with torch.no_grad():
+                out, _ = hf_attention.attention_forward(module, qq, kk, vv, None, scaling=0.3, softcap=softcap)
+        else:
+            out = reference.attention_with_kvcache(*(t.transpose(1, 2) for t in (qq, kk, vv)), cache_seqlens=523,
+                                                   scale=0.3, softcap=softcap or 0.0)
+        return {"out": out}
+
+    def floors(_):
+        qd, kd, vd = (t.double().transpose(1, 2) for t in lowp)
+        return kvcache_floors(qd, [kd[0]], [vd[0]], dtype=dtype, scale=0.3, softcap=softcap or 0.0,
+                              splits=sched.splits, block_n=sched.block_n)
+
+    res = three_way(run, dtype, kernels=kv_ops.FORWARD_KERNELS + kv_ops.COMBINE_KERNELS, floors=floors)
+    assert res["launches"]["_attn_fwd"] == 0
+
+
+@pytest.mark.filterwarnings("ignore::fastattn.FallbackWarning")
+@pytest.mark.parametrize("case", ["decode", "cross", "grad", "dropout", "mask", "prefill", "rows", "sinks", "bias"])
+def test_which_calls_are_decode_steps(case):
+    """The KV-cache kernel takes a decode step (few query rows against more keys, no mask, no dropout, nothing that
+    needs a gradient, no sinks or position_bias); everything else keeps the attention kernel, training included (its
+    backward runs and matches sdpa's)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    Lq, Lk = {"prefill": (6, 6), "rows": (hf_attention.DECODE_MAX_QUERIES + 1, 40), "cross": (5, 9)}.get(case, (1, 9))
+    module = _Cross() if case in ("cross", "rows") else _Module()
+    q, k, v = (t.float().requires_grad_(case == "grad") for t in _cache_qkv(2, 4, 2, Lq, Lk, 8))
+    mask = torch.ones(2, 1, Lq, Lk, dtype=torch.bool) if case == "mask" else None
+    kw = {"dropout": 0.1} if case == "dropout" else {}
+    kw |= {"s_aux": torch.randn(4)} if case == "sinks" else {}
+    kw |= {"position_bias": torch.randn(1, 4, Lq, Lk)} if case == "bias" else {}
+    with torch.set_grad_enabled(case == "grad"), fastattn.record_launches() as launches:
+        out, _ = hf_attention.attention_forward(module, q, k, v, mask, **kw)
+    decode = case in ("decode", "cross")
+    attn = not decode and (case != "sinks" or hf_attention.KERNEL_MODIFIERS)  # else the sdpa function, warning
+    assert (launches[KV] > 0, launches["_attn_fwd"] > 0) == (decode, attn), dict(launches)
+    if case in ("dropout", "sinks"):
+        return  # dropout draws its own stream; sinks run where the model's eager attention can take them
+    ref, _ = sdpa_attention_forward(module, q, k, v, mask, **kw)
+    torch.testing.assert_close(out, ref)
+    if case == "grad":
+        grad = torch.randn_like(out)
+        with fastattn.record_launches() as launches:
+            got = torch.autograd.grad(out, (q, k, v), grad)
+        assert launches["_attn_bwd_dq"] == 1
+        for g, r in zip(got, torch.autograd.grad(ref, (q, k, v), grad)):
+            torch.testing.assert_close(g, r)
+
+
+def test_compiled_decode_step_is_one_graph_for_every_cache_length():
+    """Under torch.compile(fullgraph=True, dynamic=True) a decode step traces into one graph around the KV-cache op:
+    nothing in the choice of path reads the cache length, so a growing cache compiles once."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    module = _Module()
+    step = torch.compile(lambda q, k, v: hf_attention.attention_forward(module, q, k, v, None)[0], fullgraph=True,
+                         dynamic=True, backend=counter)
+    frames = []
+    with torch.no_grad():
+        for Lk in (9, 10, 300):  # 300 keys: a split schedule (sched.splits > 1), 9 and 10 unsplit
+            q, k, v = _cache_qkv(1, 4, 2, 1, Lk, 8, torch.float32)
+            with fastattn.record_launches() as launches:
+                out = step(q, k, v)
+            frames.append(counter.frame_count)
+            assert launches[KV] == 1 and not launches["_attn_fwd"]
+            assert bool(launches["_merge_fwd"]) == (Lk == 300)
+            torch.testing.assert_close(out, hf_attention.attention_forward(module, q, k, v, None)[0])
+    assert frames[0] > 0 and frames == frames[:1] * 3, frames  # compiled for the first length only
+

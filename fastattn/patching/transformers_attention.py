@@ -20,6 +20,15 @@ is_causal=None, **kwargs) -> (out.transpose(1, 2).contiguous(), None)`` with
   sdpa (whose function never reads the kwarg); a kernel with ``window_size`` also gets a causal model's window
   itself (key j visible from query i iff ``i - j < W``: ``window_size=(W - 1, -1)``, bottom-right aligned).
 
+A decode step runs ``fastattn.attention_with_kvcache`` (GQA row packing, split-KV for long caches) over the keys the
+model's cache hands over, viewed as a dense cache ``(B, Lk, H_kv, D)`` through their strides (no copy) with
+``cache_seqlens`` all ``Lk`` and no new keys: at most :data:`DECODE_MAX_QUERIES` query rows against more keys
+(``Lk > Lq``), no mask (transformers passes None when every key is visible), sdpa's causal flag off (sdpa's causal is
+top-left, which is the kernel's bottom-right band only where ``Lq == Lk``: a prefill, never a decode step), no
+dropout, nothing that needs a gradient (grad mode off, or no input requires grad), and no modifier the KV-cache kernel
+lacks (sinks, ``position_bias``); softcap and a causal model's window run in it. Everything else keeps the path
+above.
+
 ``softcap`` (Gemma 2/3) and ``s_aux`` sinks (gpt-oss) run in the kernel where ``fastattn.attention`` has ``softcap=``
 / ``sinks=`` (:data:`KERNEL_MODIFIERS`, detected from its signature); until then they run transformers' own eager
 attention of the model (sdpa cannot take them) with a one-time ``FallbackWarning``. So do ``output_attentions=True``
@@ -38,13 +47,22 @@ import torch
 from torch import Tensor, nn
 
 from fastattn import _runtime
+from fastattn.ops import kvcache as kv_ops
 from fastattn.ops.attention import attention
+from fastattn.ops.kvcache import attention_with_kvcache
 
 NAME = "fastattn"  # no "flash", "sdpa" or "/": transformers routes such names to its own loaders
 _OP = "patch(transformers attention)"
 
 # fastattn.attention's score modifiers (softcap=, window_size=, sinks=), if this fastattn has them
 KERNEL_MODIFIERS = {"softcap", "window_size", "sinks"} <= set(inspect.signature(attention).parameters)
+
+# The most query rows a decode step (Lk > Lq, no mask) sends to attention_with_kvcache. Its tiles hold (position, head
+# of the GQA group) rows, at most 64: up to 16 positions keep a group of 4 heads in one tile, so each key block is
+# read once per key/value head (the attention kernel reads it once per query head, in tiles of mostly empty rows),
+# and few rows are where split-KV is needed to fill the GPU. Past that the attention kernel's own query tiles fill.
+# Covers one token, speculative decoding's drafts and cross-attention of a few decoder tokens.
+DECODE_MAX_QUERIES = 16
 
 # Keyword arguments models pass through the attention interface that do not change sdpa's result: sdpa_attention
 # ignores them too (the mask transformers builds already holds packing and windows), or they are bookkeeping.
@@ -84,12 +102,13 @@ def _fallback(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
                             is_causal=is_causal, **kwargs)
 
 
-def _unserved(module: nn.Module, query: Tensor, kwargs: dict) -> tuple[str, bool] | None:
-    """Why this call cannot run the kernel, and whether the model's eager attention is the one to run it."""
+def _unserved(module: nn.Module, query: Tensor, kwargs: dict, softcap_served: bool = False) -> tuple[str, bool] | None:
+    """Why this call cannot run the kernel (``softcap_served``: one that takes softcap), and whether the model's eager
+    attention is the one to run it."""
     if kwargs.get("output_attentions"):
         return "output_attentions=True asks for the attention weights, which the kernels never form", True
     softcap = kwargs.get("softcap")
-    if softcap is not None and float(softcap) > 0.0 and not KERNEL_MODIFIERS:
+    if softcap is not None and float(softcap) > 0.0 and not (KERNEL_MODIFIERS or softcap_served):
         return f"softcap={softcap} (logit soft-capping is not in this fastattn's kernel yet)", True
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     if sinks is not None and not KERNEL_MODIFIERS:
@@ -130,11 +149,61 @@ def _eager_mask(module: nn.Module, query: Tensor, key: Tensor, attention_mask: T
     return attention_mask
 
 
+def _modifiers(module: nn.Module, is_causal: bool | None, kwargs: dict) -> dict:
+    """Gemma's softcap and a causal model's sliding window (key j visible from query i iff ``i - j < W``,
+    bottom-right aligned: ``window_size=(W - 1, -1)``) as kernel arguments; a bidirectional window (``|i - j| <=
+    W``) stays in the mask only."""
+    modifiers = {}
+    if kwargs.get("softcap") is not None and float(kwargs["softcap"]) > 0.0:
+        modifiers["softcap"] = float(kwargs["softcap"])
+    window = kwargs.get("sliding_window")
+    causal_model = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if window is not None and int(window) > 0 and causal_model:
+        modifiers["window_size"] = (int(window) - 1, -1)
+    return modifiers
+
+
+def _decode_step(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                 dropout: float, scaling: float | None, is_causal: bool | None, kwargs: dict) -> dict | None:
+    """``attention_with_kvcache``'s arguments where this call is a decode step it computes exactly as sdpa's contract
+    does (see the module docstring), else None. Without a mask and causal flag sdpa attends to every key it is
+    given; so does the kernel with ``cache_seqlens = Lk`` and no band. A window is applied as the path above applies
+    it: transformers builds no mask for a sliding layer only while its keys are fewer than the window, where the
+    band excludes none of them."""
+    B, H, Lq, D = query.shape
+    Bk, HKV, Lk, _ = key.shape
+    if (attention_mask is not None or float(dropout) != 0.0 or not 0 < Lq <= DECODE_MAX_QUERIES or Lk <= Lq
+            or _causal(module, query, attention_mask, is_causal)):
+        return None
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return None  # the training path: the KV-cache kernel has no backward
+    if kwargs.get("s_aux", kwargs.get("sinks")) is not None or kwargs.get("position_bias") is not None:
+        return None
+    if _unserved(module, query, kwargs, softcap_served=True) is not None:
+        return None
+    if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))):
+        return None
+    if (Bk != B or key.shape[3] != D or value.shape[:3] != key.shape[:3] or HKV == 0 or H % HKV != 0
+            or H // HKV != getattr(module, "num_key_value_groups", 1) or not query.dtype == key.dtype == value.dtype):
+        return None  # a broadcast batch, mismatched heads or dtypes: the path above (and its errors) as before
+    q, k_cache, v_cache = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # views, no copy
+    # Whether a decode tile serves these dtypes and head dims does not depend on the cache length: a one-key view
+    # keeps the check free of it (no guard on Lk under torch.compile).
+    if kv_ops._fallback(q, k_cache[:, :1], v_cache[:, :1], None, 1)[0] is not None:
+        return None
+    lens = torch.full((B,), Lk, dtype=torch.int32, device=query.device)
+    return {"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": lens, "scale": scaling,
+            **_modifiers(module, is_causal, kwargs)}
+
+
 def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                       dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None,
                       **kwargs) -> tuple[Tensor, None]:
-    """transformers' attention interface on fastattn's kernel (the contract of sdpa_attention_forward; see the
+    """transformers' attention interface on fastattn's kernels (the contract of sdpa_attention_forward; see the
     module docstring). Returns ``((B, Lq, H, Dv) contiguous, None)``."""
+    decode = _decode_step(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
+    if decode is not None:  # (B, Lq, H, Dv), contiguous: the layout the model reshapes
+        return attention_with_kvcache(**decode), None
     unserved = _unserved(module, query, kwargs)
     if unserved is not None:
         return _fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs, *unserved)
@@ -151,12 +220,7 @@ def attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tens
         attention_mask, causal = create_position_bias_mask(bias, attention_mask, causal, query, key), False
     modifiers = {}
     if KERNEL_MODIFIERS:
-        if kwargs.get("softcap") is not None and float(kwargs["softcap"]) > 0.0:
-            modifiers["softcap"] = float(kwargs["softcap"])
-        window = kwargs.get("sliding_window")
-        causal_model = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        if window is not None and int(window) > 0 and causal_model:  # key j visible from query i iff i - j < window
-            modifiers["window_size"] = (int(window) - 1, -1)  # (bidirectional windows, |i - j| <= W, stay in the mask)
+        modifiers = _modifiers(module, is_causal, kwargs)
         sinks = kwargs.get("s_aux", kwargs.get("sinks"))
         if sinks is not None:
             modifiers["sinks"] = sinks
