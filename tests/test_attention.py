@@ -210,8 +210,9 @@ def test_mask_read_through_strides_without_copy(monkeypatch):
 
     def spy(kernel, grid, *args, **kwargs):
         if _runtime.kernel_name(kernel) == "_attn_fwd":
-            captured["q_ptr"], captured["mask_ptr"] = args[0].data_ptr(), args[3].data_ptr()
-            captured["mask_strides"] = args[6 + 12: 6 + 16]  # after 6 pointers and the q, k, v strides
+            named = dict(zip(_runtime.jit_function(kernel).arg_names, args))
+            captured["q_ptr"], captured["mask_ptr"] = named["Q"].data_ptr(), named["Mask"].data_ptr()
+            captured["mask_strides"] = [named[f"stride_m{a}"] for a in "zhmn"]
         return real(kernel, grid, *args, **kwargs)
 
     monkeypatch.setattr(_runtime, "launch", spy)
