@@ -14,7 +14,8 @@ BLOCK_N keys with the online softmax:
     out = acc / l / (1 - p),  lse = m + log l      (only lse, O(M), is saved; no visible key, no sink: 0 and -inf)
 Key blocks no query of the tile sees are never visited (work proportional to the causal / window band); blocks
 every query sees whole run without bounds, band or causal tests (the full-block loop); the rest (the diagonal, the
-window's edges, the last partial block) are the edge blocks. A mask tensor is read on every visited block.
+window's edges, the last partial block) are the edge blocks. A mask tensor is read on every visited block. With FMA
+dots (fp32 without TF32) every block runs in the edge loop: a second copy of the body would spill.
 Backward recomputes p = exp(x - lse) block by block (no atomics, so it is bitwise repeatable):
     delta = rowsum(dO * O) - dlse;  dsink_h = -sum_i exp(sink_h - lse_i) delta_i          (_attn_bwd_preprocess)
     dV = sum_i dropout(p)^T dO;  dX = p (dropout(dO V^T) - delta);  dS = dX (1 - tanh^2) with softcap, else dX
@@ -231,6 +232,10 @@ def _attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
     offs_n = tl.arange(0, BLOCK_N)
     qpos = i + (Nz - Mz)
+    FMA: tl.constexpr = PRECISION == "ieee" and Q.dtype.element_ty.primitive_bitwidth >= 32
+    if FMA:  # FMA dots (fp32 without TF32): every block in the one loop (a second copy of the body spills)
+        full_start = end
+        full_end = end
     n_left = tl.cdiv(full_start - start, BLOCK_N)
     for e in range(n_left + tl.cdiv(end - full_end, BLOCK_N)):
         acc, l_i, m_i = _fwd_block(
@@ -238,12 +243,13 @@ def _attn_fwd(
             offs_dv, i, qpos, slope2, c1, c2, lo, hi, Nz, D, DV, k0, stride_kn, stride_kd, stride_vn, stride_vd,
             stride_mn, qk_scale, cap_in, cap_out, seed, dropout_p, True, IS_CAUSAL or HAS_WINDOW, HAS_SOFTCAP,
             HAS_ALIBI, HAS_SINKS, MASK_KIND, HAS_DROPOUT, EVEN_D, PRECISION, ACC)
-    for start_n in range(full_start, full_end, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, K_h, V_h, mask_rows, start_n, offs_n, offs_d, offs_dv, i, qpos, slope2, c1, c2, lo,
-            hi, Nz, D, DV, k0, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, cap_in, cap_out,
-            seed, dropout_p, False, IS_CAUSAL or HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, HAS_SINKS, MASK_KIND,
-            HAS_DROPOUT, EVEN_D, PRECISION, ACC)
+    if not FMA:
+        for start_n in range(full_start, full_end, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, K_h, V_h, mask_rows, start_n, offs_n, offs_d, offs_dv, i, qpos, slope2, c1, c2, lo,
+                hi, Nz, D, DV, k0, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, cap_in, cap_out,
+                seed, dropout_p, False, IS_CAUSAL or HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, HAS_SINKS, MASK_KIND,
+                HAS_DROPOUT, EVEN_D, PRECISION, ACC)
 
     empty = l_i == 0.0  # no visible key and no sink: output 0 (torch >= 2.5), lse = -inf
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
@@ -385,6 +391,10 @@ def _attn_bwd_dkdv(
     j_lo = tl.maximum(tl.minimum(pid_n * BLOCK_N, Nz - 1), 0)
     j_hi = tl.maximum(tl.minimum(pid_n * BLOCK_N + BLOCK_N - 1, Nz - 1), 0)
     start, full_start, full_end, end = key_blocks(j_lo, j_hi, -hi, -lo, 0, m_hi, BLOCK_M)
+    FMA: tl.constexpr = PRECISION == "ieee" and Q.dtype.element_ty.primitive_bitwidth >= 32
+    if FMA:  # FMA dots (fp32 without TF32): every block in the one loop (a second copy of the body spills)
+        full_start = end
+        full_end = end
     n_left = tl.cdiv(full_start - start, BLOCK_M)
     c0 = (k0 + j).to(tl.int32)  # dropout's first counter
     for g in range(GROUP):
@@ -405,13 +415,14 @@ def _attn_bwd_dkdv(
                 c2, q0, lo, hi, Mz, Nz, D, DV, stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_mm,
                 qk_scale, cap_in, cap_out, seed, dropout_p, True, IS_CAUSAL or HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI,
                 MASK_KIND, HAS_DROPOUT, MASK_GRAD, EVEN_D, PRECISION, ACC)
-        for start_m in range(full_start, full_end, BLOCK_M):
-            dk, dv = _dkdv_block(
-                dk, dv, k, v, Q_h, DO_h, Lse, Delta, stats_h, mask_cols, DMask_h, start_m, offs_m, offs_d, offs_dv,
-                jc, j_ok, slope2, c0, c2, q0, lo, hi, Mz, Nz, D, DV, stride_qm, stride_qd, stride_dom,
-                stride_dod, stride_lm, stride_mm, qk_scale, cap_in, cap_out, seed, dropout_p, False,
-                IS_CAUSAL or HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT, MASK_GRAD, EVEN_D,
-                PRECISION, ACC)
+        if not FMA:
+            for start_m in range(full_start, full_end, BLOCK_M):
+                dk, dv = _dkdv_block(
+                    dk, dv, k, v, Q_h, DO_h, Lse, Delta, stats_h, mask_cols, DMask_h, start_m, offs_m, offs_d,
+                    offs_dv, jc, j_ok, slope2, c0, c2, q0, lo, hi, Mz, Nz, D, DV, stride_qm, stride_qd, stride_dom,
+                    stride_dod, stride_lm, stride_mm, qk_scale, cap_in, cap_out, seed, dropout_p, False,
+                    IS_CAUSAL or HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT, MASK_GRAD, EVEN_D,
+                    PRECISION, ACC)
     dk = dk * sm_scale
     dk_ptrs = DK + z * stride_dkz + hk * stride_dkh + (k0 + j)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     tl.store(dk_ptrs, cast(dk, DK.dtype.element_ty), mask=j_ok[:, None] & (offs_d[None, :] < D))
@@ -486,6 +497,10 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     offs_n = tl.arange(0, BLOCK_N)
     qpos = i + (Nz - Mz)
+    FMA: tl.constexpr = PRECISION == "ieee" and Q.dtype.element_ty.primitive_bitwidth >= 32
+    if FMA:  # FMA dots (fp32 without TF32): every block in the one loop (a second copy of the body spills)
+        full_start = end
+        full_end = end
     n_left = tl.cdiv(full_start - start, BLOCK_N)
     for e in range(n_left + tl.cdiv(end - full_end, BLOCK_N)):
         dq = _dq_block(
@@ -493,12 +508,13 @@ def _attn_bwd_dq(
             offs_d, offs_dv, i, qpos, slope2, c1, c2, lo, hi, Nz, D, DV, k0, stride_kn, stride_kd, stride_vn,
             stride_vd, stride_mn, qk_scale, cap_in, cap_out, seed, dropout_p, True, IS_CAUSAL or HAS_WINDOW,
             HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT, EVEN_D, PRECISION, ACC)
-    for start_n in range(full_start, full_end, BLOCK_N):
-        dq = _dq_block(
-            dq, q, do, lse2, delta, K_h, V_h, mask_rows, start_n, offs_n, offs_d, offs_dv, i, qpos, slope2, c1, c2,
-            lo, hi, Nz, D, DV, k0, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, cap_in, cap_out,
-            seed, dropout_p, False, IS_CAUSAL or HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT, EVEN_D,
-            PRECISION, ACC)
+    if not FMA:
+        for start_n in range(full_start, full_end, BLOCK_N):
+            dq = _dq_block(
+                dq, q, do, lse2, delta, K_h, V_h, mask_rows, start_n, offs_n, offs_d, offs_dv, i, qpos, slope2, c1,
+                c2, lo, hi, Nz, D, DV, k0, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, cap_in,
+                cap_out, seed, dropout_p, False, IS_CAUSAL or HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND,
+                HAS_DROPOUT, EVEN_D, PRECISION, ACC)
     dq_rows = z * stride_dqz + h * stride_dqh + (q0 + i) * stride_dqm
     tl.store(DQ + dq_rows[:, None] + offs_d[None, :] * stride_dqd, cast(dq * sm_scale, DQ.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])

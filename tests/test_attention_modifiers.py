@@ -278,8 +278,9 @@ def test_only_the_band_s_blocks_are_visited(monkeypatch, window, causal):
     fwd = _spy_blocks(monkeypatch, "_fwd_block", "start_n", "i")
     dq = _spy_blocks(monkeypatch, "_dq_block", "start_n", "i")
     dkdv = _spy_blocks(monkeypatch, "_dkdv_block", "start_m", "j")
-    q, k, v = (torch.randn(1, 1, L, 32, requires_grad=True) for L in (M, N, N))
-    fastattn.attention(q, k, v, is_causal=causal, window_size=window).sum().backward()
+    # fp16: the tensor-core path (fp32 without TF32 runs every block as an edge block)
+    q, k, v = (torch.randn(1, 1, L, 32, dtype=torch.float16, requires_grad=True) for L in (M, N, N))
+    fastattn.attention(q, k, v, is_causal=causal, window_size=window).float().sum().backward()
     for calls in (fwd, dq):
         tiles = {}
         for a0, a1, b, edge in calls:
@@ -368,8 +369,9 @@ def test_bad_modifiers_raise_naming_the_argument(kw, exc, text):
         fastattn.attention(q, q, q, **kw)
 
 
-def test_fallback_keeps_the_modifiers():
+def test_fallback_keeps_the_modifiers(monkeypatch):
     """Where the kernels cannot serve (head dim above 256) the eager reference runs with every modifier, warning."""
+    monkeypatch.setattr(_runtime, "_warned", set())  # a fresh one-time warning, and the process's left as it was
     q, k, v = (torch.randn(1, 2, 7, 272) for _ in range(3))
     kw = {"window_size": (2, 1), "softcap": 3.0, "alibi_slopes": slopes(2), "sinks": torch.randn(2), "return_lse": True}
     with pytest.warns(fastattn.FallbackWarning, match="head dim 272"), _runtime.record_launches() as n:
