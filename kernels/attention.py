@@ -77,11 +77,15 @@ def _consts(sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(CuQ, CuK, Alibi, H, M, N, GROUP, stride_az, stride_ah, causal_offset, window_left, window_right,
-                IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_ALIBI: tl.constexpr, VARLEN: tl.constexpr,
-                ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _query_tile(CuQ, CuK, Alibi, K, V, Mask, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh, stride_vn,
+                stride_mz, stride_mh, stride_mm, stride_az, stride_ah, H, M, N, GROUP, sm_scale, softcap,
+                causal_offset, window_left, window_right, IS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, VARLEN: tl.constexpr, ACC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The prologue of the forward and dQ programs: a tile of BLOCK_M rows, (position i, head g) pairs
-    ``i * GROUP + g`` of key/value head hk's group in sequence z, and the key blocks it visits (key_blocks)."""
+    ``i * GROUP + g`` of key/value head hk's group in sequence z, what its key blocks need (the key/value heads'
+    bases, the mask's rows, ALiBi slopes, score factors, dropout counters) and the key blocks it visits
+    (key_blocks)."""
     pid_m = tl.program_id(0)
     z = (tl.program_id(1) // (H // GROUP)).to(tl.int64)
     hk = tl.program_id(1) % (H // GROUP)
@@ -98,7 +102,26 @@ def _query_tile(CuQ, CuK, Alibi, H, M, N, GROUP, stride_az, stride_ah, causal_of
     i_lo = tl.maximum(tl.minimum(pid_m * BLOCK_M // GROUP, Mz - 1), 0)
     i_hi = tl.maximum(tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // GROUP, Mz - 1), 0)
     blocks = key_blocks(i_lo, i_hi, lo, hi, 0, n_hi, BLOCK_N)
-    return z, hk, q0, k0, Mz, Nz, row_ok, i, h, slope2, lo, hi, blocks
+    K_h = K + z * stride_kz + hk * stride_kh + k0 * stride_kn
+    V_h = V + z * stride_vz + hk * stride_vh + k0 * stride_vn
+    mask_rows = Mask + z * stride_mz + h * stride_mh + i * stride_mm
+    consts = _consts(sm_scale, softcap, HAS_SOFTCAP)
+    c1, c2 = _counters(z, h, q0 + i, H, VARLEN)
+    return z, q0, k0, Nz, row_ok, i, h, i + (Nz - Mz), slope2, c1, c2, lo, hi, K_h, V_h, mask_rows, consts, blocks
+
+
+@triton.jit
+def _schedule(blocks, PRECISION: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """key_blocks' schedule as the loops run it: (start, edge blocks left of the full ones, edge blocks, full_start,
+    full_end, FMA). With FMA dots (fp32 without TF32) every block is an edge block: one loop, as a second copy of
+    the body spills."""
+    start, full_start, full_end, end = blocks
+    FMA: tl.constexpr = PRECISION == "ieee" and DTYPE.primitive_bitwidth >= 32
+    if FMA:
+        full_start = end
+        full_end = end
+    n_left = tl.cdiv(full_start - start, BLOCK)
+    return start, n_left, n_left + tl.cdiv(end - full_end, BLOCK), full_start, full_end
 
 
 @triton.jit
@@ -210,19 +233,15 @@ def _attn_fwd(
     HAS_DROPOUT: tl.constexpr, VARLEN: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    z, hk, q0, k0, Mz, Nz, row_ok, i, h, slope2, lo, hi, blocks = _query_tile(
-        CuQ, CuK, Alibi, H, M, N, GROUP, stride_az, stride_ah, causal_offset, window_left, window_right, IS_CAUSAL,
-        HAS_WINDOW, HAS_ALIBI, VARLEN, ACC, BLOCK_M, BLOCK_N)
-    start, full_start, full_end, end = blocks
+    z, q0, k0, Nz, row_ok, i, h, qpos, slope2, c1, c2, lo, hi, K_h, V_h, mask_rows, consts, blocks = _query_tile(
+        CuQ, CuK, Alibi, K, V, Mask, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh, stride_vn, stride_mz,
+        stride_mh, stride_mm, stride_az, stride_ah, H, M, N, GROUP, sm_scale, softcap, causal_offset, window_left,
+        window_right, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, VARLEN, ACC, BLOCK_M, BLOCK_N)
+    qk_scale, cap_in, cap_out = consts
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = _tile(Q + (z * stride_qz + h * stride_qh + (q0 + i) * stride_qm)[:, None] + offs_d[None, :] * stride_qd,
               row_ok, offs_d < D, True, True)
-    K_h = K + z * stride_kz + hk * stride_kh + k0 * stride_kn
-    V_h = V + z * stride_vz + hk * stride_vh + k0 * stride_vn
-    mask_rows = Mask + z * stride_mz + h * stride_mh + i * stride_mm
-    qk_scale, cap_in, cap_out = _consts(sm_scale, softcap, HAS_SOFTCAP)
-    c1, c2 = _counters(z, h, q0 + i, H, VARLEN)
     if HAS_SINKS:
         m_i = tl.load(Sinks + h).to(ACC) * LOG2E
         l_i = tl.full([BLOCK_M], 1.0, ACC)
@@ -231,25 +250,19 @@ def _attn_fwd(
         l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
     offs_n = tl.arange(0, BLOCK_N)
-    qpos = i + (Nz - Mz)
-    FMA: tl.constexpr = PRECISION == "ieee" and Q.dtype.element_ty.primitive_bitwidth >= 32
-    if FMA:  # FMA dots (fp32 without TF32): every block in the one loop (a second copy of the body spills)
-        full_start = end
-        full_end = end
-    n_left = tl.cdiv(full_start - start, BLOCK_N)
-    for e in range(n_left + tl.cdiv(end - full_end, BLOCK_N)):
+    start, n_left, n_edge, full_start, full_end = _schedule(blocks, PRECISION, Q.dtype.element_ty, BLOCK_N)
+    for e in range(n_edge):
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, K_h, V_h, mask_rows, edge_block(e, n_left, start, full_end, BLOCK_N), offs_n, offs_d,
             offs_dv, i, qpos, slope2, c1, c2, lo, hi, Nz, D, DV, k0, stride_kn, stride_kd, stride_vn, stride_vd,
             stride_mn, qk_scale, cap_in, cap_out, seed, dropout_p, True, IS_CAUSAL or HAS_WINDOW, HAS_SOFTCAP,
             HAS_ALIBI, HAS_SINKS, MASK_KIND, HAS_DROPOUT, EVEN_D, PRECISION, ACC)
-    if not FMA:
-        for start_n in range(full_start, full_end, BLOCK_N):
-            acc, l_i, m_i = _fwd_block(
-                acc, l_i, m_i, q, K_h, V_h, mask_rows, start_n, offs_n, offs_d, offs_dv, i, qpos, slope2, c1, c2, lo,
-                hi, Nz, D, DV, k0, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, cap_in, cap_out,
-                seed, dropout_p, False, IS_CAUSAL or HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, HAS_SINKS, MASK_KIND,
-                HAS_DROPOUT, EVEN_D, PRECISION, ACC)
+    for start_n in range(full_start, full_end, BLOCK_N):
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, K_h, V_h, mask_rows, start_n, offs_n, offs_d, offs_dv, i, qpos, slope2, c1, c2, lo,
+            hi, Nz, D, DV, k0, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, cap_in, cap_out,
+            seed, dropout_p, False, IS_CAUSAL or HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, HAS_SINKS, MASK_KIND,
+            HAS_DROPOUT, EVEN_D, PRECISION, ACC)
 
     empty = l_i == 0.0  # no visible key and no sink: output 0 (torch >= 2.5), lse = -inf
     inv = tl.where(empty, 0.0, 1.0 / tl.where(empty, 1.0, l_i))
@@ -390,12 +403,8 @@ def _attn_bwd_dkdv(
     m_hi = tl.where(pid_n * BLOCK_N < Nz, Mz, 0)
     j_lo = tl.maximum(tl.minimum(pid_n * BLOCK_N, Nz - 1), 0)
     j_hi = tl.maximum(tl.minimum(pid_n * BLOCK_N + BLOCK_N - 1, Nz - 1), 0)
-    start, full_start, full_end, end = key_blocks(j_lo, j_hi, -hi, -lo, 0, m_hi, BLOCK_M)
-    FMA: tl.constexpr = PRECISION == "ieee" and Q.dtype.element_ty.primitive_bitwidth >= 32
-    if FMA:  # FMA dots (fp32 without TF32): every block in the one loop (a second copy of the body spills)
-        full_start = end
-        full_end = end
-    n_left = tl.cdiv(full_start - start, BLOCK_M)
+    start, n_left, n_edge, full_start, full_end = _schedule(key_blocks(j_lo, j_hi, -hi, -lo, 0, m_hi, BLOCK_M),
+                                                            PRECISION, Q.dtype.element_ty, BLOCK_M)
     c0 = (k0 + j).to(tl.int32)  # dropout's first counter
     for g in range(GROUP):
         h = hk * GROUP + g
@@ -408,21 +417,20 @@ def _attn_bwd_dkdv(
         if HAS_ALIBI:
             slope2 = tl.load(Alibi + z * stride_az + h * stride_ah).to(ACC) * LOG2E
         _, c2 = _counters(z, h, q0, H, VARLEN)
-        for e in range(n_left + tl.cdiv(end - full_end, BLOCK_M)):
+        for e in range(n_edge):
             dk, dv = _dkdv_block(
                 dk, dv, k, v, Q_h, DO_h, Lse, Delta, stats_h, mask_cols, DMask_h,
                 edge_block(e, n_left, start, full_end, BLOCK_M), offs_m, offs_d, offs_dv, jc, j_ok, slope2, c0,
                 c2, q0, lo, hi, Mz, Nz, D, DV, stride_qm, stride_qd, stride_dom, stride_dod, stride_lm, stride_mm,
                 qk_scale, cap_in, cap_out, seed, dropout_p, True, IS_CAUSAL or HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI,
                 MASK_KIND, HAS_DROPOUT, MASK_GRAD, EVEN_D, PRECISION, ACC)
-        if not FMA:
-            for start_m in range(full_start, full_end, BLOCK_M):
-                dk, dv = _dkdv_block(
-                    dk, dv, k, v, Q_h, DO_h, Lse, Delta, stats_h, mask_cols, DMask_h, start_m, offs_m, offs_d,
-                    offs_dv, jc, j_ok, slope2, c0, c2, q0, lo, hi, Mz, Nz, D, DV, stride_qm, stride_qd, stride_dom,
-                    stride_dod, stride_lm, stride_mm, qk_scale, cap_in, cap_out, seed, dropout_p, False,
-                    IS_CAUSAL or HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT, MASK_GRAD, EVEN_D,
-                    PRECISION, ACC)
+        for start_m in range(full_start, full_end, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, Q_h, DO_h, Lse, Delta, stats_h, mask_cols, DMask_h, start_m, offs_m, offs_d,
+                offs_dv, jc, j_ok, slope2, c0, c2, q0, lo, hi, Mz, Nz, D, DV, stride_qm, stride_qd, stride_dom,
+                stride_dod, stride_lm, stride_mm, qk_scale, cap_in, cap_out, seed, dropout_p, False,
+                IS_CAUSAL or HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT, MASK_GRAD, EVEN_D,
+                PRECISION, ACC)
     dk = dk * sm_scale
     dk_ptrs = DK + z * stride_dkz + hk * stride_dkh + (k0 + j)[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
     tl.store(dk_ptrs, cast(dk, DK.dtype.element_ty), mask=j_ok[:, None] & (offs_d[None, :] < D))
@@ -477,10 +485,11 @@ def _attn_bwd_dq(
     EVEN_D: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    z, hk, q0, k0, Mz, Nz, row_ok, i, h, slope2, lo, hi, blocks = _query_tile(
-        CuQ, CuK, Alibi, H, M, N, GROUP, stride_az, stride_ah, causal_offset, window_left, window_right, IS_CAUSAL,
-        HAS_WINDOW, HAS_ALIBI, VARLEN, ACC, BLOCK_M, BLOCK_N)
-    start, full_start, full_end, end = blocks
+    z, q0, k0, Nz, row_ok, i, h, qpos, slope2, c1, c2, lo, hi, K_h, V_h, mask_rows, consts, blocks = _query_tile(
+        CuQ, CuK, Alibi, K, V, Mask, stride_kz, stride_kh, stride_kn, stride_vz, stride_vh, stride_vn, stride_mz,
+        stride_mh, stride_mm, stride_az, stride_ah, H, M, N, GROUP, sm_scale, softcap, causal_offset, window_left,
+        window_right, IS_CAUSAL, HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, VARLEN, ACC, BLOCK_M, BLOCK_N)
+    qk_scale, cap_in, cap_out = consts
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < D
@@ -489,32 +498,21 @@ def _attn_bwd_dq(
     do = _tile(DO + (z * stride_doz + h * stride_doh + (q0 + i) * stride_dom)[:, None] + offs_dv[None, :] *
                stride_dod, row_ok, offs_dv < DV, True, True)
     lse2, delta = _row_stats(Lse, Delta, z * stride_lz + h * stride_lh + (q0 + i) * stride_lm, row_ok, True)
-    K_h = K + z * stride_kz + hk * stride_kh + k0 * stride_kn
-    V_h = V + z * stride_vz + hk * stride_vh + k0 * stride_vn
-    mask_rows = Mask + z * stride_mz + h * stride_mh + i * stride_mm
-    qk_scale, cap_in, cap_out = _consts(sm_scale, softcap, HAS_SOFTCAP)
-    c1, c2 = _counters(z, h, q0 + i, H, VARLEN)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     offs_n = tl.arange(0, BLOCK_N)
-    qpos = i + (Nz - Mz)
-    FMA: tl.constexpr = PRECISION == "ieee" and Q.dtype.element_ty.primitive_bitwidth >= 32
-    if FMA:  # FMA dots (fp32 without TF32): every block in the one loop (a second copy of the body spills)
-        full_start = end
-        full_end = end
-    n_left = tl.cdiv(full_start - start, BLOCK_N)
-    for e in range(n_left + tl.cdiv(end - full_end, BLOCK_N)):
+    start, n_left, n_edge, full_start, full_end = _schedule(blocks, PRECISION, Q.dtype.element_ty, BLOCK_N)
+    for e in range(n_edge):
         dq = _dq_block(
             dq, q, do, lse2, delta, K_h, V_h, mask_rows, edge_block(e, n_left, start, full_end, BLOCK_N), offs_n,
             offs_d, offs_dv, i, qpos, slope2, c1, c2, lo, hi, Nz, D, DV, k0, stride_kn, stride_kd, stride_vn,
             stride_vd, stride_mn, qk_scale, cap_in, cap_out, seed, dropout_p, True, IS_CAUSAL or HAS_WINDOW,
             HAS_SOFTCAP, HAS_ALIBI, MASK_KIND, HAS_DROPOUT, EVEN_D, PRECISION, ACC)
-    if not FMA:
-        for start_n in range(full_start, full_end, BLOCK_N):
-            dq = _dq_block(
-                dq, q, do, lse2, delta, K_h, V_h, mask_rows, start_n, offs_n, offs_d, offs_dv, i, qpos, slope2, c1,
-                c2, lo, hi, Nz, D, DV, k0, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, cap_in,
-                cap_out, seed, dropout_p, False, IS_CAUSAL or HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND,
-                HAS_DROPOUT, EVEN_D, PRECISION, ACC)
+    for start_n in range(full_start, full_end, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse2, delta, K_h, V_h, mask_rows, start_n, offs_n, offs_d, offs_dv, i, qpos, slope2, c1,
+            c2, lo, hi, Nz, D, DV, k0, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, qk_scale, cap_in,
+            cap_out, seed, dropout_p, False, IS_CAUSAL or HAS_WINDOW, HAS_SOFTCAP, HAS_ALIBI, MASK_KIND,
+            HAS_DROPOUT, EVEN_D, PRECISION, ACC)
     dq_rows = z * stride_dqz + h * stride_dqh + (q0 + i) * stride_dqm
     tl.store(DQ + dq_rows[:, None] + offs_d[None, :] * stride_dqd, cast(dq * sm_scale, DQ.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from fastattn import _runtime
+from fastattn.ops._common import check_window_softcap
 
 _OP = "scaled_dot_product_attention"
 
@@ -43,12 +44,7 @@ def _check_modifiers(window_size, softcap, alibi_slopes, sinks, return_lse) -> N
     """The score modifiers' types and values (their shapes are checked against the heads in ``_check_tensors``)."""
     if not isinstance(return_lse, bool):
         raise TypeError(f"fastattn.attention: return_lse must be a bool; got {type(return_lse).__name__}")
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
-        raise TypeError(f"fastattn.attention: window_size must be two ints (left, right), negative = unbounded; got "
-                        f"{window_size!r}")
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0.0 <= softcap < math.inf:
-        raise ValueError(f"fastattn.attention: softcap must be a finite float >= 0 (0 disables it); got {softcap!r}")
+    check_window_softcap("attention", window_size, softcap)
     for name, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"fastattn.attention: {name} must be a Tensor or None; got {type(t).__name__}")
