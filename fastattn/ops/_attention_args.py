@@ -41,7 +41,7 @@ def _check_flags(is_causal, scale, enable_gqa) -> None:
 
 
 def _check_modifiers(window_size, softcap, alibi_slopes, sinks, return_lse) -> None:
-    """The score modifiers' types and values (their shapes are checked against the heads in ``_check_tensors``)."""
+    """The score modifiers' types and values (their shapes are checked against the heads in ``_check_heads``)."""
     if not isinstance(return_lse, bool):
         raise TypeError(f"fastattn.attention: return_lse must be a bool; got {type(return_lse).__name__}")
     check_window_softcap("attention", window_size, softcap)

@@ -1,4 +1,5 @@
-"""Fused attention: argument checks, the launchers, and the ``fastattn::attention`` custom op with autograd.
+"""Fused attention: the launchers, the ``fastattn::attention`` custom op with autograd, and the public API (its
+argument checks and canonical layout in :mod:`fastattn.ops._attention_args`).
 
 ``scaled_dot_product_attention`` has torch's signature and semantics; ``attention`` adds ``return_lse`` and the score
 modifiers (``window_size``, ``softcap``, ``alibi_slopes``, ``sinks``). Everything is brought to a canonical 4-D
@@ -373,7 +374,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | Non
     # E = 0: every score is the empty sum 0 whatever the scale, so the rows average v (as torch gives)
     sm_scale = (1.0 / math.sqrt(D) if D > 0 else 1.0) if scale is None else float(scale)
     window = (int(window_size[0]), int(window_size[1]))
-    modified = window != (-1, -1) and max(window) >= 0 or softcap > 0 or alibi_slopes is not None or sinks is not None
+    modified = max(window) >= 0 or softcap > 0 or alibi_slopes is not None or sinks is not None
 
     reason = fused_reason(query, D, DV)
     if reason is not None:
