@@ -163,8 +163,8 @@ def _block_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     """dq, dk, dv of one block given the whole attention's ``out`` and ``lse`` (all ``(B, H, L, D)`` / ``(B, H, L)``,
     ``k``/``v`` with ``H_kv`` heads)."""
     if fused:
-        dq, dk, dv, _ = _attn.attention_backward_op(do, q, k, v, out, lse.contiguous(), None, None, 0.0, None,
-                                                    causal, 0, scale, False)
+        dq, dk, dv, *_ = _attn.attention_backward_op(do, q, k, v, out, lse.contiguous(), None, None, 0.0, None,
+                                                     causal, 0, scale, False)
         return dq, dk, dv
     acc = stat_dtype(q.dtype)  # the eager fallback: the same formulas in float32
     group = q.size(1) // k.size(1)

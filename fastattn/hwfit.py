@@ -78,6 +78,9 @@ class KernelSpec:
     # FLOPs of one iteration of the loop that holds the MMAs (e.g. attention's forward 4*BLOCK_M*BLOCK_N*BLOCK_D):
     # the ceiling's denominator. None: not a GEMM loop (or not declared: the Triton IR's tt.dot shapes are used).
     loop_flops: int | None = None
+    # The archs whose launches pick this config (a tile the launcher takes on sm_90 only, say); empty: every arch.
+    # check() compiles a spec only for these.
+    archs: tuple[int, ...] = ()
 
     @property
     def name(self) -> str:
@@ -467,10 +470,11 @@ class SpecInfo:
     name: str
     variant: str
     config_label: str
+    archs: tuple[int, ...] = ()  # KernelSpec.archs
 
 
 def _list_specs(op: str) -> list[SpecInfo]:
-    return [SpecInfo(op, i, s.name, s.variant, s.config_label) for i, s in enumerate(_specs_of(op))]
+    return [SpecInfo(op, i, s.name, s.variant, s.config_label, s.archs) for i, s in enumerate(_specs_of(op))]
 
 
 def _compile_indexed(job: tuple[str, int, int, str | None, bool]) -> FitReport:
@@ -488,7 +492,8 @@ def check(ops: Iterable[str] | None = None, archs: Iterable[int] = (80, 90), wor
 def check_pairs(ops: Iterable[str] | None = None, archs: Iterable[int] = (80, 90), workers: int | None = None,
                 dump_dir: str | None = None, progress=None, select=None,
                 use_cache: bool = True) -> list[tuple[SpecInfo, FitReport]]:
-    """``(spec info, report)`` for every spec of ``ops`` on every arch, compiled in ``workers`` fresh processes.
+    """``(spec info, report)`` for every spec of ``ops`` on every arch it serves (``KernelSpec.archs``), compiled in
+    ``workers`` fresh processes.
 
     ``select(info: SpecInfo) -> bool`` keeps a subset; ``progress(done, total, report)`` is called as compiles
     finish. The workers start without ``TRITON_INTERPRET`` so that they build real ``JITFunction`` kernels even
@@ -511,7 +516,8 @@ def check_pairs(ops: Iterable[str] | None = None, archs: Iterable[int] = (80, 90
         pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
         with pool:
             infos = [info for listing in pool.map(_list_specs, ops) for info in listing]
-            chosen = [(i, arch) for i in infos if select is None or select(i) for arch in archs]
+            chosen = [(i, arch) for i in infos if select is None or select(i) for arch in archs
+                      if not i.archs or arch in i.archs]
             futures = [pool.submit(_compile_indexed, (i.op, i.index, arch, dump_dir, use_cache)) for i, arch in chosen]
             results = []
             for (info, _), future in zip(chosen, futures):

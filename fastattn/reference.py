@@ -20,26 +20,30 @@ from torch import Tensor
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def scaled_dot_product_attention(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attn_mask: Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-    *,
-    causal_offset: int | None = None,
-    dropout_mask: Tensor | None = None,
-    return_lse: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """softmax(q k^T * scale + mask) @ v, as ``torch.nn.functional.scaled_dot_product_attention``.
+def per_head(t: Tensor, rank: int) -> Tensor:
+    """A per-head ``(H,)`` or ``(..., H)`` tensor shaped to broadcast against ``rank``-dim scores ``(..., H, L, S)``
+    (rank 2: one head, no head dim)."""
+    return t.reshape(1, 1) if rank == 2 else t[..., None, None]
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False, *, causal_offset: int | None = None,
+                                 dropout_mask: Tensor | None = None, return_lse: bool = False,
+                                 window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                                 alibi_slopes: Tensor | None = None,
+                                 sinks: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """softmax(q k^T * scale + mask) @ v, as ``torch.nn.functional.scaled_dot_product_attention``, with the score
+    modifiers of ``fastattn.attention``.
 
     ``is_causal`` keeps key j for query i iff ``j <= i + causal_offset`` (0: torch's top-left alignment,
-    ``Lk - Lq``: lower-right). Rows with no key left give zeros (torch >= 2.5). ``dropout_mask`` (bool, True =
-    keep, broadcastable to the scores) replaces the random draw so a kernel's own mask can be replayed.
-    ``return_lse`` also returns the natural-log log-sum-exp of each row's scores (-inf for empty rows).
+    ``Lk - Lq``: lower-right); ``window_size=(left, right)`` keeps it iff ``i + Lk - Lq - left <= j <= i + Lk - Lq
+    + right`` (negative: unbounded). Scores ``x = scale q.k``, then ``softcap tanh(x / softcap)`` (softcap > 0),
+    then ``- slope_h |i + Lk - Lq - j|`` (``alibi_slopes (H,)`` or the batch shape ``(..., H)``), then the mask.
+    ``sinks (H,)`` add ``exp(sinks[h])`` to every row's denominator. Rows with no key left (and no sink) give zeros
+    (torch >= 2.5). ``dropout_mask`` (bool, True = keep, broadcastable to the scores) replaces the random draw so a
+    kernel's own mask can be replayed. ``return_lse`` also returns the natural-log log-sum-exp of each row's scores
+    (-inf for empty rows).
     """
     L, S = query.size(-2), key.size(-2)
     scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
@@ -48,12 +52,21 @@ def scaled_dot_product_attention(
         key = key.repeat_interleave(group, dim=-3)
         value = value.repeat_interleave(group, dim=-3)
     scores = (query @ key.transpose(-2, -1)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    i = torch.arange(L, device=query.device)[:, None]
+    j = torch.arange(S, device=query.device)[None, :]
+    if alibi_slopes is not None:
+        slopes = per_head(alibi_slopes.to(scores.dtype), scores.dim())  # (..., H, 1, 1)
+        scores = scores - slopes * (i + S - L - j).abs().to(scores.dtype)
     keep = None
     if is_causal:
-        offset = 0 if causal_offset is None else causal_offset
-        i = torch.arange(L, device=query.device)[:, None]
-        j = torch.arange(S, device=query.device)[None, :]
-        keep = j <= i + offset
+        keep = j <= i + (0 if causal_offset is None else causal_offset)
+    left, right = window_size
+    if left >= 0:
+        keep = (j >= i + S - L - left) if keep is None else keep & (j >= i + S - L - left)
+    if right >= 0:
+        keep = (j <= i + S - L + right) if keep is None else keep & (j <= i + S - L + right)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             keep = attn_mask if keep is None else keep & attn_mask
@@ -61,7 +74,10 @@ def scaled_dot_product_attention(
             scores = scores + attn_mask
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
-    if S == 0:  # no keys: amax has nothing to reduce; every row is empty
+    if sinks is not None:  # one more column per row: the sink's logit, dropped after the softmax
+        sink = per_head(sinks.to(scores.dtype), scores.dim()).expand(*scores.shape[:-1], 1)
+        scores = torch.cat([scores, sink], dim=-1)
+    if scores.size(-1) == 0:  # no keys: amax has nothing to reduce; every row is empty
         row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
     else:
         row_max = scores.amax(dim=-1, keepdim=True)
@@ -70,13 +86,14 @@ def scaled_dot_product_attention(
     denom = shifted.sum(dim=-1, keepdim=True)
     probs = shifted / torch.where(empty, torch.ones_like(denom), denom)
     lse = torch.where(empty, row_max, row_max + denom.log()).squeeze(-1)
+    if sinks is not None:
+        probs = probs[..., :S]
     if dropout_mask is not None:
         probs = probs * dropout_mask / (1.0 - dropout_p)
     elif dropout_p > 0.0:
         probs = F.dropout(probs, dropout_p)
     out = probs.to(value.dtype) @ value
     return (out, lse) if return_lse else out
-
 
 
 def merge_attention(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

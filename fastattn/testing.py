@@ -112,8 +112,11 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
                      attn_mask: Tensor | None = None, is_causal: bool = False, causal_offset: int = 0,
                      scale: float | None = None, enable_gqa: bool = False, dropout_p: float = 0.0,
                      dropout_mask: Tensor | None = None, grad_lse: Tensor | None = None,
-                     out: Tensor | None = None, lse_err: float | None = None, partials: int = 0) -> dict[str, float]:
-    """Floors of ``out``, ``lse``, ``dq``, ``dk``, ``dv``, ``dmask`` of fused attention (kernels/attention.py).
+                     out: Tensor | None = None, lse_err: float | None = None, partials: int = 0,
+                     window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                     alibi_slopes: Tensor | None = None, sinks: Tensor | None = None) -> dict[str, float]:
+    """Floors of ``out``, ``lse``, ``dq``, ``dk``, ``dv``, ``dmask``, ``dsinks`` of fused attention
+    (kernels/attention.py).
 
     Shared with eager, so not in the floor: the fp32 dots and sums of q k^T, p v, dO v^T, dS k, dS^T q, p^T dO (torch's
     SDPA forms the same products in fp32) and the rounding of results to the input dtype. Fused only, per query row
@@ -122,23 +125,30 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
     - the tensor-core operands: p (and dS) rounded to fp16/bf16 for the P V, P^T dO, dS K and dS^T Q products
       (torch's CPU SDPA may keep them in fp32): ``u_op sum_j p'_ij |v_j|`` in out, likewise in dv, dq, dk, with
       ``u_op = u(dtype)`` for fp16/bf16 and 0 for fp32 (an exact cast);
-    - online softmax in base 2: the ``log2(e)`` factor and its product (``2u |s_ij|`` relative in p), exp2's
-      ``4u``, the rescaling of the running sums by ``exp2(m_old - m_new)`` (two roundings per key block of at least
-      16 keys, ``nb = ceil(N / 16)``) and the final ``1 / l`` and product: ``err(out_i) = sum_j p'_ij f_ij |v_j -
-      o_i| + (2 nb + 2) u sum_j p'_ij |v_j|`` with ``f_ij = 2u |s_ij| + 4u`` (p' with dropout's mask and scale);
+    - the score's own error ``e_ij``: ``2u |s_ij|`` (``scale log2 e`` rounded, the product); softcapped (``s = c t``,
+      ``t = tanh(y)``, ``y = scale q.k / c``) as :func:`kvcache_floors`: ``c ((1 - t^2) 2u |y| + tanh's error
+      (_tanh_abs_error)) + 2u |s|``; ALiBi adds ``2u |bias_ij|`` (the slope times log2 e, the product) and the
+      subtraction's ``u |s_ij|``; a sink is one more column with ``2u |sink|`` (its base-2 value) and value 0;
+    - online softmax in base 2: exp2's ``4u``, the rescaling of the running sums by ``exp2(m_old - m_new)`` (two
+      roundings per key block of at least 16 keys, ``nb = ceil(N / 16)``) and the final ``1 / l`` and product:
+      ``err(out_i) = sum_j p'_ij f_ij |v_j - o_i| + (2 nb + 2) u sum_j p'_ij |v_j|`` with ``f_ij = e_ij + 4u``
+      (p' with dropout's mask and scale; the sink column in ``sum_j p_ij f_ij``);
     - ``lse = m + log(l)`` from the base-2 values: ``dl_i = sum_j p_ij f_ij + (2 nb + 4) u + 3u |lse_i|``;
-    - the backward recomputes ``p = exp2(s - lse)`` against the forward's lse: ``b_ij = 2u |s_ij| + u |s_ij -
-      lse_i| + 4u + dl_i`` relative. (Its scores come from another kernel's fp32 dot, whose rounding -- like that of
-      eager's one score dot, which perturbs eager's P alike -- is shared in kind: twice eager's error covers the
-      two dots);
+    - the backward recomputes ``p = exp2(s - lse)`` against the forward's lse: ``b_ij = e_ij + u |s_ij - lse_i| +
+      4u + dl_i`` relative. (Its scores come from another kernel's fp32 dot, whose rounding -- like that of eager's
+      one score dot, which perturbs eager's P alike -- is shared in kind: twice eager's error covers the two dots);
     - ``delta_i = rowsum(dO_i O_i) - dlse_i`` reads the *stored* output (FlashAttention-2; eager has no delta): its
       error is ``|dO_i . (O_i - exact O_i)|`` -- measured, when ``out`` (ours) is given, else bounded by
       ``|dO_i| . err(out_i)`` -- plus the dot's ``D u sum_d |dO_id O_id|``;
-    - ``dS_ij = p_ij (dP'_ij - delta_i)``, where eager's ``P (dP - rowsum(P dP))`` cancels its own errors, cancels
+    - ``dX_ij = p_ij (dP'_ij - delta_i)``, where eager's ``P (dP - rowsum(P dP))`` cancels its own errors, cancels
       ours with their absolute size: ``g_ij = p_ij (b_ij |dP'_ij - delta_i| + (D + 1) u sum_d |dO_id v_jd| +
-      err(delta_i) + u (|dP'_ij| + |delta_i|)) + u |dS_ij|``;
-    - ``dq = scale dS k`` and ``dk = scale dS^T q`` carry ``g`` (and dS's operand rounding), ``dv = p'^T dO``
-      carries ``b``, ``dmask`` is ``g`` summed over the dims where the mask broadcasts (fp32, ``count u sum |dS|``).
+      err(delta_i) + u (|dP'_ij| + |delta_i|)) + u |dX_ij|``; softcapped, ``dS = dX (1 - t^2)`` errs by
+      ``(1 - t^2) g + |dX| (2 |t| err(t) + 3u) + u |dS|`` (``err(t)``: y's two roundings and tanh's own), else dS = dX;
+    - ``dq = scale dS k`` and ``dk = scale dS^T q`` carry that (and dS's operand rounding), ``dv = p'^T dO``
+      carries ``b``, ``dmask`` is ``g`` summed over the dims where the mask broadcasts (fp32, ``count u sum |dX|``);
+    - ``dsink_h = -sum_i exp(sink_h - lse_i) delta_i`` over every row of head h (R of them, summed in any order):
+      ``sum_i ps_i ((3u |sink_h - lse_i| + 4u + dl_i) |delta_i| + err(delta_i) + u |delta_i|) + R u sum_i ps_i
+      |delta_i|``;
     - ``lse_err``: the backward reads an lse computed elsewhere (ring attention's merge) with this error, in place of
       ``dl``; ``partials``: each gradient is the fp32 sum of that many partial results over disjoint key (or query)
       blocks, each rounded to ``dtype`` by the kernel: ``(u_dtype + partials u)`` times the partials' absolute sums
@@ -148,8 +158,11 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
     leave the rule sensitive to a 0.1% error of the scale (tests/test_numerics.py).
 
     All inputs are float64 tensors holding the values the low-precision run sees; ``attn_mask`` is bool (True =
-    attends) or additive float; ``is_causal`` keeps key j for query i iff ``j <= i + causal_offset``; ``out`` is the
+    attends) or additive float; ``is_causal`` keeps key j for query i iff ``j <= i + causal_offset``;
+    ``window_size``, ``softcap``, ``alibi_slopes`` and ``sinks`` as ``fastattn.attention`` takes them; ``out`` is the
     fused forward's output, if measured."""
+    from fastattn.reference import per_head
+
     u, _, up = _roundoffs(dtype)
     q, k, v, do = (t.detach().double() for t in (query, key, value, grad_out))
     M, D, N = q.size(-2), q.size(-1), k.size(-2)
@@ -160,9 +173,25 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
         group = q.size(-3) // k.size(-3)
         k, v = k.repeat_interleave(group, -3), v.repeat_interleave(group, -3)
     s = sc * (q @ k.mT)
+    e, t, err_t = 2 * u * s.abs(), None, None
+    if softcap > 0:
+        y = s / softcap
+        t = torch.tanh(y)
+        err_t = (1 - t * t) * 2 * u * y.abs() + _tanh_abs_error(y, t, u)
+        s = softcap * t
+        e = softcap * err_t + 2 * u * s.abs()
+    i, j = torch.arange(M)[:, None], torch.arange(N)[None, :]
+    if alibi_slopes is not None:
+        bias = per_head(alibi_slopes.detach().double(), s.dim()) * (i + N - M - j).abs()
+        s = s - bias
+        e = e + 2 * u * bias.abs() + u * s.abs()
     valid = torch.ones(s.shape, dtype=torch.bool)
     if is_causal:
-        valid = valid & (torch.arange(N)[None, :] <= torch.arange(M)[:, None] + causal_offset)
+        valid = valid & (j <= i + causal_offset)
+    if window_size[0] >= 0:
+        valid = valid & (j >= i + N - M - window_size[0])
+    if window_size[1] >= 0:
+        valid = valid & (j <= i + N - M + window_size[1])
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             valid = valid & attn_mask
@@ -170,8 +199,12 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
             m = attn_mask.detach().double()
             valid = valid & torch.isfinite(m)
             s = s + torch.where(torch.isfinite(m), m, 0.0)
-    s = s.masked_fill(~valid, -math.inf)
-    row_max = s.amax(-1, keepdim=True) if N else s.new_full((*s.shape[:-1], 1), -math.inf)
+    s, e, valid = s.masked_fill(~valid, -math.inf), e.expand(s.shape), valid.expand(s.shape)
+    if sinks is not None:  # the sink: one more, always visible column
+        sink = per_head(sinks.detach().double(), s.dim()).expand(*s.shape[:-1], 1)
+        s, e = torch.cat([s, sink], -1), torch.cat([e, 2 * u * sink.abs()], -1)
+        valid = torch.cat([valid, torch.ones_like(sink, dtype=torch.bool)], -1)
+    row_max = s.amax(-1, keepdim=True) if s.size(-1) else s.new_full((*s.shape[:-1], 1), -math.inf)
     full = torch.isfinite(row_max)
     mx = torch.where(full, row_max, 0.0)
     p = (s - mx).exp()
@@ -179,6 +212,9 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
     p = p / torch.where(full, den, 1.0)
     lse = torch.where(full, mx + den.clamp_min(1e-300).log(), 0.0)
     keep = 1.0 / (1.0 - dropout_p) if dropout_mask is None else dropout_mask.double() / (1.0 - dropout_p)
+    fa = torch.where(valid, e + 4 * u, 0.0)  # f over every column (the sink's included)
+    pf = (p * fa).sum(-1, keepdim=True)
+    p, s, valid = p[..., :N], s[..., :N], valid[..., :N]
     pd = p * keep
     o = pd @ v
 
@@ -186,12 +222,12 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
         return torch.where(valid, t, 0.0).expand(s.shape)
 
     av, ado = v.abs(), do.abs()
-    f = live(2 * u * s.abs() + 4 * u)
-    err_out = (pd * f) @ av + o.abs() * (p * f).sum(-1, keepdim=True) + ((2 * nb + 2) * u + up) * (pd.abs() @ av)
-    dl = torch.where(full, (p * f).sum(-1, keepdim=True) + (2 * nb + 4) * u + 3 * u * lse.abs(), 0.0)
+    f = fa[..., :N]
+    err_out = (pd * f) @ av + o.abs() * pf + ((2 * nb + 2) * u + up) * (pd.abs() @ av)
+    dl = torch.where(full, pf + (2 * nb + 4) * u + 3 * u * lse.abs(), 0.0)
     if lse_err is not None:
         dl = torch.where(full, float(lse_err), 0.0)
-    b = live(2 * u * s.abs() + u * (s - lse).abs() + 4 * u + dl)
+    b = live(e[..., :N] + u * (s - lse).abs() + 4 * u + dl)
     dp = (do @ v.mT) * keep
     terms = (ado @ av.mT) * abs(keep) if isinstance(keep, float) else (ado @ av.mT) * keep.abs()
     gl = grad_lse.detach().double()[..., None] if grad_lse is not None else torch.zeros(())
@@ -203,14 +239,18 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
     err_delta = o_err + D * u * (do * o).abs().sum(-1, keepdim=True) + u * gl.abs()
     ds = p * (dp - delta)
     g = p * (b * (dp - delta).abs() + (D + 1) * u * terms + err_delta + u * (dp.abs() + delta.abs())) + u * ds.abs()
-    g_op = g + up * ds.abs()  # dS rounded to the input dtype for the dS K and dS^T Q products
+    g_s, ds_s = g, ds
+    if t is not None:  # dS = dX (1 - t^2)
+        ds_s = ds * (1 - t * t)
+        g_s = (1 - t * t) * g + ds.abs() * (2 * t.abs() * err_t + 3 * u) + u * ds_s.abs()
+    g_op = g_s + up * ds_s.abs()  # dS rounded to the input dtype for the dS K and dS^T Q products
     err_dq = abs(sc) * (g_op @ k.abs())
     err_dk = abs(sc) * (g_op.mT @ q.abs())
     err_dv = (pd.abs() * (b + up)).mT @ ado
     if partials:
         extra = UNIT_ROUNDOFF[dtype] + partials * u
-        err_dq = err_dq + extra * abs(sc) * (ds.abs() @ k.abs())
-        err_dk = err_dk + extra * abs(sc) * (ds.abs().mT @ q.abs())
+        err_dq = err_dq + extra * abs(sc) * (ds_s.abs() @ k.abs())
+        err_dk = err_dk + extra * abs(sc) * (ds_s.abs().mT @ q.abs())
         err_dv = err_dv + extra * (pd.abs().mT @ ado)
     if group > 1:  # dk, dv sum over the query heads of each key/value head
         err_dk = err_dk.unflatten(-3, (-1, group)).sum(-3)
@@ -220,6 +260,14 @@ def attention_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         count = g.numel() // max(attn_mask.numel(), 1)
         floors["dmask"] = _top(_sum_to(g + count * u * ds.abs(), tuple(attn_mask.shape)))
+    if sinks is not None:  # per head: over the batch dims and the rows
+        ps = (sink[..., 0] - lse[..., 0]).exp() * full[..., 0]
+        dlt = delta[..., 0].abs()
+        per_row = ps * ((3 * u * (sink[..., 0] - lse[..., 0]).abs() + 4 * u + dl[..., 0]) * dlt + err_delta[..., 0]
+                        + u * dlt)
+        rows = ps.numel() // max(ps.size(-2), 1) if ps.dim() >= 2 else ps.numel()
+        heads = per_row.sum(-1) + rows * u * (ps * dlt).sum(-1)
+        floors["dsinks"] = _top(heads.reshape(-1, heads.size(-1)).sum(0) if heads.dim() > 1 else heads)
     return floors
 
 

@@ -61,14 +61,15 @@ def test_every_op_has_benchmark_cases():
 
 
 def test_inspect_json_and_dump(tmp_path):
-    from fastattn.kernels import attention as attn_kernels
+    from fastattn.kernels import attention_configs
 
     dump = tmp_path / "cubins"
     res = _cli(["inspect", "--json", "--ops", "attention", "--arch", "80", "--filter", "_attn_fwd float16 D<=64 plain",
                 "--dump", str(dump), "--workers", "1"], tmp_path)
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)
-    tiles = attn_kernels.TILES["_attn_fwd"]["16"][64]  # the forward's fp16 tiles for head dims 33..64
+    # the tiles a plain fp16 forward takes on sm_80 for head dims 33..64
+    tiles = attention_configs.tiles_for("_attn_fwd", 2, "ieee", 64, "plain", arch=80)
     assert len(rows) == len(tiles) >= 1, rows
     for r in rows:
         assert FIT_FIELDS <= set(r), set(r) ^ FIT_FIELDS

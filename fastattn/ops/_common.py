@@ -7,6 +7,8 @@ interpreter's work-arounds inside kernels in :mod:`fastattn.kernels._common`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -84,6 +86,17 @@ def check_like_x(op: str, name: str, t: object, x: Tensor) -> None:
         raise TypeError(f"fastattn.{op}: {name} must be a Tensor or None, got {type(t).__name__}")
     if t.shape != x.shape:
         raise ValueError(f"fastattn.{op}: {name} must have x's shape {tuple(x.shape)}; got {tuple(t.shape)}")
+
+
+def check_window_softcap(op: str, window_size, softcap) -> None:
+    """The score modifiers every attention op takes in flash-attention's form: ``window_size`` two ints (left, right;
+    negative = unbounded), ``softcap`` a finite float >= 0 (0 disables it)."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
+        raise TypeError(f"fastattn.{op}: window_size must be two ints (left, right), negative = unbounded; got "
+                        f"{window_size!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0.0 <= softcap < math.inf:
+        raise ValueError(f"fastattn.{op}: softcap must be a finite float >= 0 (0 disables it); got {softcap!r}")
 
 
 def fallback_reason(device: torch.device, dtype: torch.dtype,

@@ -21,7 +21,16 @@ from fastattn import _runtime, reference
 from fastattn.hwfit import KernelSpec
 from fastattn.kernels import kvcache as K
 from fastattn.ops import merge_attention as merge_ops
-from fastattn.ops._common import KERNEL_DTYPES, acc_tl, dot_precision, dtype_name, fallback_reason, sm_count, stat_dtype
+from fastattn.ops._common import (
+    KERNEL_DTYPES,
+    acc_tl,
+    check_window_softcap,
+    dot_precision,
+    dtype_name,
+    fallback_reason,
+    sm_count,
+    stat_dtype,
+)
 
 _OP = "attention_with_kvcache"
 MAX_HEAD_DIM = 256
@@ -262,12 +271,7 @@ def _check_scalars(is_causal, window_size, softcap, scale, num_splits, return_ls
     for name, flag in (("is_causal", is_causal), ("return_lse", return_lse)):
         if not isinstance(flag, bool):
             raise TypeError(f"fastattn.{_OP}: {name} must be a bool; got {type(flag).__name__}")
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)):
-        raise TypeError(f"fastattn.{_OP}: window_size must be two ints (left, right), negative = unbounded; got "
-                        f"{window_size!r}")
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap >= 0.0:
-        raise ValueError(f"fastattn.{_OP}: softcap must be a float >= 0 (0 disables it); got {softcap!r}")
+    check_window_softcap(_OP, window_size, softcap)
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise ValueError(f"fastattn.{_OP}: scale must be a finite float or None (1/sqrt(D)); got {scale!r}")
