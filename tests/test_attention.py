@@ -203,7 +203,7 @@ def test_mask_read_through_strides_without_copy(monkeypatch):
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
     mask = torch.randn(11, 11)
     out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    [(name, args, _)] = calls
+    [(_, args, _)] = calls
     named = dict(zip(_runtime.jit_function(attn_ops.K._attn_fwd).arg_names, args))
     assert named["Q"].data_ptr() == q.data_ptr() and named["Mask"].data_ptr() == mask.data_ptr()
     assert tuple(named[f"stride_m{a}"] for a in "zhmn") == (0, 0, 11, 1)
