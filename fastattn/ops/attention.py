@@ -69,12 +69,13 @@ def _named(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, lse: Tensor, al
     Z, H, _, D = q.shape
     M, N = rows
     a2 = _alibi2(alibi)
+    B = Z if cu is None else cu[0].numel() - 1  # the batch ALiBi's (Z|1, H) slopes index (VARLEN: the sequences)
     scale, causal_offset, window, softcap, seed, dropout_p = scalars
     named = {"Q": q, "K": k, "V": v, "Mask": mask if mask is not None else q, "Alibi": a2 if a2 is not None else lse,
              "Sinks": sinks.contiguous() if sinks is not None else lse, "Lse": lse,
              "CuQ": cu[0] if cu else lse, "CuK": cu[1] if cu else lse,
              **_strides("q", "zhmd", q), **_strides("k", "zhnd", k), **_strides("v", "zhnd", v),
-             **_strides("m", "zhmn", mask, (Z, H, M, N)), **_strides("a", "zh", a2, (Z, H)),
+             **_strides("m", "zhmn", mask, (Z, H, M, N)), **_strides("a", "zh", a2, (B, H)),
              **_strides("l", "zhm", lse if lse.dim() == 3 else lse[None]),
              "H": H, "M": M, "N": N, "D": D, "DV": v.shape[3], "GROUP": H // k.shape[1],
              "ROWS_BUCKET": bucket(M * H // k.shape[1]), "N_BUCKET": bucket(N), "sm_scale": scale,
