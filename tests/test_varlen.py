@@ -332,6 +332,29 @@ def test_packed_path_reads_no_offsets_on_the_host(monkeypatch):
     assert q.grad is not None and sinks.grad is not None
 
 
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["plain", "sinks"])
+def test_scratch_is_the_launchers(monkeypatch, with_sinks):
+    """What the memory tracer adds for the backward (fastattn.perf.cases_kv, from varlen_ops.backward_scratch_bytes)
+    is what the launchers allocate besides their results (elementwise temporaries counted too); the forward
+    allocates nothing else."""
+    from test_cli import _Allocations, _scratch_of
+
+    from fastattn.perf import cases_kv
+
+    monkeypatch.setattr(_Allocations, "FACTORIES", _Allocations.FACTORIES + ("aten::arange", "aten::ge",
+                                                                              "aten::masked_fill"))
+    case = Packed([5, 0, 9], H=2, D=16, tail_q=2)
+    q, k, v, cu_q, cu_k, mq, mk = (t.detach() if isinstance(t, torch.Tensor) else t for t in case.args(torch.float32))
+    sinks = torch.zeros(2) if with_sinks else None
+    fwd, (out, lse) = _scratch_of(varlen_ops._varlen_forward, q, k, v, cu_q, cu_k, mq, mk, 0.25, -1, 0, 0.0, None,
+                                  sinks, 0.0, None)
+    args = (torch.randn_like(out), q, k, v, out, lse, None, cu_q, cu_k, None, sinks, None, mq, mk, 0.25, -1, 0, 0.0,
+            0.0)
+    bwd, _ = _scratch_of(varlen_ops._varlen_backward, *args[:9], mq, mk, 0.25, -1, 0, 0.0, None, sinks, 0.0, None)
+    assert fwd == 0 and "fastattn::varlen_attention" not in cases_kv.SCRATCH
+    assert bwd == cases_kv.SCRATCH["fastattn::varlen_attention_backward"](args, {}) >= lse.numel() * 4  # delta
+
+
 def test_cpu_without_interpreter_falls_back(monkeypatch):
     monkeypatch.setattr(_runtime, "_INTERPRETING", False)
     case = Packed([3, 4], H=2, D=8)
