@@ -59,7 +59,7 @@ FORWARD_KERNELS = attn_ops.FORWARD_KERNELS + (_runtime.kernel_name(K._varlen_tai
 BACKWARD_KERNELS = attn_ops.BACKWARD_KERNELS
 PAGED_KERNELS = kv_ops.FORWARD_KERNELS  # seqused_k / block_table (forward only)
 MIN_PAGE = 16  # the KV-cache kernels take pages of a multiple of 16 positions
-_TAIL_ROWS = 32  # rows per program of _varlen_tail
+_TAIL_ROWS, _TAIL_WARPS = 32, 4  # rows per program of _varlen_tail, and its warps
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,15 +240,16 @@ def kernel_reason(query: Tensor, key: Tensor, value: Tensor, sinks: Tensor | Non
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _tail(out: Tensor, lse: Tensor, cu_seq_q: Tensor) -> None:
-    """Rows of ``out (T_q, H, DV)`` / ``lse (H, T_q)`` past ``cu_seq_q[-1]`` (no sequence's) set to 0 / -inf, in
-    place, without reading the offsets on the host."""
-    T, H, DV = out.shape
+def _tail(out: Tensor | None, lse: Tensor, cu_seq_q: Tensor, lse_fill: float = -math.inf) -> None:
+    """Rows of ``out (T_q, H, DV)`` / ``lse (H, T_q)`` past ``cu_seq_q[-1]`` (no sequence's) set to 0 / ``lse_fill``
+    in place (``out=None``: lse only), without reading the offsets on the host."""
+    H, T = lse.shape
     if T * H == 0:
         return
-    _runtime.launch(K._varlen_tail, (triton.cdiv(T, _TAIL_ROWS), H), out, lse, cu_seq_q, *out.stride(),
-                    *lse.stride(), T, DV, cu_seq_q.numel() - 1, BLOCK_T=_TAIL_ROWS,
-                    BLOCK_DV=triton.next_power_of_2(DV))
+    DV, out_strides = (out.size(-1), out.stride()) if out is not None else (1, (0, 0, 0))
+    _runtime.launch(K._varlen_tail, (triton.cdiv(T, _TAIL_ROWS), H), out, lse, cu_seq_q, *out_strides,
+                    *lse.stride(), T, DV, cu_seq_q.numel() - 1, lse_fill, BLOCK_T=_TAIL_ROWS,
+                    BLOCK_DV=max(16, triton.next_power_of_2(DV)), num_warps=_TAIL_WARPS)
 
 
 def _varlen_forward(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int,
@@ -265,6 +266,22 @@ def _varlen_forward(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor,
     return out, lse
 
 
+def _sink_lse(lse: Tensor, cu_seq_q: Tensor) -> Tensor:
+    """``lse`` as the backward reads it with sinks: a copy with +inf on the rows past the last sequence, which join
+    no sink's sum (their ``exp(sink - lse)`` must be 0, not ``exp(+inf)``)."""
+    lse = lse.clone()
+    _tail(None, lse, cu_seq_q, math.inf)
+    return lse
+
+
+def backward_scratch_bytes(lse: Tensor, has_sinks: bool) -> int:
+    """Bytes :func:`_varlen_backward` allocates besides its results, for a forward's ``lse (H, T_q)`` (any device):
+    the attention backward's (:func:`fastattn.ops.attention.backward_scratch_bytes`) and, with sinks,
+    :func:`_sink_lse`'s copy, alive with them."""
+    own = lse.numel() * lse.element_size() if has_sinks else 0
+    return attn_ops.backward_scratch_bytes(lse, has_sinks) + own
+
+
 def _varlen_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
                      grad_lse: Tensor | None, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int, max_k: int,
                      scale: float, window_left: int, window_right: int, softcap: float,
@@ -272,9 +289,8 @@ def _varlen_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor
                      seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``dq``, ``dk``, ``dv`` (and ``dsinks``, empty without sinks) of :func:`_varlen_forward`: the VARLEN backward
     (one launch of each backward kernel) from the saved output and log-sum-exp."""
-    if sinks is not None:  # rows past the last sequence join no sink's sum: exp(sink - lse) must be 0 there, not inf
-        past = torch.arange(lse.size(1), device=lse.device) >= cu_seq_q[-1]
-        lse = lse.masked_fill(past, math.inf)
+    if sinks is not None:
+        lse = _sink_lse(lse, cu_seq_q)
     dq, dk, dv, dsinks = attn_ops.varlen_backward(
         grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
         window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
@@ -481,12 +497,29 @@ def varlen_attn(
     return (out, lse) if want_lse else out
 
 
-# INTERIM: the ops whose kernels this one launches (their specs are listed there); hwfit has nothing of ours to
-# compile until the VARLEN specialisation brings its own specs.
-KERNELS_OF = ("attention", "kvcache")
+def _tail_args(dtype: torch.dtype | None, dv: int) -> dict:
+    """Arguments of a :func:`_tail` launch over 4000 packed rows of 8 heads, on the meta device (``dtype`` None:
+    lse only)."""
+    out = torch.empty((4000, 8, dv), device="meta", dtype=dtype) if dtype is not None else None
+    lse = torch.empty((8, 4000), device="meta", dtype=torch.float32)
+    cu = torch.empty((3,), device="meta", dtype=torch.int32)
+    return {"Out": out, "Lse": lse, "CuQ": cu, **dict(zip(("stride_ot", "stride_oh", "stride_od"),
+                                                          out.stride() if out is not None else (0, 0, 0))),
+            **dict(zip(("stride_lh", "stride_lt"), lse.stride())), "T": 4000, "DV": dv, "B": 2,
+            "lse_fill": -math.inf if out is not None else math.inf}
 
 
 def kernel_specs() -> list[KernelSpec]:
-    """INTERIM: none of its own (see :data:`KERNELS_OF`)."""
-    return []
-
+    """What the packed path launches, for ``fastattn.hwfit``: the attention kernels' VARLEN specialisations at every
+    tile their tables give (:func:`fastattn.ops.attention.kernel_specs` with ``varlen=True``) and
+    :func:`_tail` for each dtype and padded value head dim. Its other kernels are specialisations listed by the ops
+    that own them: ``_attn_bwd_preprocess`` (no VARLEN flag: the same compile as attention's) and, for
+    ``seqused_k`` / ``block_table``, the KV-cache kernel (kvcache's)."""
+    specs = attn_ops.kernel_specs(varlen=True)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, None):
+        for block_dv in (16, 32, 64, 128, 256) if dtype is not None else (16,):
+            specs.append(KernelSpec("varlen", K._varlen_tail, _tail_args(dtype, block_dv),
+                                    triton.Config({"BLOCK_T": _TAIL_ROWS, "BLOCK_DV": block_dv},
+                                                  num_warps=_TAIL_WARPS),
+                                    f"{dtype_name(dtype)} DV<={block_dv}" if dtype is not None else "lse only"))
+    return specs
