@@ -9,7 +9,7 @@ from fastattn import hwfit
 from fastattn.ops import OPS
 
 # Ops whose kernels are GEMMs: their specs must ask for tensor cores, and get them.
-TENSOR_CORE_OPS = {"attention", "patch_embed", "kvcache"}
+TENSOR_CORE_OPS = {"attention", "patch_embed", "kvcache", "varlen"}
 
 
 @pytest.mark.parametrize("op", OPS)
