@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default=None, help="results directory (default bench/results/<gpu name>)")
     g.add_argument("--skip", type=_ops, default=[], help="steps to skip: tests, agreement, bench, e2e")
     g.add_argument("--test-timeout", type=float, default=330.0, help="seconds per test file (default 330)")
-    g.add_argument("--parallel", type=int, default=4, help="test files run at once (default 4)")
+    g.add_argument("--parallel", type=int, default=None, help="test files run at once (default: all of them)")
     sub.add_parser("demo", add_help=False, help="train a tiny ViT and a tiny Transformer, fused vs eager "
                    "(python -m fastattn.demo; `fastattn demo --help` for its options)")
     return p
@@ -246,7 +246,7 @@ def _gpu_check(a: argparse.Namespace) -> int:
                          f"steps: {', '.join(gpucheck.STEPS)}")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
     return gpucheck.run(out_dir=a.out, ops=_check_ops(a.ops, cases.available_ops()), dtype=dtype, skip=a.skip,
-                        test_timeout_s=a.test_timeout, parallel=a.parallel)
+                        test_timeout_s=a.test_timeout, parallel=a.parallel or len(gpucheck.TEST_FILES))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,17 +1,27 @@
-"""The three-way run every op test uses, the check that the Triton kernels (not the eager fallback) ran, and a spy
-on the launches' arguments.
+"""The three-way run every op test uses, the check that the Triton kernels (not the eager fallback) ran, a spy on
+the launches' arguments, and the test device the inputs go to.
 
 ``three_way(run, dtype, kernels=..., floors=...)`` calls ``run(label, lowp)`` three times: the float64 reference
 (``"ref"``), eager PyTorch in the low precision (``"eager"``) and fastattn in the low precision (``"ours"``, with
 its kernel launches recorded), each returning ``{name: tensor}`` for the outputs and gradients. Every name the
 reference returns is then held to the rule of :mod:`fastattn.testing` (twice eager's error, one rounding of the
 result in its own dtype, and the floor of the fused computation's rounding analysis for that name).
+
+**The test device** ``DEVICE`` is ``FASTATTN_TEST_DEVICE`` (``cuda`` under ``fastattn gpu-check``: the compiled
+kernels), else the CPU, where tests/conftest.py has turned Triton's interpreter on. Tests draw their inputs on the
+CPU (float64 masters: the same numbers on every device) and move what the three runs and the direct calls use with
+:func:`dev`; the floors of :mod:`fastattn.testing` are computed from the CPU masters. The ``ref`` run is then eager
+PyTorch in float64 on the device too (fastattn's ops serve float64 off the interpreter with that reference), ``ours``
+the device's kernels in fp16/bf16/fp32. Tests that check the CPU itself (the interpreter, the fallback without it)
+call :func:`cpu_only`.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -21,6 +31,27 @@ from fastattn import _runtime
 from fastattn.testing import assert_close_to_reference
 
 Results = dict[str, Tensor | None]
+
+DEVICE = torch.device(os.environ.get("FASTATTN_TEST_DEVICE", "cpu"))
+
+
+def dev(t, dtype: torch.dtype | None = None, *, copy: bool = False):
+    """``t`` on the test device (``DEVICE``, read at each call), in ``dtype`` when given: a tensor (``copy`` as
+    ``Tensor.to``'s), a module (moved in place and returned) or None. A tensor that requires grad is refused: moved
+    to another device it would be a non-leaf whose ``.grad`` stays None, so move first, then ``requires_grad_()``."""
+    if t is None or isinstance(t, torch.nn.Module):
+        return t if t is None else t.to(DEVICE)
+    if t.requires_grad:
+        raise ValueError("harness.dev: move the tensor before requires_grad_() (a leaf moved to another device is "
+                         "no leaf and gets no .grad)")
+    return t.to(device=DEVICE, dtype=dtype, copy=copy)
+
+
+def cpu_only(reason: str) -> None:
+    """Skip unless the test device is the CPU: for tests of the CPU itself (Triton's interpreter, the eager fallback
+    without it, the interpreter's schedules)."""
+    if DEVICE.type != "cpu":
+        pytest.skip(f"CPU only: {reason} (the test device is {DEVICE})")
 
 
 def assert_launched(launches: Mapping[str, int], kernels: Iterable[str] | Mapping[str, int]) -> None:

@@ -20,10 +20,10 @@ the kinks do not (their flips need a pre-activation within 1e-16 of the kink).
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
+from harness import DEVICE
 from torch import nn
 
 import fastattn
@@ -44,7 +44,6 @@ BN_EVAL = bn_ops.FORWARD_KERNELS[-1:]  # eval: the apply pass only
 BN_TRAIN = bn_ops.FORWARD_KERNELS
 BN_BWD = (bn_ops.BACKWARD_KERNELS[0], bn_ops.BACKWARD_KERNELS[2])
 MODEL_FACTOR = 4.0
-DEVICE = torch.device(os.environ.get("FASTATTN_TEST_DEVICE", "cpu"))  # as tests/conftest.py
 
 
 def import_or_skip(name: str):

@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import eager_sdpa, spy_launches, three_way
+from harness import DEVICE, cpu_only, dev, eager_sdpa, spy_launches, three_way
 from torch.nn.attention.bias import CausalBias, CausalVariant, causal_lower_right, causal_upper_left
 
 import fastattn
@@ -27,8 +27,8 @@ from fastattn.testing import attention_floors
 
 def check_case(q, k, v, *, dtype, mask=None, mask_grad=False, is_causal=False, scale=None, enable_gqa=False,
                names=("out", "dq", "dk", "dv", "dmask"), torch_mask=None):
-    """q, k, v, mask are float64 masters; everything is compared in ``dtype`` under the rule of fastattn.testing
-    (tests/harness.py runs the three ways).
+    """q, k, v, mask are float64 masters (on the CPU; each run moves them to the test device); everything is
+    compared in ``dtype`` under the rule of fastattn.testing (tests/harness.py runs the three ways).
 
     ``torch_mask`` (with is_causal folded in) replaces ``mask`` and ``is_causal`` for torch's runs."""
     bias = mask if isinstance(mask, CausalBias) else None
@@ -38,16 +38,17 @@ def check_case(q, k, v, *, dtype, mask=None, mask_grad=False, is_causal=False, s
         nonlocal grad_out
         fn = fastattn.scaled_dot_product_attention if label == "ours" else eager_sdpa
         use_mask, causal = (torch_mask, False) if torch_mask is not None and label != "ours" else (mask, is_causal)
-        ts = [t.to(lowp).detach().requires_grad_() for t in (q, k, v)]
+        ts = [dev(t, lowp).detach().requires_grad_() for t in (q, k, v)]
         m = bias
         if use_mask is not None and bias is None:
-            m = use_mask if use_mask.dtype == torch.bool else use_mask.to(lowp).detach().requires_grad_(mask_grad)
+            m = dev(use_mask, None if use_mask.dtype == torch.bool else lowp).detach()
+            m.requires_grad_(mask_grad and m.is_floating_point())
             if m.requires_grad:
                 ts.append(m)
         out = fn(ts[0], ts[1], ts[2], attn_mask=m, is_causal=causal, scale=scale, enable_gqa=enable_gqa)
         if grad_out is None:
             grad_out = torch.randn(out.shape, dtype=torch.float64)
-        out.backward(grad_out.to(lowp))
+        out.backward(dev(grad_out, lowp))
         return dict(zip(names, [out] + [t.grad for t in ts]))
 
     def floors(results):
@@ -61,7 +62,7 @@ def check_case(q, k, v, *, dtype, mask=None, mask_grad=False, is_causal=False, s
             if mask is not None and mask.dtype == torch.bool:
                 extra["attn_mask"] = mask
         return attention_floors(*lowp, grad_out, dtype=dtype, scale=scale, enable_gqa=enable_gqa,
-                                out=results["ours"]["out"], **extra)
+                                out=results["ours"]["out"].cpu(), **extra)
 
     return three_way(run, dtype, kernels=attn_ops.FORWARD_KERNELS + attn_ops.BACKWARD_KERNELS, floors=floors)
 
@@ -137,9 +138,8 @@ def test_kv_cache_decode_lower_right():
 
 def test_causal_is_in_kernel_not_a_dense_mask(monkeypatch):
     calls = spy_launches(monkeypatch)
-    q = torch.randn(1, 1, 9, 16)
-    fastattn.scaled_dot_product_attention(q, torch.randn(1, 1, 20, 16), torch.randn(1, 1, 20, 16),
-                                          attn_mask=causal_lower_right(9, 20))
+    q, k, v = (dev(torch.randn(1, 1, L, 16)) for L in (9, 20, 20))
+    fastattn.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(9, 20))
     assert [(name, kw.get("MASK_KIND"), kw.get("IS_CAUSAL")) for name, _, kw in calls] == [("_attn_fwd", 0, True)]
 
 
@@ -181,8 +181,12 @@ def test_float_mask_gradient_fp16_with_causal():
 
 
 def test_mask_and_causal_combine():
-    check_case(randn(1, 2, 40, 32), randn(1, 2, 50, 32), randn(1, 2, 50, 32), dtype=torch.float16,
-               mask=torch.rand(40, 50) > 0.2, is_causal=True)
+    """The reference gets the causal part folded into the mask: torch's SDPA takes both only in its CPU flash kernel
+    (its math backend, which serves float64 on a GPU, refuses the pair)."""
+    q, k, v = randn(1, 2, 40, 32), randn(1, 2, 50, 32), randn(1, 2, 50, 32)
+    mask = torch.rand(40, 50) > 0.2
+    check_case(q, k, v, dtype=torch.float16, mask=mask, is_causal=True,
+               torch_mask=mask & torch.ones(40, 50, dtype=torch.bool).tril())
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
@@ -199,9 +203,9 @@ def test_fully_masked_rows_are_zero(kind):
 
 def test_mask_read_through_strides_without_copy(monkeypatch):
     calls = spy_launches(monkeypatch, "_attn_fwd")
-    qkv = torch.randn(2, 11, 3, 4, 16)  # (B, L, 3, H, D): the packed projection of a self-attention layer
+    qkv = dev(torch.randn(2, 11, 3, 4, 16))  # (B, L, 3, H, D): the packed projection of a self-attention layer
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-    mask = torch.randn(11, 11)
+    mask = dev(torch.randn(11, 11))
     out = fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     [(_, args, _)] = calls
     named = dict(zip(_runtime.jit_function(attn_ops.K._attn_fwd).arg_names, args))
@@ -252,12 +256,13 @@ def test_return_lse_and_its_gradient():
     q, k, v = randn(2, 2, 21, 32), randn(2, 2, 26, 32), randn(2, 2, 26, 32)
     mask = torch.rand(21, 26) > 0.4
     mask[3] = False
-    leaves = [t.float().requires_grad_() for t in (q, k, v)]
+    mask = dev(mask)
+    leaves = [dev(t, torch.float32).requires_grad_() for t in (q, k, v)]
     with _runtime.record_launches() as n:
         out, lse = fastattn.attention(*leaves, attn_mask=mask, return_lse=True)
         (out.square().sum() + lse[torch.isfinite(lse)].sum()).backward()
     assert n["_attn_fwd"] == 1 and n["_attn_bwd_dkdv"] == 1
-    ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_leaves = [dev(t, copy=True).requires_grad_() for t in (q, k, v)]
     r_out, r_lse = reference.scaled_dot_product_attention(*ref_leaves, attn_mask=mask, return_lse=True)
     (r_out.square().sum() + r_lse[torch.isfinite(r_lse)].sum()).backward()
     assert lse.shape == (2, 2, 21) and lse.dtype == torch.float32
@@ -275,7 +280,7 @@ def _sdpa_dropout(q, k, v, p, **kw):
 
 
 def test_dropout_reproducible_under_manual_seed():
-    q, k, v = torch.randn(2, 2, 33, 32), torch.randn(2, 2, 47, 32), torch.randn(2, 2, 47, 32)
+    q, k, v = (dev(torch.randn(2, 2, L, 32)) for L in (33, 47, 47))
     torch.manual_seed(123)
     a = _sdpa_dropout(q, k, v, 0.3)
     b = _sdpa_dropout(q, k, v, 0.3)
@@ -295,25 +300,25 @@ def test_dropout_matches_reference_with_the_kernels_mask(dtype):
 
     torch.manual_seed(7)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    keep = attn_ops.dropout_keep_mask(seed, (B, H, M, N), p, q.device)
+    keep = attn_ops.dropout_keep_mask(seed, (B, H, M, N), p, DEVICE)
     rate = keep.double().mean().item()
     sigma = math.sqrt(p * (1 - p) / keep.numel())
     assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.4f} vs {1 - p}"
 
     def run(label, lowp):
-        ts = [t.to(lowp).detach().requires_grad_() for t in (q, k, v)]
+        ts = [dev(t, lowp).detach().requires_grad_() for t in (q, k, v)]
         if label == "ours":
             torch.manual_seed(7)  # the op draws the same seed as above
-            out = fastattn.scaled_dot_product_attention(*ts, attn_mask=mask, dropout_p=p, is_causal=True)
+            out = fastattn.scaled_dot_product_attention(*ts, attn_mask=dev(mask), dropout_p=p, is_causal=True)
         else:
-            out = reference.scaled_dot_product_attention(*ts, attn_mask=mask, dropout_p=p, is_causal=True,
+            out = reference.scaled_dot_product_attention(*ts, attn_mask=dev(mask), dropout_p=p, is_causal=True,
                                                          dropout_mask=keep)
-        out.backward(grad_out.to(lowp))
+        out.backward(dev(grad_out, lowp))
         return dict(zip(("out", "dq", "dk", "dv"), [out] + [t.grad for t in ts]))
 
     def floors(results):
         return attention_floors(*(t.to(dtype).double() for t in (q, k, v)), grad_out, dtype=dtype, attn_mask=mask,
-                                is_causal=True, dropout_p=p, dropout_mask=keep, out=results["ours"]["out"])
+                                is_causal=True, dropout_p=p, dropout_mask=keep.cpu(), out=results["ours"]["out"].cpu())
 
     three_way(run, dtype, kernels={"_attn_fwd": 1}, floors=floors)
 
@@ -337,8 +342,8 @@ def test_dropout_gradcheck_float64_through_the_kernels():
 # -- torch.compile --------------------------------------------------------------------------------------------------
 
 def test_torch_compile_fullgraph():
-    q, k, v = (torch.randn(2, 2, 19, 32, requires_grad=True) for _ in range(3))
-    mask = torch.randn(19, 19)
+    q, k, v = (dev(torch.randn(2, 2, 19, 32)).requires_grad_() for _ in range(3))
+    mask = dev(torch.randn(19, 19))
 
     def f(q, k, v):
         return fastattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True).square().sum()
@@ -357,7 +362,7 @@ def test_torch_compile_fullgraph():
 
 
 def test_torch_compile_with_dropout_fullgraph():
-    q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
+    q, k, v = (dev(torch.randn(1, 2, 9, 16)) for _ in range(3))
     compiled = torch.compile(lambda q, k, v: _sdpa_dropout(q, k, v, 0.5), fullgraph=True, backend="aot_eager")
     torch.manual_seed(3)
     a = compiled(q, k, v)
@@ -368,7 +373,7 @@ def test_torch_compile_with_dropout_fullgraph():
 
 def test_registered_custom_ops():
     assert hasattr(torch.ops.fastattn, "attention") and hasattr(torch.ops.fastattn, "attention_backward")
-    q = torch.randn(1, 1, 5, 16)
+    q = dev(torch.randn(1, 1, 5, 16))
     out, _lse = torch.ops.fastattn.attention(q, q, q, None, 0.0, None, False, 0, 0.25)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q, scale=0.25))
 
@@ -378,8 +383,7 @@ def test_registered_custom_ops():
 @pytest.mark.parametrize("shape_q,shape_k", [((2, 3, 0, 16), (2, 3, 5, 16)), ((2, 3, 4, 16), (2, 3, 0, 16)),
                                              ((0, 3, 4, 16), (0, 3, 5, 16))])
 def test_empty(shape_q, shape_k):
-    q, k = torch.randn(shape_q, requires_grad=True), torch.randn(shape_k, requires_grad=True)
-    v = torch.randn(shape_k, requires_grad=True)
+    q, k, v = (dev(torch.randn(s)).requires_grad_() for s in (shape_q, shape_k, shape_k))
     out = fastattn.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
     out.sum().backward()
@@ -389,7 +393,7 @@ def test_empty(shape_q, shape_k):
 # -- bad input ------------------------------------------------------------------------------------------------------
 
 def _qkv(*shapes, dtype=torch.float32):
-    return [torch.randn(*s, dtype=dtype) for s in shapes]
+    return [dev(torch.randn(*s, dtype=dtype)) for s in shapes]
 
 
 BAD = [
@@ -402,13 +406,14 @@ BAD = [
      "multiple of the key/value heads"),
     ("gqa_kv_heads", lambda: (_qkv((2, 4, 3, 8), (2, 2, 5, 8), (2, 1, 5, 8)), {"enable_gqa": True}), ValueError,
      "same number of heads"),
-    ("dtype_mix", lambda: ([torch.randn(1, 3, 8), torch.randn(1, 5, 8).half(), torch.randn(1, 5, 8)], {}), TypeError,
+    ("dtype_mix", lambda: (_qkv((1, 3, 8)) + _qkv((1, 5, 8), dtype=torch.float16) + _qkv((1, 5, 8)), {}), TypeError,
      "one dtype"),
-    ("int_input", lambda: ([torch.ones(1, 3, 8, dtype=torch.int64)] * 3, {}), TypeError, "floating-point"),
-    ("mask_bcast", lambda: (_qkv((2, 2, 3, 8), (2, 2, 5, 8), (2, 2, 5, 8)), {"attn_mask": torch.zeros(4, 5)}),
+    ("int_input", lambda: ([dev(torch.ones(1, 3, 8, dtype=torch.int64))] * 3, {}), TypeError, "floating-point"),
+    ("mask_bcast", lambda: (_qkv((2, 2, 3, 8), (2, 2, 5, 8), (2, 2, 5, 8)), {"attn_mask": dev(torch.zeros(4, 5))}),
      ValueError, "does not broadcast"),
     ("mask_dtype", lambda: (_qkv((2, 2, 3, 8), (2, 2, 5, 8), (2, 2, 5, 8)),
-                            {"attn_mask": torch.zeros(3, 5, dtype=torch.int32)}), TypeError, "attn_mask must be bool"),
+                            {"attn_mask": dev(torch.zeros(3, 5, dtype=torch.int32))}), TypeError,
+     "attn_mask must be bool"),
     ("mask_type", lambda: (_qkv((2, 2, 3, 8), (2, 2, 5, 8), (2, 2, 5, 8)), {"attn_mask": [[1.0]]}), TypeError,
      "attn_mask must be a Tensor"),
     ("dropout_hi", lambda: (_qkv((1, 3, 8), (1, 5, 8), (1, 5, 8)), {"dropout_p": 1.0}), ValueError, "dropout_p"),
@@ -441,14 +446,14 @@ def test_device_mix_raises():
 def test_device_mix_is_checked_before_anything_else(monkeypatch):
     """Without a second device, check the guard itself: tensors claiming different devices are rejected."""
     with pytest.raises(RuntimeError, match="key is on meta"):
-        _runtime.check_same_device("scaled_dot_product_attention", query=torch.empty(1),
+        _runtime.check_same_device("scaled_dot_product_attention", query=dev(torch.empty(1)),
                                    key=torch.empty(1, device="meta"))
 
 
 # -- visible fallback -----------------------------------------------------------------------------------------------
 
 def test_head_dim_above_256_falls_back_with_one_warning():
-    q, k, v = (torch.randn(1, 2, 7, 272) for _ in range(3))
+    q, k, v = (dev(torch.randn(1, 2, 7, 272)) for _ in range(3))
     with pytest.warns(fastattn.FallbackWarning, match="head dim 272"), _runtime.record_launches() as n:
         out = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert sum(n.values()) == 0
@@ -459,6 +464,7 @@ def test_head_dim_above_256_falls_back_with_one_warning():
 
 
 def test_cpu_without_interpreter_runs_eager_reference_visibly():
+    cpu_only("the eager fallback of CPU tensors without Triton's interpreter")
     code = textwrap.dedent("""
         import os, warnings
         os.environ.pop("TRITON_INTERPRET", None)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from fastattn.kernels import attention as K
 from fastattn.kernels import attention_configs as C
-from harness import three_way
+from harness import DEVICE, cpu_only, dev, three_way
 
 import fastattn
 from fastattn import _runtime, reference
@@ -30,27 +30,27 @@ def randn(*shape):
 
 def check(q, k, v, *, dtype, mask=None, mask_grad=False, is_causal=False, window_size=(-1, -1), softcap=0.0,
           alibi=None, sinks=None, enable_gqa=False, scale=None, dropout_p=0.0, dropout_mask=None, seed=None):
-    """q, k, v, mask, sinks are float64 masters (alibi: fp32 slopes); ``dropout_mask`` replays the kernels' mask,
-    drawn from ``torch.manual_seed(seed)``."""
+    """q, k, v, mask, sinks are float64 masters (alibi: fp32 slopes), on the CPU: each run moves them to the test
+    device; ``dropout_mask`` (on the test device) replays the kernels' mask, drawn from ``torch.manual_seed(seed)``."""
     grads: dict = {}
     empty: dict = {}
 
     def run(label, lowp):
-        ts = [t.to(lowp).detach().requires_grad_() for t in (q, k, v)]
+        ts = [dev(t, lowp).detach().requires_grad_() for t in (q, k, v)]
         names = ["dq", "dk", "dv"]
-        m = mask
+        m = dev(mask)
         if mask is not None and mask.dtype != torch.bool:
-            m = mask.to(lowp).detach().requires_grad_(mask_grad)
+            m = dev(mask, lowp).detach().requires_grad_(mask_grad)
             if mask_grad:
                 ts.append(m)
                 names.append("dmask")
         sk = None
         if sinks is not None:
-            sk = sinks.to(lowp).detach().requires_grad_()
+            sk = dev(sinks, lowp).detach().requires_grad_()
             ts.append(sk)
             names.append("dsinks")
         kw = {"is_causal": is_causal, "scale": scale, "enable_gqa": enable_gqa, "return_lse": True,
-              "window_size": window_size, "softcap": softcap, "alibi_slopes": alibi, "sinks": sk}
+              "window_size": window_size, "softcap": softcap, "alibi_slopes": dev(alibi), "sinks": sk}
         if label == "ours":
             if seed is not None:
                 torch.manual_seed(seed)
@@ -64,19 +64,20 @@ def check(q, k, v, *, dtype, mask=None, mask_grad=False, is_causal=False, window
         finite = torch.isfinite(lse)
         empty[label] = ~finite
         lse = torch.where(finite, lse, 0)  # rows with no key and no sink: -inf, compared below
-        loss = (out * grads["out"].to(lowp)).sum() + (lse * grads["lse"].to(lse.dtype)).sum()
+        loss = (out * dev(grads["out"], lowp)).sum() + (lse * dev(grads["lse"], lse.dtype)).sum()
         loss.backward()
         return dict(zip(["out", "lse", *names], [out, lse] + [t.grad for t in ts]))
 
     def floors(results):
         lowp = [t.to(dtype).double() for t in (q, k, v)]
-        finite = torch.isfinite(results["ref"]["lse"])
+        finite = torch.isfinite(results["ref"]["lse"].cpu())
         fm = mask
         if mask is not None and mask.dtype != torch.bool:
             fm = mask.to(dtype).double()
         return attention_floors(*lowp, grads["out"], dtype=dtype, attn_mask=fm, is_causal=is_causal, scale=scale,
-                                enable_gqa=enable_gqa, dropout_p=dropout_p, dropout_mask=dropout_mask,
-                                grad_lse=torch.where(finite, grads["lse"], 0.0), out=results["ours"]["out"],
+                                enable_gqa=enable_gqa, dropout_p=dropout_p,
+                                dropout_mask=dropout_mask.cpu() if dropout_mask is not None else None,
+                                grad_lse=torch.where(finite, grads["lse"], 0.0), out=results["ours"]["out"].cpu(),
                                 window_size=window_size, softcap=softcap, alibi_slopes=alibi,
                                 sinks=None if sinks is None else sinks.to(dtype).double())
 
@@ -127,7 +128,7 @@ def test_sinks_on_rows_with_no_visible_key():
     out, lse = res["ours"]["out"], res["ours"]["lse"]
     empty = torch.arange(M) + N - M < 0  # the diagonal before key 0
     assert empty.any() and (out[:, :, empty] == 0).all()
-    torch.testing.assert_close(lse[:, :, empty], sinks.half().float()[:, None].expand(1, 2, int(empty.sum())),
+    torch.testing.assert_close(lse[:, :, empty], dev(sinks.half().float())[:, None].expand(1, 2, int(empty.sum())),
                                rtol=1e-6, atol=0)
 
 
@@ -170,7 +171,7 @@ def test_dropout_with_modifiers():
     B, H, M, N, p = 2, 2, 33, 41, 0.2
     torch.manual_seed(5)
     seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    keep = attn_ops.dropout_keep_mask(seed, (B, H, M, N), p, torch.device("cpu"))
+    keep = attn_ops.dropout_keep_mask(seed, (B, H, M, N), p, DEVICE)
     check(randn(B, H, M, 32), randn(B, H, N, 32), randn(B, H, N, 32), dtype=torch.float16, window_size=(9, 4),
           softcap=5.0, alibi=slopes(H), sinks=randn(H), dropout_p=p, dropout_mask=keep, seed=5)
 
@@ -194,9 +195,9 @@ def test_gradcheck_float64_through_the_kernels():
 
 
 def test_torch_compile_fullgraph_with_modifiers():
-    q, k, v = (torch.randn(2, 4, 19, 32, requires_grad=True) for _ in range(3))
-    sinks = torch.randn(4, requires_grad=True)
-    alibi = slopes(4)
+    q, k, v = (dev(torch.randn(2, 4, 19, 32)).requires_grad_() for _ in range(3))
+    sinks = dev(torch.randn(4)).requires_grad_()
+    alibi = dev(slopes(4))
 
     def f(q, k, v, sinks):
         return fastattn.attention(q, k, v, is_causal=True, window_size=(5, 0), softcap=3.0, alibi_slopes=alibi,
@@ -217,13 +218,13 @@ def test_torch_compile_fullgraph_with_modifiers():
 
 
 def test_backward_is_bitwise_repeatable():
-    q, k, v = (torch.randn(2, 4, 37, 32, dtype=torch.float16, requires_grad=True) for _ in range(3))
-    sinks = torch.randn(4, requires_grad=True)
+    q, k, v = (dev(torch.randn(2, 4, 37, 32, dtype=torch.float16)).requires_grad_() for _ in range(3))
+    sinks = dev(torch.randn(4)).requires_grad_()
     runs = []
     for _ in range(2):
         for t in (q, k, v, sinks):
             t.grad = None
-        fastattn.attention(q, k, v, window_size=(9, 2), softcap=4.0, alibi_slopes=slopes(4) * 0 + 0.1,
+        fastattn.attention(q, k, v, window_size=(9, 2), softcap=4.0, alibi_slopes=dev(slopes(4)) * 0 + 0.1,
                            sinks=sinks).float().square().sum().backward()
         runs.append([t.grad.clone() for t in (q, k, v, sinks)])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
@@ -268,8 +269,7 @@ def _expected(lo_a, hi_a, band, n, block):
 def test_only_the_band_s_blocks_are_visited(monkeypatch, window, causal):
     """Forward, dQ (key blocks per query tile) and dK/dV (query blocks per key block, the band transposed) visit
     exactly the blocks the band touches, the ones it covers whole without edge tests."""
-    if not _runtime.interpreting():
-        pytest.skip("the block schedule is observed through the interpreter")
+    cpu_only("the block schedule is observed through the interpreter")
     M, N = 150, 170
     bm, bn = C.INTERPRETER_TILE[:2]
     left, right = window
@@ -303,7 +303,7 @@ def test_only_the_band_s_blocks_are_visited(monkeypatch, window, causal):
 def test_window_saves_no_score_sized_tensor():
     """No Lq x Lk tensor is saved for the backward or passed to the kernels: the window is computed from indices."""
     M, N = 64, 80
-    q, k, v = (torch.randn(1, 2, L, 16, requires_grad=True) for L in (M, N, N))
+    q, k, v = (dev(torch.randn(1, 2, L, 16)).requires_grad_() for L in (M, N, N))
     saved, launched = [], []
     real = _runtime.launch
 
@@ -314,7 +314,7 @@ def test_window_saves_no_score_sized_tensor():
     hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t)
     with hooks, _runtime.record_launches() as n, pytest.MonkeyPatch.context() as mp:
         mp.setattr(_runtime, "launch", spy)
-        out = fastattn.attention(q, k, v, window_size=(10, 0), softcap=2.0, sinks=torch.zeros(2))
+        out = fastattn.attention(q, k, v, window_size=(10, 0), softcap=2.0, sinks=dev(torch.zeros(2)))
         out.sum().backward()
     assert n["_attn_fwd"] == 1 and n["_attn_bwd_dq"] == 1 and saved and launched
     scores = 2 * M * N  # the (B, H, Lq, Lk) scores' size
@@ -351,12 +351,12 @@ BAD = [
     ({"softcap": -1.0}, ValueError, "softcap must be a finite float >= 0"),
     ({"softcap": float("nan")}, ValueError, "softcap"),
     ({"softcap": float("inf")}, ValueError, "softcap"),
-    ({"alibi_slopes": torch.ones(3)}, ValueError, r"alibi_slopes must be float32 of shape \(2,\)"),
-    ({"alibi_slopes": torch.ones(2, dtype=torch.float64)}, ValueError, "alibi_slopes must be float32"),
+    ({"alibi_slopes": dev(torch.ones(3))}, ValueError, r"alibi_slopes must be float32 of shape \(2,\)"),
+    ({"alibi_slopes": dev(torch.ones(2, dtype=torch.float64))}, ValueError, "alibi_slopes must be float32"),
     ({"alibi_slopes": [0.5, 0.25]}, TypeError, "alibi_slopes must be a Tensor"),
-    ({"alibi_slopes": torch.ones(2, requires_grad=True)}, ValueError, "alibi_slopes requires grad"),
-    ({"sinks": torch.ones(2, 1)}, ValueError, r"sinks must be of shape \(2,\)"),
-    ({"sinks": torch.ones(2, dtype=torch.int32)}, ValueError, "sinks must be"),
+    ({"alibi_slopes": dev(torch.ones(2)).requires_grad_()}, ValueError, "alibi_slopes requires grad"),
+    ({"sinks": dev(torch.ones(2, 1))}, ValueError, r"sinks must be of shape \(2,\)"),
+    ({"sinks": dev(torch.ones(2, dtype=torch.int32))}, ValueError, "sinks must be"),
     ({"sinks": torch.ones(2, device="meta")}, RuntimeError, "one device"),
     ({"return_lse": 1}, TypeError, "return_lse must be a bool"),
 ]
@@ -364,7 +364,7 @@ BAD = [
 
 @pytest.mark.parametrize("kw,exc,text", BAD, ids=[f"{next(iter(b[0]))}-{i}" for i, b in enumerate(BAD)])
 def test_bad_modifiers_raise_naming_the_argument(kw, exc, text):
-    q = torch.randn(1, 2, 5, 8)
+    q = dev(torch.randn(1, 2, 5, 8))
     with pytest.raises(exc, match=text):
         fastattn.attention(q, q, q, **kw)
 
@@ -372,8 +372,9 @@ def test_bad_modifiers_raise_naming_the_argument(kw, exc, text):
 def test_fallback_keeps_the_modifiers(monkeypatch):
     """Where the kernels cannot serve (head dim above 256) the eager reference runs with every modifier, warning."""
     monkeypatch.setattr(_runtime, "_warned", set())  # a fresh one-time warning, and the process's left as it was
-    q, k, v = (torch.randn(1, 2, 7, 272) for _ in range(3))
-    kw = {"window_size": (2, 1), "softcap": 3.0, "alibi_slopes": slopes(2), "sinks": torch.randn(2), "return_lse": True}
+    q, k, v = (dev(torch.randn(1, 2, 7, 272)) for _ in range(3))
+    kw = {"window_size": (2, 1), "softcap": 3.0, "alibi_slopes": dev(slopes(2)), "sinks": dev(torch.randn(2)),
+          "return_lse": True}
     with pytest.warns(fastattn.FallbackWarning, match="head dim 272"), _runtime.record_launches() as n:
         out, lse = fastattn.attention(q, k, v, **kw)
     assert sum(n.values()) == 0

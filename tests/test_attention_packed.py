@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import three_way
+from harness import DEVICE, dev, three_way
 
 from fastattn import reference
 from fastattn.ops import attention as attn_ops
@@ -31,9 +31,10 @@ def check_packed(lq, lk, *, H=4, HKV=2, D=32, DV=32, dtype=torch.float16, window
         torch.randn(Tk, HKV, DV, dtype=torch.float64)
     do, dlse = torch.randn(Tq, H, DV, dtype=torch.float64), torch.randn(H, Tq, dtype=torch.float64)
     seed = 1234
-    keep = attn_ops.dropout_keep_mask(seed, (1, H, Tq, Tk), dropout_p, q.device)[0] if dropout_p else None
+    keep = attn_ops.dropout_keep_mask(seed, (1, H, Tq, Tk), dropout_p, DEVICE)[0] if dropout_p else None
     scale = D ** -0.5
-    kw = {"scale": scale, "window_size": window_size, "softcap": softcap, "alibi_slopes": alibi}
+    slopes = dev(alibi)
+    kw = {"scale": scale, "window_size": window_size, "softcap": softcap, "alibi_slopes": slopes}
     empty = {}
 
     def seqs():
@@ -41,15 +42,15 @@ def check_packed(lq, lk, *, H=4, HKV=2, D=32, DV=32, dtype=torch.float16, window
             yield b, slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
 
     def run(label, lowp):
-        ts = [t.to(lowp) for t in (q, k, v)]
-        sk = sinks.to(lowp) if sinks is not None else None
+        ts = [dev(t, lowp) for t in (q, k, v)]
+        sk = dev(sinks, lowp)
         if label == "ours":
-            out, lse = attn_ops.varlen_forward(*ts, cu_q, cu_k, max(lq), max(lk), sinks=sk, dropout_p=dropout_p,
-                                               seed=seed, **{**kw, "alibi_slopes": alibi})
+            out, lse = attn_ops.varlen_forward(*ts, dev(cu_q), dev(cu_k), max(lq), max(lk), sinks=sk,
+                                               dropout_p=dropout_p, seed=seed, **kw)
             finite = torch.isfinite(lse)
             dq, dk, dv, dsinks = attn_ops.varlen_backward(
-                do.to(lowp), *ts, out, lse, cu_q, cu_k, max(lq), max(lk), sinks=sk, dropout_p=dropout_p, seed=seed,
-                dlse=torch.where(finite, dlse, 0).float(), **kw)
+                dev(do, lowp), *ts, out, lse, dev(cu_q), dev(cu_k), max(lq), max(lk), sinks=sk, dropout_p=dropout_p,
+                seed=seed, dlse=torch.where(finite, dev(dlse), 0).float(), **kw)
             empty[label] = ~finite
             res = {"out": out, "lse": torch.where(finite, lse, 0), "dq": dq, "dk": dk, "dv": dv}
             return {**res, "dsinks": dsinks} if sinks is not None else res
@@ -60,14 +61,14 @@ def check_packed(lq, lk, *, H=4, HKV=2, D=32, DV=32, dtype=torch.float16, window
                 leaves[0][rq].transpose(0, 1), leaves[1][rk].transpose(0, 1), leaves[2][rk].transpose(0, 1),
                 dropout_p=dropout_p, enable_gqa=True, return_lse=True, sinks=leaves[3] if sk is not None else None,
                 dropout_mask=keep[:, rq, rk] if keep is not None else None,
-                **{**kw, "alibi_slopes": alibi if alibi is None or alibi.dim() == 1 else alibi[b]})
+                **{**kw, "alibi_slopes": slopes if slopes is None or slopes.dim() == 1 else slopes[b]})
             outs.append(o.transpose(0, 1))
             lses.append(lse)
         out, lse = torch.cat(outs), torch.cat(lses, -1)
         finite = torch.isfinite(lse)
         empty[label] = ~finite
         lse = torch.where(finite, lse, 0)
-        ((out * do.to(lowp)).sum() + (lse * dlse.to(lse.dtype)).sum()).backward()
+        ((out * dev(do, lowp)).sum() + (lse * dev(dlse, lse.dtype)).sum()).backward()
         res = {"out": out, "lse": lse, "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
         return {**res, "dsinks": leaves[3].grad} if sk is not None else res
 
@@ -78,9 +79,9 @@ def check_packed(lq, lk, *, H=4, HKV=2, D=32, DV=32, dtype=torch.float16, window
                 continue
             f = attention_floors(*(t.to(dtype).double()[r].transpose(0, 1) for t, r in ((q, rq), (k, rk), (v, rk))),
                                  do[rq].transpose(0, 1), dtype=dtype, enable_gqa=True, dropout_p=dropout_p,
-                                 dropout_mask=keep[:, rq, rk] if keep is not None else None,
-                                 grad_lse=torch.where(empty["ref"][:, rq], 0.0, dlse[:, rq]),
-                                 out=results["ours"]["out"][rq].transpose(0, 1), window_size=window_size,
+                                 dropout_mask=keep[:, rq, rk].cpu() if keep is not None else None,
+                                 grad_lse=torch.where(empty["ref"][:, rq].cpu(), 0.0, dlse[:, rq]),
+                                 out=results["ours"]["out"][rq].transpose(0, 1).cpu(), window_size=window_size,
                                  softcap=softcap, alibi_slopes=alibi if alibi is None or alibi.dim() == 1 else alibi[b],
                                  sinks=sinks.to(dtype).double() if sinks is not None else None, scale=scale)
             # dsinks sums every sequence's rows: its floor counts R rows of sums; all T_q rows in any order

@@ -17,7 +17,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import spy_launches, three_way
+from harness import cpu_only, dev, spy_launches, three_way
 
 import fastattn
 from fastattn import _runtime, reference
@@ -43,7 +43,7 @@ def _lowp(shape, dtype, scale=1.0, offset=0.0):
 
 
 def _leaf(t, dtype, fmt=None, requires_grad=False):
-    t = t.detach().to(dtype).clone()
+    t = dev(t.detach(), dtype, copy=True)
     return (t.to(memory_format=fmt) if fmt is not None else t).requires_grad_(requires_grad)
 
 
@@ -80,8 +80,9 @@ def _away_from_the_kink(x, ident, rm, rv, w, b, training, eps, dtype, kinks=(0.0
 def check_case(shape, dtype, *, training=True, identity=True, channels_last=False, affine=True, running=True,
                momentum=0.1, eps=1e-5, offset=0.0, requires=("x", "identity", "weight", "bias"), activation=None,
                negative_slope=0.01, scale=2.0):
-    """Compare ours with eager in ``dtype`` against float64 eager; returns ours' results. ``activation=None``:
-    ``fastattn.batch_norm_add_relu``, else ``fastattn.batch_norm_act`` with that activation."""
+    """Compare ours with eager in ``dtype`` against float64 eager, all on the test device (the inputs are drawn on the
+    CPU); returns ours' results. ``activation=None``: ``fastattn.batch_norm_add_relu``, else
+    ``fastattn.batch_norm_act`` with that activation."""
     C = shape[1]
     act = activation or "relu"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -113,7 +114,7 @@ def check_case(shape, dtype, *, training=True, identity=True, channels_last=Fals
         args = (xs, ids, rms, rvs, ws, bs, training, momentum, eps)
         out = ours(*args) if label == "ours" else _eager(*args, activation=act, negative_slope=negative_slope)
         if any(t is not None and t.requires_grad for t in leaves.values()):
-            out.backward(grad_out.to(lowp).to(memory_format=fmt))
+            out.backward(dev(grad_out, lowp).to(memory_format=fmt))
         if label == "ours":
             layout_kept.append(out.is_contiguous(memory_format=fmt))
         return {"out": out, "running_mean": rms, "running_var": rvs,
@@ -123,7 +124,7 @@ def check_case(shape, dtype, *, training=True, identity=True, channels_last=Fals
     if requires:
         kernels[bn_ops.BACKWARD_KERNELS[0]] = 1
     floors = batch_norm_floors(x, ident, rm, rv, w, b, grad_out, dtype=dtype, training=training, eps=eps,
-                               momentum=momentum, lane_terms=bn_ops.lane_terms(x.to(memory_format=fmt)),
+                               momentum=momentum, lane_terms=bn_ops.lane_terms(dev(x).to(memory_format=fmt)),
                                activation=act, negative_slope=negative_slope)
     results = three_way(run, dtype, kernels=kernels, floors=floors)
     ours_r, eager = results["ours"], results["eager"]
@@ -186,9 +187,9 @@ def test_leaky_relu_negative_slope_and_bias_only_gradient():
 def test_saves_the_least_the_backward_needs(activation, identity, saved):
     """ReLU keeps its output (its mask); an activation whose derivative is taken at the pre-activation keeps the
     identity (if any) to recompute it from x; identity needs neither. Besides these: per-channel vectors only."""
-    x = torch.randn(2, 3, 4, 5, requires_grad=True)
-    ident = torch.randn(2, 3, 4, 5, requires_grad=True) if identity else None
-    w, b = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    x = dev(torch.randn(2, 3, 4, 5)).requires_grad_()
+    ident = dev(torch.randn(2, 3, 4, 5)).requires_grad_() if identity else None
+    w, b = dev(torch.rand(3)).requires_grad_(), dev(torch.randn(3)).requires_grad_()
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
         out = fastattn.batch_norm_act(x, ident, None, None, w, b, True, activation=activation)
@@ -204,11 +205,11 @@ def test_eval_batch_1_spatial_1x1():
 
 
 def test_train_batch_1_spatial_1x1_raises_torchs_error():
-    x = torch.randn(1, 3, 1, 1)
+    x, rm, rv = dev(torch.randn(1, 3, 1, 1)), dev(torch.zeros(3)), dev(torch.ones(3))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training") as ours:
-        fastattn.batch_norm_add_relu(x, None, torch.zeros(3), torch.ones(3), training=True)
+        fastattn.batch_norm_add_relu(x, None, rm, rv, training=True)
     with pytest.raises(ValueError) as theirs:
-        F.batch_norm(x, torch.zeros(3), torch.ones(3), training=True)
+        F.batch_norm(x, rm, rv, training=True)
     assert str(ours.value) == str(theirs.value)
 
 
@@ -236,8 +237,8 @@ def test_weight_and_bias_none(affine):
 
 
 def test_weight_only():
-    x = torch.randn(3, 6, 5, 4)
-    w = torch.randn(6, requires_grad=True)
+    x = dev(torch.randn(3, 6, 5, 4))
+    w = dev(torch.randn(6)).requires_grad_()
     with _runtime.record_launches() as n:
         out = fastattn.batch_norm_add_relu(x, None, None, None, w, None, training=True)
         out.sum().backward()
@@ -255,10 +256,10 @@ def test_momentum_values():
 
 
 def test_momentum_none_cumulative_average():
-    x = torch.randn(4, 6, 5, 3)
-    rm, rv = torch.randn(6), torch.rand(6) + 0.5
+    x = dev(torch.randn(4, 6, 5, 3))
+    rm, rv = dev(torch.randn(6)), dev(torch.rand(6) + 0.5)
     rm2, rv2 = rm.clone(), rv.clone()
-    nbt = torch.tensor(3)
+    nbt = dev(torch.tensor(3))
     with _runtime.record_launches() as n:
         out = fastattn.batch_norm_add_relu(x, None, rm, rv, None, None, True, None, num_batches_tracked=nbt)
     assert n["_bn_fwd_combine"] == 1
@@ -279,8 +280,8 @@ def test_only_some_inputs_require_grad(which):
 def _torch_vs_ours(x, identity, grad_out=None, training=True):
     """fp32 comparison of ours with eager on arbitrary (strided) inputs; returns ours' output."""
     C = x.shape[1]
-    w, b = torch.randn(C), torch.randn(C)
-    rm, rv = torch.randn(C), torch.rand(C) + 0.5
+    w, b = dev(torch.randn(C)), dev(torch.randn(C))
+    rm, rv = dev(torch.randn(C)), dev(torch.rand(C) + 0.5)
     results = []
     for fn in (_eager, fastattn.batch_norm_add_relu):
         xs = x.detach().requires_grad_()  # same strides as x
@@ -301,44 +302,44 @@ def _torch_vs_ours(x, identity, grad_out=None, training=True):
 def test_strided_views_without_copy(monkeypatch):
     """A cropped, strided spatial view (H and W do not merge) and a transposed one are read through strides."""
     calls = spy_launches(monkeypatch, "_bn_fwd_reduce")
-    base = torch.randn(3, 6, 11, 14)
+    base = dev(torch.randn(3, 6, 11, 14))
     x = base[:, :, 1:, ::2]
-    _torch_vs_ours(x, torch.randn(x.shape))
+    _torch_vs_ours(x, dev(torch.randn(x.shape)))
     assert [args[0].data_ptr() for _, args, _ in calls] == [x.data_ptr()]
-    xt = torch.randn(3, 6, 7, 5).transpose(2, 3)
-    _torch_vs_ours(xt, torch.randn(xt.shape), training=False)
+    xt = dev(torch.randn(3, 6, 7, 5)).transpose(2, 3)
+    _torch_vs_ours(xt, dev(torch.randn(xt.shape)), training=False)
 
 
 def test_mixed_layouts_and_broadcast_grad():
     """channels_last x with an NCHW identity, and dy = ones expanded with stride 0 (what .sum() sends back)."""
-    x = torch.randn(4, 8, 5, 3).to(memory_format=torch.channels_last)
-    identity = torch.randn(4, 8, 5, 3)
-    out = _torch_vs_ours(x, identity, grad_out=torch.ones(()).expand(4, 8, 5, 3))
+    x = dev(torch.randn(4, 8, 5, 3)).to(memory_format=torch.channels_last)
+    identity = dev(torch.randn(4, 8, 5, 3))
+    out = _torch_vs_ours(x, identity, grad_out=dev(torch.ones(())).expand(4, 8, 5, 3))
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_empty_batch(training):
-    x = torch.randn(0, 5, 3, 3, requires_grad=True)
-    w = torch.randn(5, requires_grad=True)
-    rm, rv = torch.randn(5), torch.rand(5) + 0.5
+    x = dev(torch.randn(0, 5, 3, 3)).requires_grad_()
+    w = dev(torch.randn(5)).requires_grad_()
+    rm, rv = dev(torch.randn(5)), dev(torch.rand(5) + 0.5)
     rm0, rv0 = rm.clone(), rv.clone()
     out = fastattn.batch_norm_add_relu(x, None, rm, rv, w, None, training)
     assert out.shape == x.shape
     out.sum().backward()
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)  # as torch: an empty batch leaves them untouched
-    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros(5))
+    assert x.grad.shape == x.shape and torch.equal(w.grad, dev(torch.zeros(5)))
 
 
 # -- determinism, gradcheck, torch.compile -------------------------------------------------------------------------
 
 def test_repeatable_bitwise():
-    x = torch.randn(4, 16, 7, 7, dtype=torch.float16)
-    identity = torch.randn_like(x)
+    x = dev(torch.randn(4, 16, 7, 7, dtype=torch.float16))
+    identity = dev(torch.randn(4, 16, 7, 7, dtype=torch.float16))
     runs = []
     for _ in range(2):
-        xs, ws = x.clone().requires_grad_(), torch.ones(16, requires_grad=True)
-        rm, rv = torch.zeros(16), torch.ones(16)
+        xs, ws = x.clone().requires_grad_(), dev(torch.ones(16)).requires_grad_()
+        rm, rv = dev(torch.zeros(16)), dev(torch.ones(16))
         out = fastattn.batch_norm_add_relu(xs, identity, rm, rv, ws, None, True)
         out.backward(torch.ones_like(out))
         runs.append([out, xs.grad, ws.grad, rm, rv])
@@ -366,27 +367,25 @@ def test_gradcheck_float64_through_the_kernels(training, activation):
 
 
 def test_torch_compile_fullgraph_updates_running_stats_like_eager():
-    x = torch.randn(4, 8, 5, 3, requires_grad=True)
-    identity = torch.randn(4, 8, 5, 3, requires_grad=True)
-    w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    x, identity, w, b = (dev(torch.randn(*s)).requires_grad_() for s in ((4, 8, 5, 3), (4, 8, 5, 3), (8,), (8,)))
 
     def f(x, identity, w, b, rm, rv):
         return fastattn.batch_norm_add_relu(x, identity, rm, rv, w, b, True, 0.1, 1e-5).square().sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    rm_c, rv_c = torch.zeros(8), torch.ones(8)
+    rm_c, rv_c = dev(torch.zeros(8)), dev(torch.ones(8))
     with _runtime.record_launches() as n:
         loss = compiled(x, identity, w, b, rm_c, rv_c)
         grads = torch.autograd.grad(loss, (x, identity, w, b))
     assert n["_bn_fwd_reduce"] == 1 and n["_bn_fwd_combine"] == 1 and n["_bn_bwd_dx"] == 1
-    rm_e, rv_e = torch.zeros(8), torch.ones(8)
+    rm_e, rv_e = dev(torch.zeros(8)), dev(torch.ones(8))
     loss_e = f(x, identity, w, b, rm_e, rv_e)
     grads_e = torch.autograd.grad(loss_e, (x, identity, w, b))
     assert torch.equal(rm_c, rm_e) and torch.equal(rv_c, rv_e)  # the same kernels: bitwise
     torch.testing.assert_close(loss, loss_e)
     for a, e in zip(grads, grads_e):
         torch.testing.assert_close(a, e)
-    rm_t, rv_t = torch.zeros(8), torch.ones(8)
+    rm_t, rv_t = dev(torch.zeros(8)), dev(torch.ones(8))
     F.batch_norm(x.detach(), rm_t, rv_t, None, None, True, 0.1, 1e-5)
     torch.testing.assert_close(rm_c, rm_t)
     torch.testing.assert_close(rv_c, rv_t)
@@ -428,9 +427,10 @@ def test_module_training_steps_then_eval(momentum, channels_last):
     theirs.weight.data.normal_()
     theirs.bias.data.normal_()
     ours.load_state_dict(theirs.state_dict())
+    ours, theirs = dev(ours), dev(theirs)
     for step in range(3):
-        x = torch.randn(4, 6, 5, 3).to(memory_format=fmt)
-        identity = torch.randn(4, 6, 5, 3) if step != 1 else None
+        x = dev(torch.randn(4, 6, 5, 3)).to(memory_format=fmt)
+        identity = dev(torch.randn(4, 6, 5, 3)) if step != 1 else None
         with _runtime.record_launches() as n:
             out = ours(x, identity)
         assert n["_bn_fwd_reduce"] == 1
@@ -440,7 +440,7 @@ def test_module_training_steps_then_eval(momentum, channels_last):
     torch.testing.assert_close(ours.running_var, theirs.running_var)
     ours.eval()
     theirs.eval()
-    x = torch.randn(1, 6, 1, 1)
+    x = dev(torch.randn(1, 6, 1, 1))
     with _runtime.record_launches() as n:
         out = ours(x)
     assert n["_bn_fwd_apply"] == 1 and n["_bn_fwd_reduce"] == 0
@@ -452,10 +452,11 @@ def test_module_without_running_stats_uses_batch_stats_in_eval():
     ours, theirs = fastattn.nn.BatchNormAddReLU(5, track_running_stats=False), _EagerBlockTail(5,
                                                                                           track_running_stats=False)
     assert ours.running_mean is None and ours.num_batches_tracked is None
+    ours, theirs = dev(ours), dev(theirs)
     for mode in ("train", "eval"):
         getattr(ours, mode)()
         getattr(theirs, mode)()
-        x, identity = torch.randn(3, 5, 4, 4), torch.randn(3, 5, 4, 4)
+        x, identity = dev(torch.randn(3, 5, 4, 4)), dev(torch.randn(3, 5, 4, 4))
         with _runtime.record_launches() as n:
             out = ours(x, identity)
         assert n["_bn_fwd_reduce"] == 1
@@ -463,10 +464,10 @@ def test_module_without_running_stats_uses_batch_stats_in_eval():
 
 
 def test_module_torch_compile_fullgraph_cumulative_momentum():
-    ours, theirs = fastattn.nn.BatchNormAddReLU(6, momentum=None), _EagerBlockTail(6, momentum=None)
+    ours, theirs = dev(fastattn.nn.BatchNormAddReLU(6, momentum=None)), dev(_EagerBlockTail(6, momentum=None))
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     for _ in range(2):
-        x, identity = torch.randn(4, 6, 3, 3), torch.randn(4, 6, 3, 3)
+        x, identity = dev(torch.randn(4, 6, 3, 3)), dev(torch.randn(4, 6, 3, 3))
         torch.testing.assert_close(compiled(x, identity), theirs(x, identity))
     assert ours.num_batches_tracked.item() == 2
     torch.testing.assert_close(ours.running_mean, theirs.running_mean)
@@ -484,8 +485,9 @@ def test_batch_norm_act2d_module(activation, act_module):
     assert f"activation={activation}" in repr(ours) and "fused=batch_norm+add+act" in repr(ours)
     theirs.weight.data.normal_()
     ours.load_state_dict(theirs.state_dict())
+    ours, theirs = dev(ours), dev(theirs)
     for step in range(2):
-        x, identity = torch.randn(4, 6, 5, 3), (torch.randn(4, 6, 5, 3) if step else None)
+        x, identity = dev(torch.randn(4, 6, 5, 3)), (dev(torch.randn(4, 6, 5, 3)) if step else None)
         with _runtime.record_launches() as n:
             out = ours(x, identity)
         assert n["_bn_fwd_reduce"] == 1
@@ -495,17 +497,17 @@ def test_batch_norm_act2d_module(activation, act_module):
     torch.testing.assert_close(ours.running_var, theirs.running_var)
     ours.eval()
     theirs.eval()
-    x = torch.randn(2, 6, 3, 3)
+    x = dev(torch.randn(2, 6, 3, 3))
     torch.testing.assert_close(ours(x), act_module(theirs(x)))
     torch.testing.assert_close(ours(x, activation="identity"), theirs(x))  # a per-call override
 
 
 def test_batch_norm_act2d_swapped_in_is_a_plain_batch_norm():
     """An nn.BatchNorm2d that fastattn.patch swapped to BatchNormAct2d has no activation of its own."""
-    bn = torch.nn.BatchNorm2d(5)
+    bn = dev(torch.nn.BatchNorm2d(5))
     ref = copy.deepcopy(bn)
     bn.__class__ = fastattn.nn.BatchNormAct2d
-    x = torch.randn(3, 5, 4, 4)
+    x = dev(torch.randn(3, 5, 4, 4))
     torch.testing.assert_close(bn(x), ref(x))
     assert "activation=identity (the enclosing block passes its own)" in repr(bn)
     with pytest.raises(ValueError, match="activation must be one of"):
@@ -513,17 +515,16 @@ def test_batch_norm_act2d_swapped_in_is_a_plain_batch_norm():
 
 
 def test_torch_compile_fullgraph_batch_norm_act():
-    x = torch.randn(4, 8, 5, 3, requires_grad=True)
-    w = torch.randn(8, requires_grad=True)
+    x, w = dev(torch.randn(4, 8, 5, 3)).requires_grad_(), dev(torch.randn(8)).requires_grad_()
 
     def f(x, w, rm, rv):
         return fastattn.batch_norm_act(x, None, rm, rv, w, None, True, activation="silu").square().sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     with _runtime.record_launches() as n:
-        got = torch.autograd.grad(compiled(x, w, torch.zeros(8), torch.ones(8)), (x, w))
+        got = torch.autograd.grad(compiled(x, w, dev(torch.zeros(8)), dev(torch.ones(8))), (x, w))
     assert n["_bn_fwd_apply"] == 1 and n["_bn_bwd_dx"] == 1
-    for a, e in zip(got, torch.autograd.grad(f(x, w, torch.zeros(8), torch.ones(8)), (x, w))):
+    for a, e in zip(got, torch.autograd.grad(f(x, w, dev(torch.zeros(8)), dev(torch.ones(8))), (x, w))):
         assert torch.equal(a, e)  # the same kernels: bitwise
 
 
@@ -531,22 +532,23 @@ def test_torch_compile_fullgraph_batch_norm_act():
 
 def _args(shape=(2, 3, 4, 4), **over):
     C = shape[1]
-    a = {"x": torch.randn(shape), "identity": None, "running_mean": torch.zeros(C), "running_var": torch.ones(C),
-         "weight": torch.ones(C), "bias": torch.zeros(C), "training": True, "momentum": 0.1}
+    a = {"x": dev(torch.randn(shape)), "identity": None, "running_mean": dev(torch.zeros(C)),
+         "running_var": dev(torch.ones(C)), "weight": dev(torch.ones(C)), "bias": dev(torch.zeros(C)),
+         "training": True, "momentum": 0.1}
     a.update(over)
     return a
 
 
 BAD = [
-    ("x_rank", _args(x=torch.randn(2, 3, 4)), ValueError, "x must be 4-D"),
-    ("x_dtype", _args(x=torch.ones(2, 3, 4, 4, dtype=torch.int32)), TypeError, "x must have dtype"),
+    ("x_rank", _args(x=dev(torch.randn(2, 3, 4))), ValueError, "x must be 4-D"),
+    ("x_dtype", _args(x=dev(torch.ones(2, 3, 4, 4, dtype=torch.int32))), TypeError, "x must have dtype"),
     ("x_type", _args(x=[[1.0]]), TypeError, "x must be a Tensor"),
-    ("identity_shape", _args(identity=torch.randn(2, 3, 4, 5)), ValueError, "identity must have x's shape"),
-    ("identity_dtype", _args(identity=torch.randn(2, 3, 4, 4, dtype=torch.float16)), TypeError,
+    ("identity_shape", _args(identity=dev(torch.randn(2, 3, 4, 5))), ValueError, "identity must have x's shape"),
+    ("identity_dtype", _args(identity=dev(torch.randn(2, 3, 4, 4, dtype=torch.float16))), TypeError,
      "identity must have x's dtype"),
-    ("weight_shape", _args(weight=torch.ones(4)), ValueError, r"weight must have shape \(3,\)"),
-    ("bias_dtype", _args(bias=torch.zeros(3, dtype=torch.int64)), TypeError, "bias must have dtype"),
-    ("running_var_shape", _args(running_var=torch.ones(3, 1)), ValueError, "running_var must have shape"),
+    ("weight_shape", _args(weight=dev(torch.ones(4))), ValueError, r"weight must have shape \(3,\)"),
+    ("bias_dtype", _args(bias=dev(torch.zeros(3, dtype=torch.int64))), TypeError, "bias must have dtype"),
+    ("running_var_shape", _args(running_var=dev(torch.ones(3, 1))), ValueError, "running_var must have shape"),
     ("running_pair", _args(running_var=None), ValueError, "running_mean and running_var must both"),
     ("eval_no_stats", _args(running_mean=None, running_var=None, training=False), RuntimeError,
      "running_mean must be defined in evaluation mode"),
@@ -576,6 +578,7 @@ def test_device_mix_is_rejected():
 # -- visible fallback ----------------------------------------------------------------------------------------------
 
 def test_cpu_without_interpreter_runs_eager_reference_visibly():
+    cpu_only("the eager fallback of CPU tensors without Triton's interpreter")
     code = textwrap.dedent("""
         import os, warnings
         os.environ.pop("TRITON_INTERPRET", None)

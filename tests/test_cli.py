@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 
 import pytest
 import torch
@@ -381,6 +382,60 @@ def test_gpu_check_pytest_runner_rc_and_timeout(tmp_path):
     assert got["test_fail.py"]["rc"] == 1 and "1 failed" in got["test_fail.py"]["summary"]
     assert got["test_slow.py"]["rc"] is None and "timed out" in got["test_slow.py"]["summary"]
     assert all(os.path.exists(r["log"]) for r in rows)
+
+
+# Failure messages of a test that mixed devices (torch's, torch.testing's, fastattn's own check).
+_MIXED_DEVICES = re.compile(r"not on the expected device|same device|must be on one device|attribute 'device' do not "
+                            r"match|fused ops ran on")
+
+
+def test_gpu_check_test_files_put_their_inputs_on_the_test_device(tmp_path):
+    """gpu-check's test step runs the op test files with FASTATTN_TEST_DEVICE=cuda. Here ``meta`` stands in for the
+    GPU: the files run (and mostly fail: meta tensors hold no values, and the kernels do not launch on them) while
+    tests/conftest.py records the devices every test's fused op calls dispatched on (JUnit property
+    ``op_devices``). A test that built its inputs on the CPU would show ``cpu`` there (on a GPU: the eager fallback,
+    nothing checked) or fail for mixing devices."""
+    from fastattn.perf import gpucheck
+
+    xml = tmp_path / "junit.xml"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FASTATTN_TEST_DEVICE"] = "meta"
+    res = subprocess.run([sys.executable, "-m", "pytest", *gpucheck.TEST_FILES, "-q", "-p", "no:cacheprovider",
+                          "-p", "no:xdist", f"--junitxml={xml}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=900, check=False)
+    assert xml.exists(), res.stdout[-3000:] + res.stderr[-3000:]
+    on_meta, wrong = {}, []
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        devices = {p.get("value") for p in case.iter("property") if p.get("name") == "op_devices"}
+        failed = [f.get("message") or "" for f in (*case.iter("failure"), *case.iter("error"))]
+        name = f"{case.get('classname')}::{case.get('name')}"
+        if devices - {"", "meta"} or any(_MIXED_DEVICES.search(m) for m in failed):
+            wrong.append((name, devices, [m[:200] for m in failed]))
+        module = case.get("classname").rsplit(".", 1)[-1]
+        on_meta[module] = on_meta.get(module, 0) + (devices == {"meta"})
+    assert not wrong, wrong
+    files = {os.path.splitext(os.path.basename(f))[0] for f in gpucheck.TEST_FILES}
+    assert set(on_meta) == files and all(on_meta[f] > 0 for f in files), on_meta  # the ops really saw the device
+
+
+def test_gpu_check_benchmark_inputs_are_made_on_the_device():
+    """The agreement and bench steps make their inputs with each case's ``make(device, dtype)``, the end-to-end steps
+    with ``Workload.build``: on the device given (``meta`` here), every tensor. (batch_norm's small cases move inputs
+    off the ReLU's kink by their values, which meta tensors lack; their ``make`` is the others'.)"""
+    meta = torch.device("meta")
+    made = 0
+    for op in cases.available_ops():
+        for case in (c for suite in ("small", "quick", "check") for c in cases.get(op, suite)):
+            if op == "batch_norm" and "small" in case.name:
+                continue
+            inputs = case.make(meta, torch.float16)
+            tensors = [a for a in (*inputs.args, *inputs.kwargs.values()) if isinstance(a, torch.Tensor)]
+            assert tensors and all(t.device == meta for t in tensors), case.name
+            made += 1
+    assert made >= len(cases.available_ops())
+    for workload in blocks.end_to_end(16, 32):
+        model, x = workload.build({}, meta, torch.float16)
+        assert x.device == meta and {t.device for t in (*model.parameters(), *model.buffers())} == {meta}
 
 
 def test_gpu_check_without_gpu_says_so(tmp_path):

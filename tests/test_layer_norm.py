@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastattn.kernels import layer_norm as K
-from harness import spy_launches, three_way
+from harness import DEVICE, cpu_only, dev, spy_launches, three_way
 
 import fastattn
 from fastattn import _runtime, reference
@@ -40,7 +40,8 @@ def _seed_of(manual_seed: int) -> int:
 
 def check_case(x, residual=None, weight=None, bias=None, *, dtype, rms=False, eps=None, dropout_p=0.0,
                residual_in_fp32=False, residual_dtype=None, param_dtype=None, layout=None, grad_residual_out=True):
-    """x, residual, weight, bias are float64 masters (or None); compared in ``dtype`` under the 2x-eager rule.
+    """x, residual, weight, bias are float64 masters (or None) on the CPU, moved to the test device by each run;
+    compared in ``dtype`` under the 2x-eager rule.
 
     ``residual_dtype``/``param_dtype`` override the low-precision dtype of the residual / parameters; ``layout``
     maps each low-precision activation to a non-contiguous tensor with the same values. Returns the results."""
@@ -48,17 +49,17 @@ def check_case(x, residual=None, weight=None, bias=None, *, dtype, rms=False, ep
     lead, N = x.shape[:-1], x.shape[-1]
     keep, manual_seed = None, 1234
     if dropout_p > 0:
-        keep = ln_ops.dropout_keep_mask(_seed_of(manual_seed), (math.prod(lead), N), dropout_p, x.device)
+        keep = ln_ops.dropout_keep_mask(_seed_of(manual_seed), (math.prod(lead), N), dropout_p, DEVICE)
         keep = keep.reshape(x.shape)
     dy = randn(*x.shape)
     dro = randn(*x.shape) if grad_residual_out else None
     def run(label, lowp):
         rdt = torch.float64 if label == "ref" else (residual_dtype or dtype)
         pdt = torch.float64 if label == "ref" else (param_dtype or dtype)
-        xl = x.detach().to(lowp).requires_grad_()
-        rl = residual.detach().to(rdt).requires_grad_() if residual is not None else None
-        wl = weight.detach().to(pdt).requires_grad_() if weight is not None else None
-        bl = bias.detach().to(pdt).requires_grad_() if bias is not None else None
+        xl = dev(x, lowp).detach().requires_grad_()
+        rl = dev(residual, rdt).detach().requires_grad_() if residual is not None else None
+        wl = dev(weight, pdt).detach().requires_grad_() if weight is not None else None
+        bl = dev(bias, pdt).detach().requires_grad_() if bias is not None else None
         xi, ri = xl, rl
         if layout is not None and label == "ours":
             xi = layout(xl)
@@ -76,10 +77,10 @@ def check_case(x, residual=None, weight=None, bias=None, *, dtype, rms=False, ep
             fn = reference.add_rms_norm if rms else reference.add_layer_norm
             args = (xi, ri, wl, eps) if rms else (xi, ri, wl, bl, eps)
             out, res_out = fn(*args, dropout_p, residual_in_fp32=residual_in_fp32, dropout_mask=keep)
-        outs, grads = [out], [dy.to(out.dtype)]
+        outs, grads = [out], [dev(dy, out.dtype)]
         if dro is not None:
             outs.append(res_out)
-            grads.append(dro.to(res_out.dtype))
+            grads.append(dev(dro, res_out.dtype))
         torch.autograd.backward(outs, grads)
         return {"out": out, "residual_out": res_out, "dx": xl.grad, "dresidual": rl.grad if rl is not None else None,
                 "dweight": wl.grad if wl is not None else None, "dbias": bl.grad if bl is not None else None}
@@ -89,7 +90,7 @@ def check_case(x, residual=None, weight=None, bias=None, *, dtype, rms=False, ep
 
     floors = norm_floors(low(x, dtype), low(residual, residual_dtype or dtype), low(weight, param_dtype or dtype),
                          low(bias, param_dtype or dtype), dy, dro, dtype=dtype, eps=eps, rms=rms,
-                         dropout_p=dropout_p, dropout_mask=keep)
+                         dropout_p=dropout_p, dropout_mask=keep.cpu() if keep is not None else None)
     kernels = {FWD: 1, BWD: 1, REDUCE: 1 if weight is not None or bias is not None else 0}
     return three_way(run, dtype, kernels=kernels, floors=floors)
 
@@ -117,13 +118,13 @@ def test_layer_norm2d(shape, channels_last, dtype, monkeypatch):
 
     def run(label, lowp):
         pdt = torch.float64 if label == "ref" else dtype
-        xl = x.to(lowp, copy=True).to(memory_format=fmt).requires_grad_()
-        wl, bl = w.to(pdt, copy=True).requires_grad_(), b.to(pdt, copy=True).requires_grad_()
+        xl = dev(x, lowp, copy=True).to(memory_format=fmt).requires_grad_()
+        wl, bl = dev(w, pdt, copy=True).requires_grad_(), dev(b, pdt, copy=True).requires_grad_()
         fn = fastattn.layer_norm2d if label == "ours" else reference.layer_norm2d
         out = fn(xl, wl, bl, 1e-6)
         if label == "ours":
             assert out.is_contiguous(memory_format=torch.channels_last) and read == [xl.data_ptr()]
-        out.backward(dy.to(out.dtype))
+        out.backward(dev(dy, out.dtype))
         return {"out": out, "dx": xl.grad, "dweight": wl.grad, "dbias": bl.grad}
 
     def low(t):
@@ -136,7 +137,7 @@ def test_layer_norm2d(shape, channels_last, dtype, monkeypatch):
 
 def test_layer_norm2d_rejects_other_ranks():
     with pytest.raises(ValueError, match="x must be a 4-D"):
-        fastattn.layer_norm2d(torch.randn(2, 3, 4))
+        fastattn.layer_norm2d(dev(torch.randn(2, 3, 4)))
 
 
 def test_layer_norm2d_module_and_compile():
@@ -145,7 +146,8 @@ def test_layer_norm2d_module_and_compile():
     assert list(ours.state_dict()) == list(theirs.state_dict()) and "channels-first" in repr(ours)
     theirs.weight.data.normal_()
     ours.load_state_dict(theirs.state_dict())
-    x = torch.randn(2, 12, 5, 3, requires_grad=True)
+    ours, theirs = dev(ours), dev(theirs)
+    x = dev(torch.randn(2, 12, 5, 3)).requires_grad_()
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     with _runtime.record_launches() as n:
         out = compiled(x)
@@ -265,7 +267,7 @@ def test_dropout_without_residual():
 
 def test_dropout_keep_rate():
     p = 0.25
-    keep = ln_ops.dropout_keep_mask(_seed_of(5), (96, 1031), p, torch.device("cpu"))
+    keep = ln_ops.dropout_keep_mask(_seed_of(5), (96, 1031), p, DEVICE)
     rate = keep.double().mean().item()
     sigma = math.sqrt(p * (1 - p) / keep.numel())
     assert abs(rate - (1 - p)) < 5 * sigma, f"keep rate {rate:.4f} vs {1 - p}"
@@ -273,7 +275,7 @@ def test_dropout_keep_rate():
 
 
 def test_dropout_reproducible_under_manual_seed():
-    x, r = torch.randn(7, 300), torch.randn(7, 300)
+    x, r = dev(torch.randn(7, 300)), dev(torch.randn(7, 300))
     torch.manual_seed(123)
     a = fastattn.add_layer_norm(x, r, dropout_p=0.4)
     b = fastattn.add_layer_norm(x, r, dropout_p=0.4)
@@ -288,11 +290,11 @@ def test_dropout_reproducible_under_manual_seed():
 def test_dropout_backward_regenerates_the_mask():
     """dx is zero exactly where the forward dropped x, and dy/(1-p) scaled elsewhere (no norm in the way: the
     gradient flows only through residual_out here)."""
-    x = torch.randn(11, 97, requires_grad=True)
-    r = torch.randn(11, 97)
+    x = dev(torch.randn(11, 97)).requires_grad_()
+    r = dev(torch.randn(11, 97))
     torch.manual_seed(9)
     _, res_out = fastattn.add_layer_norm(x, r, dropout_p=0.5)
-    g = torch.randn(11, 97)
+    g = dev(torch.randn(11, 97))
     res_out.backward(g)
     kept = res_out != r
     torch.testing.assert_close(x.grad, torch.where(kept, g * 2.0, torch.zeros_like(g)))
@@ -319,8 +321,8 @@ def test_constant_rows_fp32_and_rms(small_loops):
     for rms in (False, True):
         x = torch.full((6, 300), 1.7, dtype=torch.float64)
         x[3] = 0.0  # an all-zero row: RMSNorm's variance is 0 as well
-        w = torch.randn(300, requires_grad=True)
-        xl = x.float().requires_grad_()
+        w = dev(torch.randn(300)).requires_grad_()
+        xl = dev(x, torch.float32).requires_grad_()
         out, _ = (fastattn.add_rms_norm(xl, None, w) if rms else fastattn.add_layer_norm(xl, None, w))
         out.backward(torch.randn_like(out))
         for t in (out, xl.grad, w.grad):
@@ -348,9 +350,9 @@ def test_non_contiguous_inputs(layout):
 
 def test_strided_inputs_are_read_without_copies(monkeypatch):
     calls = spy_launches(monkeypatch, FWD)
-    buf = torch.randn(2, 11, 40)
+    buf = dev(torch.randn(2, 11, 40))
     x = buf[:, 1:]  # (2, 10, 40) with strides (440, 40, 1)
-    r = torch.randn(40, 10, 2).permute(2, 1, 0)  # strides (1, 2, 20)
+    r = dev(torch.randn(40, 10, 2)).permute(2, 1, 0)  # strides (1, 2, 20)
     out, _ = fastattn.add_layer_norm(x, r)
     seen = [(args[0].data_ptr(), args[1].data_ptr(), args[8:14]) for _, args, _ in calls]
     assert seen == [(x.data_ptr(), r.data_ptr(), (440, 40, 1, 1, 2, 20))]
@@ -358,18 +360,18 @@ def test_strided_inputs_are_read_without_copies(monkeypatch):
 
 
 def test_irregular_leading_strides_are_copied_once():
-    x = torch.randn(3, 4, 5, 16)[:, 1:, ::2]  # three irregular levels
-    w = torch.randn(16)
+    x = dev(torch.randn(3, 4, 5, 16))[:, 1:, ::2]  # three irregular levels
+    w = dev(torch.randn(16))
     torch.testing.assert_close(fastattn.layer_norm(x, (16,), w), F.layer_norm(x, (16,), w))
 
 
 def test_expanded_gradient():
-    x = torch.randn(5, 6, 33, requires_grad=True)
+    x = dev(torch.randn(5, 6, 33)).requires_grad_()
     fastattn.layer_norm(x, (33,)).square().sum().backward()  # grad of .sum() is a zero-stride expand
     x2 = x.detach().clone().requires_grad_()
     F.layer_norm(x2, (33,)).square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-4)
-    y = torch.randn(4, 21, requires_grad=True)
+    y = dev(torch.randn(4, 21)).requires_grad_()
     fastattn.layer_norm(y, (21,)).sum().backward()
     torch.testing.assert_close(y.grad, torch.zeros_like(y), atol=1e-6, rtol=0)
 
@@ -377,15 +379,15 @@ def test_expanded_gradient():
 # -- functional drop-ins ---------------------------------------------------------------------------------------------
 
 def test_layer_norm_matches_torch_functional():
-    x = torch.randn(2, 7, 6, 10, requires_grad=True)
-    w, b = torch.randn(6, 10, requires_grad=True), torch.randn(6, 10, requires_grad=True)
+    x, w, b = (dev(torch.randn(*s)).requires_grad_() for s in ((2, 7, 6, 10), (6, 10), (6, 10)))
+    ramp = dev(torch.arange(10.0))
     with _runtime.record_launches() as n:
         out = fastattn.layer_norm(x, (6, 10), w, b, 1e-3)  # two normalised dims, flattened
-        out.backward(torch.ones_like(out) * torch.arange(10.0))
+        out.backward(torch.ones_like(out) * ramp)
     assert n[FWD] == 1 and n[BWD] == 1
     leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
     ref = F.layer_norm(leaves[0], (6, 10), leaves[1], leaves[2], 1e-3)
-    ref.backward(torch.ones_like(ref) * torch.arange(10.0))
+    ref.backward(torch.ones_like(ref) * ramp)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     for ours, theirs in zip((x, w, b), leaves):
         torch.testing.assert_close(ours.grad, theirs.grad, atol=1e-4, rtol=1e-4)
@@ -393,8 +395,8 @@ def test_layer_norm_matches_torch_functional():
 
 
 def test_rms_norm_matches_torch_functional():
-    x = torch.randn(3, 9, 50, dtype=torch.float16)
-    w = torch.randn(50, dtype=torch.float16)
+    x = dev(torch.randn(3, 9, 50, dtype=torch.float16))
+    w = dev(torch.randn(50, dtype=torch.float16))
     with _runtime.record_launches() as n:
         out = fastattn.rms_norm(x, (50,), w)  # eps=None: finfo(float16).eps, as torch
     assert n[FWD] == 1
@@ -408,7 +410,7 @@ def test_return_residual_false_skips_the_write_when_no_grad(monkeypatch):
     def stored():  # whether each launch wrote residual_out (its pointer RO)
         return [args[5] is not None for _, args, _ in calls]
 
-    x, r = torch.randn(9, 64), torch.randn(9, 64)
+    x, r = dev(torch.randn(9, 64)), dev(torch.randn(9, 64))
     with torch.no_grad():
         out = fastattn.add_layer_norm(x, r, return_residual=False)
     assert isinstance(out, torch.Tensor) and stored() == [False]
@@ -434,7 +436,8 @@ def test_layernorm_module_is_a_drop_in(kw):
     assert ours.state_dict().keys() == torch_ln.state_dict().keys()
     ours.load_state_dict(torch_ln.state_dict())
     assert repr(ours).replace("fastattn.nn.", "") == repr(torch_ln)
-    x = torch.randn(2, 13, 48)
+    ours, torch_ln = dev(ours), dev(torch_ln)
+    x = dev(torch.randn(2, 13, 48))
     with _runtime.record_launches() as n:
         out = ours(x)
     assert isinstance(out, torch.Tensor) and n[FWD] == 1
@@ -442,8 +445,8 @@ def test_layernorm_module_is_a_drop_in(kw):
 
 
 def test_layernorm_module_residual_pre_and_post_norm():
-    m = fastattn.nn.LayerNorm(32)
-    x, r = torch.randn(3, 5, 32), torch.randn(3, 5, 32)
+    m = dev(fastattn.nn.LayerNorm(32))
+    x, r = dev(torch.randn(3, 5, 32)), dev(torch.randn(3, 5, 32))
     out, res_out = m(x, r)
     torch.testing.assert_close(res_out, x + r)
     torch.testing.assert_close(out, F.layer_norm(x + r, (32,), m.weight, m.bias), atol=1e-5, rtol=1e-5)
@@ -460,9 +463,10 @@ def test_layernorm_module_multi_dim_shape():
     with torch.no_grad():
         m.weight.normal_()
         m.bias.normal_()
-    x = torch.randn(3, 4, 8)
+    x = dev(torch.randn(3, 4, 8))
     ref = torch.nn.LayerNorm((4, 8))
     ref.load_state_dict(m.state_dict())
+    m, ref = dev(m), dev(ref)
     torch.testing.assert_close(m(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
@@ -474,7 +478,8 @@ def test_rmsnorm_module_is_a_drop_in(eps):
     ours = fastattn.nn.RMSNorm(40, eps=eps)
     assert isinstance(ours, torch.nn.RMSNorm)
     ours.load_state_dict(torch_rms.state_dict())
-    x, r = torch.randn(6, 40, requires_grad=True), torch.randn(6, 40)
+    ours, torch_rms = dev(ours), dev(torch_rms)
+    x, r = dev(torch.randn(6, 40)).requires_grad_(), dev(torch.randn(6, 40))
     torch.testing.assert_close(ours(x), torch_rms(x), atol=1e-5, rtol=1e-5)
     out, _ = ours(x, r, residual_in_fp32=True)
     torch.testing.assert_close(out, torch_rms(x + r), atol=1e-5, rtol=1e-5)
@@ -490,9 +495,8 @@ def test_backward_is_bitwise_repeatable():
     N, M = 65, 150
     per = ln_ops.backward_schedule(M, N, torch.float16, ln_ops.device_sms(torch.device("cpu")), 2).per
     assert per > 1  # several row blocks per program: the partial sums really accumulate
-    inputs = [torch.randn(M, N, dtype=torch.float16), torch.randn(M, N, dtype=torch.float16),
-              torch.randn(N, dtype=torch.float16), torch.randn(N, dtype=torch.float16)]
-    g_out, g_res = torch.randn(M, N, dtype=torch.float16), torch.randn(M, N, dtype=torch.float16)
+    inputs = [dev(torch.randn(*s, dtype=torch.float16)) for s in ((M, N), (M, N), (N,), (N,))]
+    g_out, g_res = dev(torch.randn(M, N, dtype=torch.float16)), dev(torch.randn(M, N, dtype=torch.float16))
     grads = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in inputs]
@@ -525,9 +529,9 @@ def test_gradcheck_float64_through_the_kernels(small_loops):
 
 
 def test_torch_compile_fullgraph():
-    x = torch.randn(2, 9, 64, requires_grad=True)
-    r = torch.randn(2, 9, 64, requires_grad=True)
-    m = fastattn.nn.LayerNorm(64)
+    x = dev(torch.randn(2, 9, 64)).requires_grad_()
+    r = dev(torch.randn(2, 9, 64)).requires_grad_()
+    m = dev(fastattn.nn.LayerNorm(64))
 
     def f(x, r):
         out, res = m(x, r, dropout_p=0.2)
@@ -549,15 +553,15 @@ def test_torch_compile_fullgraph():
 
 def test_registered_custom_ops():
     assert hasattr(torch.ops.fastattn, "add_layer_norm") and hasattr(torch.ops.fastattn, "add_layer_norm_backward")
-    x = torch.randn(4, 12)
+    x = dev(torch.randn(4, 12))
     out, _, mean, rstd = torch.ops.fastattn.add_layer_norm(x, x, None, None, 1e-5, 0.0, None, False, False, True)
     torch.testing.assert_close(out, F.layer_norm(2 * x, (12,)))
     assert mean.shape == (4,) and rstd.dtype == torch.float32
 
 
 def test_opcheck():
-    x = torch.randn(3, 20, requires_grad=True)
-    w = torch.randn(20, requires_grad=True)
+    x = dev(torch.randn(3, 20)).requires_grad_()
+    w = dev(torch.randn(20)).requires_grad_()
     torch.library.opcheck(torch.ops.fastattn.add_layer_norm.default, (x, x.detach() * 2, w, None, 1e-5, 0.0, None,
                                                                       False, False, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
@@ -566,18 +570,17 @@ def test_opcheck():
 # -- empty inputs ----------------------------------------------------------------------------------------------------
 
 def test_empty_rows():
-    x = torch.randn(0, 7, 16, requires_grad=True)
-    w, b = torch.randn(16, requires_grad=True), torch.randn(16, requires_grad=True)
-    out, _ = fastattn.add_layer_norm(x, torch.randn(0, 7, 16), w, b)
+    x, w, b = (dev(torch.randn(*s)).requires_grad_() for s in ((0, 7, 16), (16,), (16,)))
+    out, _ = fastattn.add_layer_norm(x, dev(torch.randn(0, 7, 16)), w, b)
     assert out.shape == x.shape
     out.sum().backward()
-    assert torch.equal(w.grad, torch.zeros(16)) and x.grad.shape == x.shape
+    assert torch.equal(w.grad, dev(torch.zeros(16))) and x.grad.shape == x.shape
 
 
 # -- bad input -------------------------------------------------------------------------------------------------------
 
 def _t(*shape, dtype=torch.float32):
-    return torch.randn(*shape, dtype=dtype)
+    return dev(torch.randn(*shape, dtype=dtype))
 
 
 BAD = [
@@ -593,9 +596,9 @@ BAD = [
     ("eps_nan", lambda: ((_t(3, 8),), {"eps": float("nan")}), ValueError, "eps"),
     ("dropout_one", lambda: ((_t(3, 8),), {"dropout_p": 1.0}), ValueError, r"dropout_p must be a float in \[0, 1\)"),
     ("dropout_negative", lambda: ((_t(3, 8),), {"dropout_p": -0.1}), ValueError, "dropout_p"),
-    ("int_input", lambda: ((torch.ones(3, 8, dtype=torch.int64),), {}), TypeError, "x must be a floating-point"),
+    ("int_input", lambda: ((dev(torch.ones(3, 8, dtype=torch.int64)),), {}), TypeError, "x must be a floating-point"),
     ("not_a_tensor", lambda: (([1.0, 2.0],), {}), TypeError, "x must be a Tensor"),
-    ("scalar_input", lambda: ((torch.tensor(1.0),), {}), ValueError, "x must have at least one dim"),
+    ("scalar_input", lambda: ((dev(torch.tensor(1.0)),), {}), ValueError, "x must have at least one dim"),
     ("fp32_flag_type", lambda: ((_t(3, 8),), {"residual_in_fp32": 1}), TypeError, "residual_in_fp32 must be a bool"),
 ]
 
@@ -614,7 +617,7 @@ def test_bad_input_raises_naming_the_argument(case):
     (lambda: fastattn.layer_norm(_t(3, 8), "8"), "normalized_shape must be an int"),
     (lambda: fastattn.add_rms_norm(_t(3, 8), None, _t(9)), "weight must have shape"),
     (lambda: fastattn.add_rms_norm(_t(3, 8), eps=0.0), "eps"),
-    (lambda: fastattn.nn.LayerNorm(8, eps=0.0)(_t(3, 8)), "eps"),
+    (lambda: dev(fastattn.nn.LayerNorm(8, eps=0.0))(_t(3, 8)), "eps"),
 ], ids=["ln_shape", "ln_weight", "ln_shape_type", "rms_weight", "rms_eps", "module_eps"])
 def test_bad_input_other_entry_points(call, text):
     with pytest.raises((ValueError, TypeError), match=text):
@@ -631,6 +634,7 @@ def test_device_mix_raises():
 # -- visible fallback ------------------------------------------------------------------------------------------------
 
 def test_cpu_without_interpreter_runs_eager_reference_visibly():
+    cpu_only("the eager fallback of CPU tensors without Triton's interpreter")
     code = textwrap.dedent("""
         import os, warnings
         os.environ.pop("TRITON_INTERPRET", None)

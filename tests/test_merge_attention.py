@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from harness import three_way
+from harness import DEVICE, cpu_only, dev, three_way
 
 import fastattn
 from fastattn import reference
@@ -28,21 +28,22 @@ def _lse_dtype(lowp: torch.dtype) -> torch.dtype:
 
 
 def check_merge(outs, lses, dtype, *, grad_lse=True):
-    """``outs``/``lses`` are float64 masters (lses holding float32 values); returns the three runs' results."""
+    """``outs``/``lses`` are float64 masters on the CPU (lses holding float32 values), moved to the test device by each
+    run; returns the three runs' results."""
     S = len(outs)
     grads = {}
 
     def run(label, lowp):
-        os_ = [o.to(lowp, copy=True).requires_grad_() for o in outs]
-        ls = [x.to(_lse_dtype(lowp), copy=True).requires_grad_() for x in lses]
+        os_ = [dev(o, lowp, copy=True).requires_grad_() for o in outs]
+        ls = [dev(x, _lse_dtype(lowp), copy=True).requires_grad_() for x in lses]
         fn = fastattn.merge_attention if label == "ours" else reference.merge_attention
         out, lse = fn(os_, ls)
         if not grads:
             grads["out"] = torch.randn(out.shape, dtype=torch.float64)
             grads["lse"] = torch.randn(lse.shape, dtype=torch.float64)
-        seeds = [grads["out"].to(out.dtype)]
+        seeds = [dev(grads["out"], out.dtype)]
         if grad_lse:  # -inf rows: a finite seed, a finite gradient (zero) expected
-            seeds.append(grads["lse"].to(lse.dtype))
+            seeds.append(dev(grads["lse"], lse.dtype))
         torch.autograd.backward([out, lse] if grad_lse else [out], seeds)
         # -inf rows (empty everywhere) must be the same rows in every run; the rule compares the finite ones
         empty = torch.isneginf(lse)
@@ -56,7 +57,7 @@ def check_merge(outs, lses, dtype, *, grad_lse=True):
     def floors(results):
         seen = [o.to(dtype).double() for o in outs]
         return merge_floors(seen, lses, grads["out"].to(dtype).double(), grads["lse"] if grad_lse else None,
-                            dtype=dtype, lse_ours=results["ours"]["lse"])
+                            dtype=dtype, lse_ours=results["ours"]["lse"].cpu())
 
     res = three_way(run, dtype, kernels=KERNELS, floors=floors)
     res["empty"] = grads["empty"]
@@ -92,8 +93,8 @@ def test_lse_gradient_alone_and_out_gradient_alone():
     outs, lses = parts(3, (2, 29, 32))
     check_merge(outs, lses, torch.float32, grad_lse=False)
     # only the lse used: dout arrives as None, every d out_s is zero
-    os_ = [o.float().requires_grad_() for o in outs]
-    ls = [x.float().requires_grad_() for x in lses]
+    os_ = [dev(o, torch.float32).requires_grad_() for o in outs]
+    ls = [dev(x, torch.float32).requires_grad_() for x in lses]
     _, lse = fastattn.merge_attention(os_, ls)
     lse.sum().backward()
     assert all((o.grad == 0).all() for o in os_)
@@ -120,8 +121,8 @@ def test_empty_parts_and_empty_rows():
 
 
 def test_all_parts_empty():
-    outs = [torch.randn(2, 7, 16) for _ in range(3)]
-    lses = [torch.full((2, 7), float("-inf")) for _ in range(3)]
+    outs = [dev(torch.randn(2, 7, 16)) for _ in range(3)]
+    lses = [dev(torch.full((2, 7), float("-inf"))) for _ in range(3)]
     os_ = [o.requires_grad_() for o in outs]
     ls = [x.requires_grad_() for x in lses]
     with fastattn.record_launches() as launches:
@@ -157,7 +158,7 @@ def test_merged_key_splits_equal_full_attention():
     seen = [t.half().double() for t in (q, k, v)]
 
     def run(label, lowp):
-        qs, ks, vs = (t.to(lowp) for t in (q, k, v))
+        qs, ks, vs = (dev(t, lowp) for t in (q, k, v))
         if label == "ours":
             (out, lse), _ = _split_attention(qs, ks, vs)
         else:
@@ -183,6 +184,7 @@ def test_merged_key_splits_equal_full_attention():
 def test_merged_key_splits_gradients_float64():
     """Gradients through the merge into every part's q, k, v equal full attention's (float64 through the
     interpreter: both sides exact to rounding, so torch's float64 tolerances apply)."""
+    cpu_only("float64 runs the Triton kernels only in the interpreter")
     B, H, M, D = 1, 2, 21, 16
     q, k, v = (torch.randn(B, H, n, D, dtype=torch.float64, requires_grad=True) for n in (M, CUTS[-1], CUTS[-1]))
     grad_out, grad_lse = torch.randn(B, H, M, D, dtype=torch.float64), torch.randn(B, H, M, dtype=torch.float64)
@@ -200,8 +202,8 @@ def test_merged_key_splits_gradients_float64():
 
 def test_repeatable_bitwise():
     outs, lses = parts(5, (3, 61, 40))
-    os_ = [o.half() for o in outs]
-    ls = [x.float() for x in lses]
+    os_ = [dev(o, torch.float16) for o in outs]
+    ls = [dev(x, torch.float32) for x in lses]
     a = fastattn.merge_attention(os_, ls)
     b = fastattn.merge_attention(os_, ls)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -209,8 +211,8 @@ def test_repeatable_bitwise():
 
 def test_torch_compile_fullgraph():
     outs, lses = parts(3, (2, 19, 32))
-    os_ = [o.float().requires_grad_() for o in outs]
-    ls = [x.float().requires_grad_() for x in lses]
+    os_ = [dev(o, torch.float32).requires_grad_() for o in outs]
+    ls = [dev(x, torch.float32).requires_grad_() for x in lses]
 
     def f(a, b, c, la, lb, lc):
         out, lse = fastattn.merge_attention([a, b, c], [la, lb, lc])
@@ -231,7 +233,7 @@ def test_torch_compile_fullgraph():
 # -- bad input ------------------------------------------------------------------------------------------------------
 
 def _good(S=2):
-    return [torch.randn(2, 5, 8) for _ in range(S)], [torch.randn(2, 5) for _ in range(S)]
+    return [dev(torch.randn(2, 5, 8)) for _ in range(S)], [dev(torch.randn(2, 5)) for _ in range(S)]
 
 
 @pytest.mark.parametrize("mutate,err,match", [
@@ -256,7 +258,7 @@ def test_bad_input_raises_naming_the_argument(mutate, err, match):
 
 def test_fallback_above_the_kernels_head_dim():
     outs, lses = _good()
-    outs = [torch.randn(2, 5, 300) for _ in range(2)]
+    outs = [dev(torch.randn(2, 5, 300)) for _ in range(2)]
     with pytest.warns(fastattn.FallbackWarning, match="head dim 300"):
         out, lse = fastattn.merge_attention(outs, lses)
     ref = reference.merge_attention(outs, lses)
@@ -272,8 +274,8 @@ def test_memory_and_traffic_at_a_ring_step():
 
     case = cases.get("merge_attention", "model")[0]
     S, B, H, L, D = (case.dims[k] for k in "SBHLD")
-    fused = memory.measure_call(case.make, case.fused, torch.float16)
-    eager = memory.measure_call(case.make, case.eager, torch.float16)
+    fused = memory.measure_call(case.make, case.fused, torch.float16, device=str(DEVICE))
+    eager = memory.measure_call(case.make, case.eager, torch.float16, device=str(DEVICE))
     fwd_min, bwd_min = case.min_bytes(torch.float16)
     stack = 2 * S * B * H * L * (2 * D + 4)  # torch.stack reads and writes the outputs and the lses
     assert fused.traffic["fwd"] == fwd_min + stack and fused.traffic["bwd"] == bwd_min

@@ -17,7 +17,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import spy_launches, three_way
+from harness import cpu_only, dev, spy_launches, three_way
 
 import fastattn
 from fastattn import _runtime, reference
@@ -33,7 +33,7 @@ def randn(*shape, scale=1.0):
 
 
 def make_inputs(B, C, H, W, P, D, *, bias=True, pos="cls", cls=True):
-    """Float64 masters. pos: None, "cls" (N + 1 rows with a class token, N without) or "patches" (N rows)."""
+    """Float64 masters on the CPU. pos: None, "cls" (N + 1 rows with a class token, N without) or "patches" (N rows)."""
     N = (H // P) * (W // P)
     rows = N + 1 if (pos == "cls" and cls) else N
     return {
@@ -64,21 +64,21 @@ def check_case(inputs, dtype, *, channels_last=False, images_grad=True, lowp_pos
                 continue
             tdt = lowp_pos_dtype if (lowp_pos_dtype and name in ("pos_embed", "cls_token") and label != "ref") \
                 else lowp
-            t = t.to(tdt)
+            t = dev(t, tdt)
             if name == "images" and channels_last:
                 t = t.to(memory_format=torch.channels_last)
             leaves[name] = t.detach().requires_grad_((name != "images" or images_grad) and name not in frozen)
         out = fn(**leaves)
         if grad_out is None:
             grad_out = randn(*out.shape)
-        out.backward(grad_out.to(out.dtype))
+        out.backward(dev(grad_out, out.dtype))
         seen[label] = {n: leaves[n] for n in order}
         grads = {d: leaves[n].grad for d, n in zip(NAMES[1:], order)
                  if leaves[n] is not None and leaves[n].requires_grad}
         return {"out": out, **grads}
 
     def floors(results):
-        low = [t.detach().double() if t is not None else None for t in seen["eager"].values()]
+        low = [t.detach().cpu().double() if t is not None else None for t in seen["eager"].values()]
         return patch_embed_floors(*low, grad_out, dtype=dtype)
 
     expect = {"_pe_fwd": 1, "_pe_bwd_dw": 1, "_pe_bwd_dx": int(images_grad),
@@ -131,7 +131,7 @@ def test_class_token_and_position_embedding_variants(variant):
 
 def test_no_embed_class_semantics():
     """A pos_embed of N rows with a class token is added to the patch tokens only (timm's no_embed_class)."""
-    x = make_inputs(1, 3, 16, 16, 8, 16, pos="patches")
+    x = {k: dev(v) for k, v in make_inputs(1, 3, 16, 16, 8, 16, pos="patches").items()}
     out = fastattn.patch_embed(**{k: v.float() for k, v in x.items()})
     t = F.conv2d(x["images"], x["weight"], x["bias"], stride=8).flatten(2).transpose(1, 2)
     expect = torch.cat([x["cls_token"], t + x["pos_embed"]], 1)
@@ -165,11 +165,11 @@ def test_channels_last_weight_and_images():
 
 def test_views_read_through_strides_without_copies(monkeypatch):
     calls = spy_launches(monkeypatch, "_pe_fwd")
-    big = torch.randn(2, 5, 40, 30)
+    big = dev(torch.randn(2, 5, 40, 30))
     images = big[:, 1:4, 4:36, 3:27]  # a crop of a larger batch: (2, 3, 32, 24), no stride is contiguous
-    wt = torch.randn(3, 24, 8, 8)
+    wt = dev(torch.randn(3, 24, 8, 8))
     weight = wt.transpose(0, 1)  # (24, 3, 8, 8) view
-    bias = torch.randn(24)
+    bias = dev(torch.randn(24))
     out = fastattn.patch_embed(images, weight, bias)
     [(_, args, _)] = calls
     assert (args[0].data_ptr(), args[1].data_ptr()) == (images.data_ptr(), weight.data_ptr())
@@ -198,11 +198,11 @@ def test_fp32_pos_and_cls_with_half_images(dtype):
 def test_expanded_grad_out():
     """A zero-stride incoming gradient (from .sum()) is read through its strides."""
     x = make_inputs(2, 3, 16, 16, 8, 24)
-    leaves = {k: v.float().requires_grad_() for k, v in x.items()}
+    leaves = {k: dev(v, torch.float32).requires_grad_() for k, v in x.items()}
     with _runtime.record_launches() as n:
         fastattn.patch_embed(**leaves).sum().backward()
     assert n["_pe_bwd_dw"] == 1
-    ref = {k: v.float().requires_grad_() for k, v in x.items()}
+    ref = {k: dev(v, torch.float32).requires_grad_() for k, v in x.items()}
     reference.patch_embed(**ref).sum().backward()
     for k, leaf in leaves.items():
         torch.testing.assert_close(leaf.grad, ref[k].grad, atol=1e-4, rtol=1e-4)
@@ -212,14 +212,12 @@ def test_expanded_grad_out():
 
 def test_frozen_inputs_skip_kernels():
     x = make_inputs(2, 3, 16, 16, 8, 24)
-    images = x["images"].float()
-    weight = x["weight"].float().requires_grad_()
-    pos = x["pos_embed"].float()
-    cls = x["cls_token"].float()
+    images, pos, cls = (dev(x[k], torch.float32) for k in ("images", "pos_embed", "cls_token"))
+    weight = dev(x["weight"], torch.float32).requires_grad_()
     with _runtime.record_launches() as n:
         fastattn.patch_embed(images, weight, None, pos, cls).square().sum().backward()
     assert n["_pe_bwd_dw"] == 1 and n["_pe_bwd_dpos"] == 0 and n["_pe_bwd_dx"] == 0
-    ref_w = x["weight"].float().requires_grad_()
+    ref_w = dev(x["weight"], torch.float32).requires_grad_()
     reference.patch_embed(images, ref_w, None, pos, cls).square().sum().backward()
     torch.testing.assert_close(weight.grad, ref_w.grad, atol=1e-4, rtol=1e-4)
 
@@ -228,6 +226,7 @@ def test_split_reduction_only_inside_the_dimages_buffer():
     """The dW reduction splits over token ranges only as far as their fp32 partials fit in the dimages buffer (which
     they occupy before dimages is written): with dimages the fixed-order split sum runs, without it one range per
     tile writes dweight itself, and with dbias alone no program runs the GEMM. Every result under the 2x rule."""
+    cpu_only("the split follows the interpreter's schedule; test_dw_schedule_on_a_gpu checks a GPU's")
     x = make_inputs(2, 3, 28, 21, 7, 8)  # 24 tokens; the partials of 2 ranges fit in the fp32 images' 14 KB
 
     def schedule(images_grad, dweight=True):
@@ -263,8 +262,8 @@ def test_backward_is_deterministic():
     x = make_inputs(3, 3, 24, 24, 4, 40)
     grads = []
     for _ in range(2):
-        leaves = {k: v.half().requires_grad_() for k, v in x.items()}
-        g = torch.randn(3, 37, 40, generator=torch.Generator().manual_seed(5)).half()
+        leaves = {k: dev(v, torch.float16).requires_grad_() for k, v in x.items()}
+        g = dev(torch.randn(3, 37, 40, generator=torch.Generator().manual_seed(5)), torch.float16)
         fastattn.patch_embed(**leaves).backward(g)
         grads.append([leaves[k].grad for k in leaves])
     for a, b in zip(*grads):
@@ -286,7 +285,7 @@ def test_gradcheck_float64_through_the_kernels():
 
 def test_torch_compile_fullgraph():
     x = make_inputs(2, 3, 16, 24, 8, 24)
-    leaves = [x[k].float().requires_grad_() for k in ("images", "weight", "bias", "pos_embed", "cls_token")]
+    leaves = [dev(x[k], torch.float32).requires_grad_() for k in ("images", "weight", "bias", "pos_embed", "cls_token")]
 
     def f(images, weight, bias, pos, cls):
         return fastattn.patch_embed(images, weight, bias, pos, cls).square().sum()
@@ -306,14 +305,14 @@ def test_torch_compile_fullgraph():
 
 def test_registered_custom_ops():
     assert hasattr(torch.ops.fastattn, "patch_embed") and hasattr(torch.ops.fastattn, "patch_embed_backward")
-    images, weight = torch.randn(1, 3, 16, 16), torch.randn(8, 3, 8, 8)
+    images, weight = dev(torch.randn(1, 3, 16, 16)), dev(torch.randn(8, 3, 8, 8))
     out = torch.ops.fastattn.patch_embed(images, weight, None, None, None)
     torch.testing.assert_close(out, reference.patch_embed(images, weight), atol=1e-5, rtol=1e-5)
 
 
 def test_empty_batch():
     x = make_inputs(0, 3, 16, 16, 8, 24)
-    leaves = {k: v.float().requires_grad_() for k, v in x.items()}
+    leaves = {k: dev(v, torch.float32).requires_grad_() for k, v in x.items()}
     out = fastattn.patch_embed(**leaves)
     assert out.shape == (0, 5, 24)
     out.sum().backward()
@@ -330,7 +329,8 @@ def test_module_state_dict_matches_conv2d():
     assert list(mod.state_dict()) == list(conv.state_dict()) == ["weight", "bias"]
     mod.load_state_dict(conv.state_dict())
     assert "patch_size=8" in repr(mod)
-    images, pos, cls = torch.randn(2, 3, 16, 24), torch.randn(1, 7, 24), torch.randn(1, 1, 24)
+    conv, mod = dev(conv), dev(mod)
+    images, pos, cls = dev(torch.randn(2, 3, 16, 24)), dev(torch.randn(1, 7, 24)), dev(torch.randn(1, 1, 24))
     with _runtime.record_launches() as n:
         out = mod(images, pos_embed=pos, cls_token=cls)
     assert n["_pe_fwd"] == 1
@@ -340,10 +340,10 @@ def test_module_state_dict_matches_conv2d():
 
 
 def test_module_from_conv_shares_parameters():
-    conv = torch.nn.Conv2d(4, 16, kernel_size=4, stride=4, bias=False)
+    conv = dev(torch.nn.Conv2d(4, 16, kernel_size=4, stride=4, bias=False))
     mod = fastattn.nn.PatchEmbed.from_conv(conv)
     assert mod.weight is conv.weight and mod.bias is None
-    images = torch.randn(1, 4, 8, 12)
+    images = dev(torch.randn(1, 4, 8, 12))
     out = mod(images)
     out.square().sum().backward()
     assert conv.weight.grad is not None
@@ -370,9 +370,9 @@ def _import_or_skip(name):
 
 def test_swap_into_torchvision_vit():
     tv = _import_or_skip("torchvision")
-    vit = tv.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=32,
-                                      mlp_dim=64).eval()
-    images = torch.randn(2, 3, 32, 32)
+    vit = dev(tv.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=32,
+                                          mlp_dim=64).eval())
+    images = dev(torch.randn(2, 3, 32, 32))
     with torch.no_grad():
         expect = vit(images)
     keys = list(vit.state_dict())
@@ -387,9 +387,9 @@ def test_swap_into_torchvision_vit():
 
 def test_swap_into_timm_vit():
     timm = _import_or_skip("timm")
-    vit = timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1,
-                                                           num_heads=2, num_classes=5).eval()
-    images = torch.randn(2, 3, 32, 32)
+    vit = dev(timm.models.vision_transformer.VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=1,
+                                                               num_heads=2, num_classes=5).eval())
+    images = dev(torch.randn(2, 3, 32, 32))
     with torch.no_grad():
         expect = vit(images)
     keys = list(vit.state_dict())
@@ -418,8 +418,9 @@ def test_fp32_uses_tf32_exactly_where_conv_would():
 # -- bad input -------------------------------------------------------------------------------------------------------
 
 def _args(B=1, C=3, H=16, W=16, P=8, D=8, **over):
-    a = {"images": torch.randn(B, C, H, W), "weight": torch.randn(D, C, P, P), "bias": torch.randn(D),
-             "pos_embed": torch.randn(1, (H // P) * (W // P) + 1, D), "cls_token": torch.randn(1, 1, D)}
+    shapes = {"images": (B, C, H, W), "weight": (D, C, P, P), "bias": (D,),
+              "pos_embed": (1, (H // P) * (W // P) + 1, D), "cls_token": (1, 1, D)}
+    a = {name: dev(torch.randn(*shape)) for name, shape in shapes.items()}
     a.update(over)
     return a
 
@@ -427,22 +428,23 @@ def _args(B=1, C=3, H=16, W=16, P=8, D=8, **over):
 BAD = [
     ("height", lambda: _args(H=225, P=16, W=224), ValueError, "image height 225 is not a multiple of patch size 16"),
     ("width", lambda: _args(W=20), ValueError, "image width 20 is not a multiple of patch size 8"),
-    ("too_small", lambda: _args(images=torch.randn(1, 3, 4, 16)), ValueError, "image height 4 is smaller"),
-    ("images_rank", lambda: _args(images=torch.randn(3, 16, 16)), ValueError, "images must be 4-D"),
-    ("weight_rank", lambda: _args(weight=torch.randn(8, 192)), ValueError, "weight must be a Conv2d weight"),
-    ("weight_rect", lambda: _args(weight=torch.randn(8, 3, 8, 4)), ValueError, "square"),
-    ("channels", lambda: _args(images=torch.randn(1, 4, 16, 16)), ValueError, "images have 4 channels"),
-    ("bias_shape", lambda: _args(bias=torch.randn(9)), ValueError, "bias must have shape"),
-    ("cls_shape", lambda: _args(cls_token=torch.randn(1, 8)), ValueError, "cls_token must have shape"),
-    ("pos_rows", lambda: _args(pos_embed=torch.randn(1, 3, 8)), ValueError, "pos_embed must have shape"),
-    ("pos_width", lambda: _args(pos_embed=torch.randn(1, 5, 7)), ValueError, "pos_embed must have shape"),
-    ("pos_batch", lambda: _args(pos_embed=torch.randn(2, 5, 8)), ValueError, "pos_embed must have shape"),
+    ("too_small", lambda: _args(images=dev(torch.randn(1, 3, 4, 16))), ValueError, "image height 4 is smaller"),
+    ("images_rank", lambda: _args(images=dev(torch.randn(3, 16, 16))), ValueError, "images must be 4-D"),
+    ("weight_rank", lambda: _args(weight=dev(torch.randn(8, 192))), ValueError, "weight must be a Conv2d weight"),
+    ("weight_rect", lambda: _args(weight=dev(torch.randn(8, 3, 8, 4))), ValueError, "square"),
+    ("channels", lambda: _args(images=dev(torch.randn(1, 4, 16, 16))), ValueError, "images have 4 channels"),
+    ("bias_shape", lambda: _args(bias=dev(torch.randn(9))), ValueError, "bias must have shape"),
+    ("cls_shape", lambda: _args(cls_token=dev(torch.randn(1, 8))), ValueError, "cls_token must have shape"),
+    ("pos_rows", lambda: _args(pos_embed=dev(torch.randn(1, 3, 8))), ValueError, "pos_embed must have shape"),
+    ("pos_width", lambda: _args(pos_embed=dev(torch.randn(1, 5, 7))), ValueError, "pos_embed must have shape"),
+    ("pos_batch", lambda: _args(pos_embed=dev(torch.randn(2, 5, 8))), ValueError, "pos_embed must have shape"),
     ("pos_rows_no_cls", lambda: _args(cls_token=None), ValueError, r"pos_embed must have shape \(1, 4, 8\)"),
-    ("dtype_mix", lambda: _args(weight=torch.randn(8, 3, 8, 8).half()), TypeError, "one dtype"),
-    ("bias_dtype", lambda: _args(bias=torch.randn(8).double()), TypeError, "bias float64"),
-    ("pos_dtype", lambda: _args(pos_embed=torch.randn(1, 5, 8).half()), TypeError, "pos_embed must have"),
-    ("cls_dtype", lambda: _args(cls_token=torch.randn(1, 1, 8).bfloat16()), TypeError, "cls_token must have"),
-    ("int_images", lambda: _args(images=torch.ones(1, 3, 16, 16, dtype=torch.int64)), TypeError, "images must have"),
+    ("dtype_mix", lambda: _args(weight=dev(torch.randn(8, 3, 8, 8).half())), TypeError, "one dtype"),
+    ("bias_dtype", lambda: _args(bias=dev(torch.randn(8).double())), TypeError, "bias float64"),
+    ("pos_dtype", lambda: _args(pos_embed=dev(torch.randn(1, 5, 8).half())), TypeError, "pos_embed must have"),
+    ("cls_dtype", lambda: _args(cls_token=dev(torch.randn(1, 1, 8).bfloat16())), TypeError, "cls_token must have"),
+    ("int_images", lambda: _args(images=dev(torch.ones(1, 3, 16, 16, dtype=torch.int64))), TypeError,
+     "images must have"),
     ("not_tensor", lambda: _args(pos_embed=[[0.0]]), TypeError, "pos_embed must be a Tensor or None"),
 ]
 
@@ -456,12 +458,13 @@ def test_bad_input_raises_naming_the_argument(case):
 
 def test_device_mix_raises():
     with pytest.raises(RuntimeError, match="weight is on meta"):
-        fastattn.patch_embed(torch.randn(1, 3, 16, 16), torch.empty(8, 3, 8, 8, device="meta"))
+        fastattn.patch_embed(dev(torch.randn(1, 3, 16, 16)), torch.empty(8, 3, 8, 8, device="meta"))
 
 
 # -- visible fallback --------------------------------------------------------------------------------------------------
 
 def test_cpu_without_interpreter_runs_eager_reference_visibly():
+    cpu_only("the eager fallback of CPU tensors without Triton's interpreter")
     code = textwrap.dedent("""
         import os, warnings
         os.environ.pop("TRITON_INTERPRET", None)
@@ -485,4 +488,4 @@ def test_cpu_without_interpreter_runs_eager_reference_visibly():
 def test_no_warning_on_the_kernel_path():
     with warnings.catch_warnings():
         warnings.simplefilter("error", fastattn.FallbackWarning)
-        fastattn.patch_embed(torch.randn(1, 3, 16, 16), torch.randn(8, 3, 8, 8))
+        fastattn.patch_embed(dev(torch.randn(1, 3, 16, 16)), dev(torch.randn(8, 3, 8, 8)))

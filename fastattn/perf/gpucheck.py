@@ -1,8 +1,9 @@
 """``fastattn gpu-check`` (``./run.sh gpu-check``): the first thing to run on a CUDA machine, about 8 minutes on one
 H100/H200.
 
-1. tests: the op test files on the compiled kernels (``FASTATTN_TEST_DEVICE=cuda``), one pytest process per file
-   in parallel (their compiles overlap on the host's cores), each within the time limit;
+1. tests: the op test files (``TEST_FILES``) on the compiled kernels (``FASTATTN_TEST_DEVICE=cuda``: every input on
+   the GPU, the CPU-only tests skipped), one pytest process per file, all in parallel (their compiles overlap on the
+   host's cores), each within the time limit;
 2. agreement: each op's small cases and first quick case (ViT-B/16 attention, ...) fused vs eager in fp16 and bf16
    vs the float64 reference on the GPU, under the test suite's 2x-eager rule (the kernels' launches counted);
 3. bench: ``fastattn bench``'s runner on a bounded set (suite ``check``: the quick cases of every op plus LM
@@ -29,8 +30,10 @@ import torch
 
 from fastattn.perf import report
 
+# Their inputs go to FASTATTN_TEST_DEVICE (tests/harness.py's dev()); tests of the CPU itself skip there.
 TEST_FILES = ("tests/test_attention.py", "tests/test_layer_norm.py", "tests/test_batch_norm.py",
-              "tests/test_patch_embed.py")
+              "tests/test_patch_embed.py", "tests/test_attention_modifiers.py", "tests/test_attention_packed.py",
+              "tests/test_merge_attention.py", "tests/test_kvcache.py")
 STEPS = ("tests", "agreement", "bench", "e2e")
 # the checkout (an editable install, as run.sh makes); tests/ and bench/ live there, not in an installed package
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -93,7 +96,7 @@ def _agreement_work(ops: Sequence[str]) -> list[tuple]:
 
 def run(*, out_dir: str | None = None, ops: Sequence[str] | None = None, dtype: torch.dtype = torch.float16,
         suite: str = "check", skip: Sequence[str] = (), test_files: Sequence[str] = TEST_FILES,
-        test_timeout_s: float = 330.0, parallel: int = 4, agreement_work: Sequence[tuple] | None = None,
+        test_timeout_s: float = 330.0, parallel: int = len(TEST_FILES), agreement_work: Sequence[tuple] | None = None,
         test_runner: Callable[..., list[dict]] = run_pytest_files) -> int:
     """Run the steps (``STEPS`` minus ``skip``) and write the results; returns the exit status (0: all passed).
 
