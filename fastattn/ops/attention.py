@@ -506,7 +506,7 @@ def kernel_specs(varlen: bool = False) -> list[KernelSpec]:
                 for arch, targets in _ARCHS.items():
                     for kind in ("plain", "scores", "heavy"):
                         for rows in (1 << 20, 1):
-                            table, tiles = C.table_for(name, cls, d, kind, rows, arch)
+                            table, tiles = C.table_for(name, cls, d, kind, rows, arch, varlen)
                             for tile in tiles:
                                 for variant in variants["decode" if table == "decode" else kind]:
                                     served.setdefault((tile, variant), set()).update(targets)
