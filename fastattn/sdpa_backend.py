@@ -19,18 +19,17 @@ ops (torch's autograd formulas call the backward ones):
 
 The mapping: ``scale=None`` is ``D ** -0.5``; ``is_causal`` is flash's bottom-right alignment (SDPA sends only
 square causal calls to flash; ``_for_cpu`` is SDPA's top-left); ``window_size_left/right`` (-1 or None =
-unbounded) keep key j for query i iff ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``, in the kernel where it
-takes a window (:data:`KERNEL_WINDOW`, the attention-v2 issue), else as a boolean mask; key/value heads fewer than
-the query's run the kernel's GQA; dropout is drawn in the kernel from a seed that travels in ``rng_state`` to the
-backward; the log-sum-exp is float32 ``(B, H, Lq)`` (packed: ``(H, total_q)``), natural log, as torch's flash
-returns it.
+unbounded) keep key j for query i iff ``i + Lk - Lq - left <= j <= i + Lk - Lq + right``, in the kernel; key/value
+heads fewer than the query's run the kernel's GQA; dropout is drawn in the kernel from a seed that travels in
+``rng_state`` to the backward; the log-sum-exp is float32 ``(B, H, Lq)`` (packed: ``(H, total_q)``), natural log,
+as torch's flash returns it.
 
-Packed sequences run ``fastattn::varlen_attention`` (:mod:`fastattn.ops.varlen`, as ``fastattn.varlen_attn``),
-dropout included; with ``seqused_k`` or a paged ``block_table`` (forward only) its KV-cache path, where
-``num_splits`` is the split-KV count (a hint elsewhere, ignored). Not served (``NotImplementedError``, naming the
-argument): ``return_debug_mask``, ``alibi_slopes`` (torch's flash backward has no slopes to differentiate
-through), ``seqused_k`` / ``block_table`` on dense ``(B, L, H, D)`` tensors, dropout in ``_for_cpu`` (which has no
-``rng_state`` for the backward to replay it).
+Packed sequences run ``fastattn::varlen_attention`` (:mod:`fastattn.ops.varlen`, as ``fastattn.varlen_attn``: one
+VARLEN launch of the attention kernels), dropout included; with ``seqused_k`` or a paged ``block_table`` (forward
+only) its KV-cache path, where ``num_splits`` is the split-KV count (a hint elsewhere, ignored). Not served
+(``NotImplementedError``, naming the argument): ``return_debug_mask``, ``alibi_slopes`` (torch's flash backward has
+no slopes to differentiate through), ``seqused_k`` / ``block_table`` on dense ``(B, L, H, D)`` tensors, dropout in
+``_for_cpu`` (which has no ``rng_state`` for the backward to replay it).
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ from torch import Tensor
 from fastattn.ops import varlen as varlen_ops
 from fastattn.ops._common import draw_seed
 from fastattn.ops.attention import attention_backward_op, attention_op
-from fastattn.ops.varlen import KERNEL_WINDOW, window_mask
 
 NAME = "fastattn"
 
@@ -99,28 +97,18 @@ def _seed(rng_state: Tensor | None, dropout_p: float) -> Tensor | None:
     return rng_state.view(torch.int64)[0].cpu()
 
 
-def _window_args(q4: Tensor, k4: Tensor, window: tuple[int, int]) -> tuple[Tensor | None, tuple]:
-    """The window as the kernel takes it: its own (left, right) bounds where it has them (then also softcap, ALiBi
-    and sinks, all off), else a boolean mask."""
-    if KERNEL_WINDOW:
-        return None, (*window, 0.0, None, None)
-    return window_mask(q4.shape[2], k4.shape[2], window, q4.device), ()
-
-
 def _dense_forward(q4: Tensor, k4: Tensor, v4: Tensor, dropout_p: float, causal: bool, offset: int,
                    scale: float | None, window: tuple[int, int], seed: Tensor | None) -> tuple[Tensor, Tensor]:
     """(Z, H, M, D) views -> (out (Z, H, M, DV) contiguous, lse (Z, H, M) fp32)."""
-    mask, extra = _window_args(q4, k4, window)
-    return attention_op(q4, k4, v4, mask, float(dropout_p), seed, bool(causal), offset if causal else 0,
-                        _scale(scale, q4.shape[3]), *extra)
+    return attention_op(q4, k4, v4, None, float(dropout_p), seed, bool(causal), offset if causal else 0,
+                        _scale(scale, q4.shape[3]), *window)
 
 
 def _dense_backward(do4: Tensor, q4: Tensor, k4: Tensor, v4: Tensor, out4: Tensor, lse: Tensor, dropout_p: float,
                     causal: bool, offset: int, scale: float | None, window: tuple[int, int],
                     seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    mask, extra = _window_args(q4, k4, window)
-    grads = attention_backward_op(do4, q4, k4, v4, out4, lse.contiguous(), None, mask, float(dropout_p), seed,
-                                  bool(causal), offset if causal else 0, _scale(scale, q4.shape[3]), False, *extra)
+    grads = attention_backward_op(do4, q4, k4, v4, out4, lse.contiguous(), None, None, float(dropout_p), seed,
+                                  bool(causal), offset if causal else 0, _scale(scale, q4.shape[3]), False, *window)
     return grads[0], grads[1], grads[2]
 
 
@@ -227,18 +215,16 @@ def _sdpa_flash_cpu(query: Tensor, key: Tensor, value: Tensor, dropout_p: float 
     if dropout_p > 0.0:
         raise NotImplementedError("fastattn SDPA backend (_scaled_dot_product_flash_attention_for_cpu): dropout_p > 0 "
                                   "(the op has no rng_state for its backward to replay the mask)")
-    _, extra = _window_args(query, key, (-1, -1))
     out, lse = attention_op(query, key, value, _mask4(attn_mask), 0.0, None, bool(is_causal), 0,
-                            _scale(scale, query.shape[-1]), *extra)
+                            _scale(scale, query.shape[-1]))
     return _laid_out(out, query), _laid_out(lse, permutation=(0, 2, 1))  # lse (B, H, L) over (B, L, H) memory
 
 
 def _sdpa_flash_cpu_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                              logsumexp: Tensor, dropout_p: float, is_causal: bool, *, attn_mask: Tensor | None = None,
                              scale: float | None = None):
-    _, extra = _window_args(query, key, (-1, -1))
     grads = attention_backward_op(grad_out, query, key, value, out, logsumexp.contiguous(), None, _mask4(attn_mask),
-                                  0.0, None, bool(is_causal), 0, _scale(scale, query.shape[-1]), False, *extra)
+                                  0.0, None, bool(is_causal), 0, _scale(scale, query.shape[-1]), False)
     return tuple(_laid_out(g, permutation=(0, 2, 1, 3)) for g in grads[:3])  # CPU grads are (B, L, H, D) memory
 
 

@@ -70,6 +70,30 @@ TILES = {
         "decode": {"16": {32: [(16, 64, 4, 2)], 64: [(16, 64, 4, 2)], 128: [(16, 64, 4, 2)], 256: [(16, 32, 4, 1)]}},
     },
 }
+# Packed launches (VARLEN: each program loads its sequence's offsets and lengths, and every row and key index is
+# offset by them) take a few more registers than the dense ones; where a table's tile spills with VARLEN on, the
+# entry here replaces that table's entry for the packed launches of that arch class (every tile marked with its
+# arch), found by compiling the VARLEN specialisations (kernel_specs(varlen=True); tests/test_hwfit.py's "varlen").
+VARLEN_TILES = {
+    "_attn_fwd": {
+        "plain": {"16": {256: [(64, 16, 8, 2, 80), (64, 32, 8, 2, 90)]}},
+        "heavy": {"tf32": {64: [(64, 32, 8, 1, 80)], 128: [(32, 32, 8, 2, 90), (32, 32, 8, 1, 90)]},
+                  "ieee": {32: [(32, 64, 8, 2, 80), (64, 32, 8, 2, 80), (32, 64, 8, 2, 90), (64, 32, 8, 2, 90)]}},
+        "decode": {"16": {256: [(16, 32, 8, 1, 90)]}},
+    },
+    "_attn_bwd_dkdv": {
+        "plain": {"16": {32: [(64, 128, 8, 1, 90)], 128: [(16, 64, 8, 2, 80)]}},
+        "heavy": {"tf32": {64: [(16, 32, 8, 2, 80), (16, 32, 8, 2, 90)],
+                           128: [(16, 16, 8, 2, 80), (32, 32, 4, 1, 90)]}},
+        "decode": {"16": {64: [(16, 32, 4, 2, 90)]}},
+    },
+    "_attn_bwd_dq": {
+        "scores": {"16": {128: [(64, 32, 8, 2, 80)]}},
+        "heavy": {"16": {32: [(64, 32, 8, 2, 80), (16, 64, 8, 2, 80)], 128: [(16, 64, 4, 2, 90), (32, 32, 8, 2, 90)]},
+                  "ieee": {128: [(16, 16, 4, 2, 80)]}},
+        "decode": {"16": {32: [(16, 64, 8, 2, 80)]}},
+    },
+}
 TABLES = ("plain", "scores", "heavy", "decode")
 DECODE_ROWS = 16  # launches with at most this many query rows (per program's tile space) take the "decode" table
 INTERPRETER_TILE = (32, 32, 4, 1)
@@ -90,26 +114,33 @@ def arch_class(capability: tuple[int, int] | None) -> int | None:
     return None if capability is None else (90 if capability[0] >= 9 else 80)
 
 
-def table_entries(kernel: str, table: str, cls: str, block_d: int, arch: int | None = None) -> list[tuple]:
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) tiles of one table entry that serve ``arch`` (a fifth element
-    marks a tile for one arch class only)."""
-    tiles = TILES[kernel][table].get(cls, {}).get(block_d, [])
+def _entries(tables: dict, kernel: str, table: str, cls: str, block_d: int, arch: int | None) -> list[tuple]:
+    tiles = tables.get(kernel, {}).get(table, {}).get(cls, {}).get(block_d, [])
     return [t[:4] for t in tiles if arch is None or len(t) == 4 or t[4] == arch]
 
 
+def table_entries(kernel: str, table: str, cls: str, block_d: int, arch: int | None = None,
+                  varlen: bool = False) -> list[tuple]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) tiles of one table entry that serve ``arch`` (a fifth element
+    marks a tile for one arch class only); ``varlen``: VARLEN_TILES' entry for that arch where it has one."""
+    own = _entries(VARLEN_TILES, kernel, table, cls, block_d, arch) if varlen and arch is not None else []
+    return own or _entries(TILES, kernel, table, cls, block_d, arch)
+
+
 def table_for(kernel: str, cls: str, block_d: int, kind: str = "heavy", rows: int = 1 << 20,
-              arch: int | None = None) -> tuple[str | None, list[tuple]]:
+              arch: int | None = None, varlen: bool = False) -> tuple[str | None, list[tuple]]:
     """(table, tiles) a launch takes: "decode" for at most DECODE_ROWS query rows, else its ``kind`` ("plain": no mask
     tensor, dropout, softcap or ALiBi; "scores": softcap or ALiBi; "heavy": a mask tensor or dropout), else the next
-    heavier table with an entry for its arch."""
+    heavier table with an entry for its arch. ``varlen``: a packed launch (VARLEN_TILES)."""
     order = ["plain", "scores", "heavy"]
     chain = (["decode"] if rows <= DECODE_ROWS else []) + order[order.index(kind):]
-    return next(((t, tiles) for t in chain if (tiles := table_entries(kernel, t, cls, block_d, arch))), (None, []))
+    return next(((t, tiles) for t in chain if (tiles := table_entries(kernel, t, cls, block_d, arch, varlen))),
+                (None, []))
 
 
 def tiles_for(kernel: str, element_size: int, precision: str, block_d: int, kind: str = "heavy",
-              rows: int = 1 << 20, arch: int | None = None) -> list[tuple]:
-    return table_for(kernel, operand_class(element_size, precision), block_d, kind, rows, arch)[1]
+              rows: int = 1 << 20, arch: int | None = None, varlen: bool = False) -> list[tuple]:
+    return table_for(kernel, operand_class(element_size, precision), block_d, kind, rows, arch, varlen)[1]
 
 
 def config(tile) -> triton.Config:
@@ -117,11 +148,15 @@ def config(tile) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
 
 
+def all_tiles(kernel: str) -> list[tuple]:
+    """Every (BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kernel``'s tables, dense and packed."""
+    return sorted({t[:4] for tables in (TILES, VARLEN_TILES) for table in tables.get(kernel, {}).values()
+                   for cls in table.values() for ts in cls.values() for t in ts})
+
+
 def configs(kernel: str):
     """The autotuner's candidates for ``kernel``: every tile of its tables (pruned per launch by ``_prune``)."""
-    tiles = sorted({t[:4] for table in TILES[kernel].values() for cls in table.values() for ts in cls.values()
-                    for t in ts})
-    return pick_configs([config(t) for t in tiles], config(INTERPRETER_TILE))
+    return pick_configs([config(t) for t in all_tiles(kernel)], config(INTERPRETER_TILE))
 
 
 def _prune(kernel):
@@ -137,7 +172,7 @@ def _prune(kernel):
             "scores" if arg("HAS_SOFTCAP") or arg("HAS_ALIBI") else "plain")
         arch = arch_class(torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None)
         allowed = tiles_for(kernel, q.element_size(), arg("PRECISION"), max(arg("BLOCK_D"), arg("BLOCK_DV")), kind,
-                            arg("ROWS_BUCKET"), arch)
+                            arg("ROWS_BUCKET"), arch, bool(arg("VARLEN")))
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                 in allowed]
     return prune

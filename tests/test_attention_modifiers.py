@@ -335,11 +335,28 @@ def test_decode_launches_take_16_row_tiles():
         configs = [C.config(t[:4]) for t in sorted({t for tb in C.TILES[kernel].values() for c in tb.values()
                                                     for ts in c.values() for t in ts})]
         args = {"Q": q, "PRECISION": "ieee", "BLOCK_D": 64, "BLOCK_DV": 64, "MASK_KIND": 0, "HAS_DROPOUT": False,
-                "HAS_SOFTCAP": False, "HAS_ALIBI": False}
+                "HAS_SOFTCAP": False, "HAS_ALIBI": False, "VARLEN": False}
         kept = prune(configs, {**args, "ROWS_BUCKET": 8})
         assert kept and all(c.kwargs["BLOCK_M"] == 16 for c in kept)
         kept = prune(configs, {**args, "ROWS_BUCKET": 4096})
         assert kept and all(c.kwargs["BLOCK_M" if kernel != "_attn_bwd_dkdv" else "BLOCK_N"] >= 64 for c in kept)
+
+
+def test_packed_launches_take_varlen_tiles():
+    """Packed (VARLEN) launches take VARLEN_TILES' entry where it has one for their arch class (the dense tile
+    spills there), the dense table's elsewhere; the autotuner's candidates (all_tiles) hold every such tile."""
+    assert C.tiles_for("_attn_bwd_dkdv", 2, "ieee", 128, "plain", arch=80) == [(16, 128, 8, 2)]
+    assert C.tiles_for("_attn_bwd_dkdv", 2, "ieee", 128, "plain", arch=80, varlen=True) == [(16, 64, 8, 2)]
+    assert C.tiles_for("_attn_bwd_dkdv", 2, "ieee", 128, "plain", arch=90, varlen=True) == [(16, 128, 8, 2)]
+    for kernel, tables in C.VARLEN_TILES.items():
+        listed = set(C.all_tiles(kernel))
+        for table, classes in tables.items():
+            for cls, dims in classes.items():
+                for d, tiles in dims.items():
+                    assert all(len(t) == 5 and t[:4] in listed for t in tiles), (kernel, table, cls, d)
+                    for arch in {t[4] for t in tiles}:
+                        assert C.table_entries(kernel, table, cls, d, arch, varlen=True) == [
+                            t[:4] for t in tiles if t[4] == arch]
 
 
 # -- bad input ------------------------------------------------------------------------------------------------------

@@ -105,5 +105,10 @@ def test_packed_causal_window_softcap_alibi_sinks():
                  .float(), sinks=torch.randn(4, dtype=torch.float64))
 
 
+def test_packed_alibi_per_head():
+    """Slopes ``(H,)``: every sequence reads the same row (stride 0 over the sequences, not past the slopes)."""
+    check_packed([6, 1, 30], [6, 9, 30], window_size=(-1, 0), alibi=torch.tensor([0.5, 0.25, 0.125, 0.0625]))
+
+
 def test_packed_dropout_bf16():
     check_packed([17, 33], [25, 9], dtype=torch.bfloat16, window_size=(-1, 0), dropout_p=0.25, HKV=4)

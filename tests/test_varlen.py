@@ -2,9 +2,9 @@
 
 Each case runs three ways (tests/harness.py): ``fastattn.reference.varlen_attn`` in float64 (checked first against a
 plain loop over the sequences), the same reference in the low precision (eager) and ours, outputs, lse and every
-gradient; the kernels must have run. Combinations the kernels cannot serve yet (``varlen_ops.kernel_reason``)
-must announce the eager fallback with a ``FallbackWarning`` instead; the same tests then demand the kernels once
-the reason is gone.
+gradient (dsinks included); the kernels must have run, each once per call whatever the number of sequences (the
+attention kernels' VARLEN path). Combinations the kernels cannot serve (``varlen_ops.kernel_reason``: a head dim
+above 256, ...) must announce the eager fallback with a ``FallbackWarning`` instead.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from fastattn import _runtime, reference
 from fastattn.ops import kvcache as kv_ops
 from fastattn.ops import varlen as varlen_ops
 from fastattn.ops._common import draw_seed
-from fastattn.testing import kvcache_floors, varlen_floors
+from fastattn.testing import kvcache_floors, varlen_modifier_floors
 
 LSE = fastattn.AuxRequest(lse=True)
 
@@ -40,8 +40,9 @@ class Packed:
     """float64 masters of one packed batch: ``lq``/``lk`` the sequences' query and key lengths (``lk``: ``lq``, self
     attention), ``tail_*`` extra rows past the last sequence."""
 
-    def __init__(self, lq, lk=None, H=4, Hkv=None, D=32, DV=None, tail_q=0, tail_k=0):
+    def __init__(self, lq, lk=None, H=4, Hkv=None, D=32, DV=None, tail_q=0, tail_k=0, strided=False):
         lk = lq if lk is None else lk
+        self.strided = strided
         self.H, self.Hkv = H, Hkv or H
         self.cu_q, self.cu_k = offsets(lq), offsets(lk)
         self.max_q, self.max_k = max(lq, default=0), max(lk, default=0)
@@ -50,8 +51,15 @@ class Packed:
         self.v = randn(sum(lk) + tail_k, self.Hkv, DV or D)
 
     def args(self, lowp):
-        return (*(t.to(lowp).detach().requires_grad_() for t in (self.q, self.k, self.v)), self.cu_q, self.cu_k,
-                self.max_q, self.max_k)
+        """Leaves in ``lowp``; ``strided``: stored heads-major with the rows innermost ((H, D, T) memory), as a
+        transposed projection gives them, so no row or head is contiguous."""
+        def leaf(t):
+            t = t.to(lowp)
+            if self.strided:
+                t = t.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+            return t.detach().requires_grad_()
+
+        return (*(leaf(t) for t in (self.q, self.k, self.v)), self.cu_q, self.cu_k, self.max_q, self.max_k)
 
 
 def check(case: Packed, dtype, *, dropout_p=0.0, **kw):
@@ -86,20 +94,22 @@ def check(case: Packed, dtype, *, dropout_p=0.0, **kw):
 
     def floors(results):
         lowp = [t.to(dtype).double() for t in (case.q, case.k, case.v)]
-        return varlen_floors(*lowp, grads["out"], case.cu_q, case.cu_k, dtype=dtype,
-                             window_size=kw.get("window_size", (-1, -1)), scale=kw.get("scale"),
-                             grad_lse=grads["lse"], out=results["ours"]["out"], dropout_p=dropout_p,
-                             dropout_mask=masks.get("mask"))
+        sinks = kw.get("sinks")
+        return varlen_modifier_floors(
+            *lowp, grads["out"], case.cu_q, case.cu_k, dtype=dtype, window_size=kw.get("window_size", (-1, -1)),
+            scale=kw.get("scale"), grad_lse=grads["lse"], out=results["ours"]["out"], dropout_p=dropout_p,
+            dropout_mask=masks.get("mask"), softcap=kw.get("softcap", 0.0), alibi_slopes=kw.get("alibi_slopes"),
+            sinks=sinks.float().double() if sinks is not None else None)
 
-    lowp_q = case.q.to(dtype)
-    reason = varlen_ops.kernel_reason(lowp_q, case.k.to(dtype), case.v.to(dtype), kw.get("softcap", 0.0),
-                                      kw.get("alibi_slopes"), kw.get("sinks"))
+    reason = varlen_ops.kernel_reason(case.q.to(dtype), case.k.to(dtype), case.v.to(dtype), kw.get("sinks"))
     _runtime._warned.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if reason is None:
-            res = three_way(run, dtype, kernels=varlen_ops.FORWARD_KERNELS + varlen_ops.BACKWARD_KERNELS,
-                            floors=floors)
+        if reason is None:  # each kernel once: one forward and one backward for all the sequences
+            once = dict.fromkeys(varlen_ops.FORWARD_KERNELS + varlen_ops.BACKWARD_KERNELS, 1)
+            if kw.get("sinks") is not None:  # the backward's lse with +inf past the last sequence
+                once["_varlen_tail"] = 2
+            res = three_way(run, dtype, kernels=once, floors=floors)
         else:  # the eager reference serves it, announced; ours is then eager itself
             res = three_way(run, dtype)
     fallbacks = [w for w in caught if issubclass(w.category, fastattn.FallbackWarning)]
@@ -164,7 +174,7 @@ def test_reference_seqused_and_pages_are_the_packed_keys():
 def test_ragged_lengths(dtype, causal):
     """Self-attention over sequences of 5, 1, 0, 37 and 13 tokens (a 0-length sequence and a 1-token one)."""
     res = check(Packed([5, 1, 0, 37, 13], H=2, D=32), dtype, window_size=(-1, 0) if causal else (-1, -1))
-    assert res["launches"]["_attn_fwd"] == 4  # INTERIM: one launch per non-empty sequence
+    assert res["launches"]["_attn_fwd"] == 1  # one launch for all five sequences (check: every kernel once)
 
 
 def test_cross_lengths_bottom_right():
@@ -189,8 +199,7 @@ def test_gqa(H, Hkv):
                          ids=["right-only", "negative-left", "sliding", "band", "diagonal", "diagonal-and-after",
                               "wider-than-every-sequence"])
 def test_window(window):
-    """flash's windows, bottom-right per sequence, in the kernels (INTERIM: a causal offset without a left bound,
-    else each sequence's own boolean mask)."""
+    """flash's windows, bottom-right per sequence, in the kernels."""
     res = check(Packed([7, 20, 1], [11, 20, 3], H=2, D=16), torch.float16, window_size=window)
     assert res["reason"] is None
 
@@ -200,8 +209,9 @@ def test_explicit_scale_and_value_head_dim():
 
 
 def test_dropout_replays_the_kernels_mask():
-    """Each sequence draws its own mask from one seed taken from torch's generator; the reference given that mask
-    (varlen_ops.dropout_mask) is within the rule, gradients included."""
+    """One seed from torch's generator; each sequence's mask is drawn at its packed rows (varlen_ops.dropout_mask
+    replays it), so sequences never share a draw; the reference given that mask is within the rule, gradients
+    included."""
     res = check(Packed([6, 19, 3], H=2, D=16), torch.float32, dropout_p=0.3, window_size=(-1, 0))
     assert res["reason"] is None
 
@@ -220,6 +230,12 @@ def test_rows_past_the_last_sequence_are_zero():
     res = check(Packed([5, 8], [6, 8], H=2, D=16, tail_q=3, tail_k=2), torch.float16)
     assert (res["ours"]["out"][13:] == 0).all() and res["empty"][:, 13:].all()
     assert (res["ours"]["dq"][13:] == 0).all() and (res["ours"]["dk"][14:] == 0).all()
+
+
+def test_strided_inputs():
+    """q, k, v stored (H, D, T) (no row or head contiguous), GQA, causal, ragged with a 0 and a 1: read in place
+    by the kernels, every gradient within the rule."""
+    check(Packed([9, 0, 1, 26], H=4, Hkv=2, D=24, strided=True), torch.float16, window_size=(-1, 0))
 
 
 def test_strided_inputs_are_read_in_place():
@@ -254,6 +270,90 @@ def test_softcap_alibi_sinks():
     res = check(case, torch.bfloat16, softcap=3.0, alibi_slopes=slopes, sinks=torch.tensor([0.5, -0.25]),
                 window_size=(-1, 0))
     assert res["ours"]["dsinks"].abs().min() > 0
+
+
+def test_extras_gqa_window_ragged_tail():
+    """Softcap, per-head ALiBi slopes ``(H,)`` (one row for every sequence), sinks and a sliding window with GQA over
+    ragged lengths with 0 and 1 (a query with no key: its sink alone, lse = sink) and rows past the last sequence
+    (0, lse -inf, and no share of dsinks)."""
+    case = Packed([6, 0, 1, 1, 23], [9, 4, 0, 1, 23], H=4, Hkv=2, D=16, tail_q=2, tail_k=1)
+    res = check(case, torch.float16, softcap=5.0, alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625]),
+                sinks=torch.tensor([0.5, -0.25, 1.0, 0.0]), window_size=(7, 0))
+    assert (res["ours"]["out"][31:] == 0).all() and res["empty"][:, 31:].all() and not res["empty"][:, :31].any()
+    assert torch.isfinite(res["ours"]["dsinks"]).all() and res["ours"]["dsinks"].abs().min() > 0
+
+
+def test_dropout_with_every_extra():
+    """Dropout (the heavy kernels) with GQA, a window, softcap, ALiBi and sinks; every gradient, dsinks included."""
+    check(Packed([5, 1, 0, 18], [7, 3, 2, 18], H=4, Hkv=1, D=16), torch.bfloat16, dropout_p=0.2, softcap=4.0,
+          alibi_slopes=torch.tensor([[0.5, 0.25, 0.125, 0.0625]] * 4), sinks=torch.tensor([0.3, -1.0, 0.2, 0.0]),
+          window_size=(6, 2))
+
+
+def test_dropout_mask_is_drawn_at_the_packed_rows():
+    """The kernels' mask of sequence b is the packed draw at rows cu_seq_q[b] + i, cu_seq_k[b] + j: shifting the
+    sequences within the packed tensors changes it (no per-sequence stream), the same packing repeats it."""
+    cu_a, cu_b = offsets([4, 9]), offsets([5, 9])
+    seed = torch.tensor(11)
+    a = varlen_ops.dropout_mask(seed, cu_a, cu_a, 2, 9, 9, 0.5)
+    assert torch.equal(a, varlen_ops.dropout_mask(seed, cu_a, cu_a, 2, 9, 9, 0.5))
+    b = varlen_ops.dropout_mask(torch.tensor(11), cu_b, cu_b, 2, 9, 9, 0.5)
+    assert not torch.equal(a[1], b[1])
+    full = fastattn.ops.attention.dropout_keep_mask(11, (1, 2, 13, 13), 0.5, torch.device("cpu"))[0]
+    assert torch.equal(a[1], full[:, 4:13, 4:13]) and not a[0, :, 4:].any() and not a[0, :, :, 4:].any()
+
+
+def test_head_dim_above_the_kernels_falls_back():
+    """A head dim above 256 has no kernel: the eager reference serves it, announced once."""
+    res = check(Packed([3, 1], H=1, D=264), torch.float32, window_size=(-1, 0))
+    assert "head dim 264" in res["reason"]
+
+
+def test_packed_path_reads_no_offsets_on_the_host(monkeypatch):
+    """Forward and backward (sinks and dropout on) never bring the offsets to the host: no sync on a GPU, so no
+    check of their values either (those run for CPU tensors only, here switched off as on a GPU)."""
+    monkeypatch.setattr(varlen_ops, "_host_values_ok", lambda t: False)
+    case = Packed([3, 0, 8], H=2, D=16, tail_q=1)
+    q, k, v, cu_q, cu_k, mq, mk = case.args(torch.float32)
+    storages = {cu_q.untyped_storage().data_ptr(), cu_k.untyped_storage().data_ptr()}
+    reads = []
+    for name in ("tolist", "item", "__int__", "__index__", "__bool__", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(t, *a, _real=real, _name=name, **kw):
+            if t.untyped_storage().data_ptr() in storages:
+                reads.append(_name)
+            return _real(t, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    sinks = torch.zeros(2, requires_grad=True)
+    out, lse = fastattn.varlen_attn(q, k, v, cu_q, cu_k, mq, mk, window_size=(-1, 0), sinks=sinks, dropout_p=0.1,
+                                    return_aux=LSE)
+    (out.sum() + lse[torch.isfinite(lse)].sum()).backward()
+    assert not reads, reads
+    assert q.grad is not None and sinks.grad is not None
+
+
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["plain", "sinks"])
+def test_scratch_is_the_launchers(monkeypatch, with_sinks):
+    """What the memory tracer adds for the backward (fastattn.perf.cases_kv, from varlen_ops.backward_scratch_bytes)
+    is what the launchers allocate besides their results (the copy of lse with sinks counted too); the forward
+    allocates nothing else."""
+    from test_cli import _Allocations, _scratch_of
+
+    from fastattn.perf import cases_kv
+
+    monkeypatch.setattr(_Allocations, "FACTORIES", _Allocations.FACTORIES + ("aten::clone",))
+    case = Packed([5, 0, 9], H=2, D=16, tail_q=2)
+    q, k, v, cu_q, cu_k, mq, mk = (t.detach() if isinstance(t, torch.Tensor) else t for t in case.args(torch.float32))
+    sinks = torch.zeros(2) if with_sinks else None
+    fwd, (out, lse) = _scratch_of(varlen_ops._varlen_forward, q, k, v, cu_q, cu_k, mq, mk, 0.25, -1, 0, 0.0, None,
+                                  sinks, 0.0, None)
+    args = (torch.randn_like(out), q, k, v, out, lse, None, cu_q, cu_k, None, sinks, None, mq, mk, 0.25, -1, 0, 0.0,
+            0.0)
+    bwd, _ = _scratch_of(varlen_ops._varlen_backward, *args[:9], mq, mk, 0.25, -1, 0, 0.0, None, sinks, 0.0, None)
+    assert fwd == 0 and "fastattn::varlen_attention" not in cases_kv.SCRATCH
+    assert bwd == cases_kv.SCRATCH["fastattn::varlen_attention_backward"](args, {}) >= lse.numel() * 4  # delta
 
 
 def test_cpu_without_interpreter_falls_back(monkeypatch):
@@ -358,7 +458,7 @@ def test_torch_compile_fullgraph():
     with fastattn.record_launches() as launches:
         loss = compiled(q, k, v, cu_q, cu_k)
         loss.backward()
-    assert launches["_attn_fwd"] == 2 and launches["_attn_bwd_dq"] == 2
+    assert launches["_attn_fwd"] == 1 and launches["_attn_bwd_dq"] == 1  # one launch for the three sequences
     q2, k2, v2, *_ = case.args(torch.float16)
     want = step(q2, k2, v2, cu_q, cu_k)
     want.backward()

@@ -69,12 +69,13 @@ def _named(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, lse: Tensor, al
     Z, H, _, D = q.shape
     M, N = rows
     a2 = _alibi2(alibi)
+    B = Z if cu is None else cu[0].numel() - 1  # the batch ALiBi's (Z|1, H) slopes index (VARLEN: the sequences)
     scale, causal_offset, window, softcap, seed, dropout_p = scalars
     named = {"Q": q, "K": k, "V": v, "Mask": mask if mask is not None else q, "Alibi": a2 if a2 is not None else lse,
              "Sinks": sinks.contiguous() if sinks is not None else lse, "Lse": lse,
              "CuQ": cu[0] if cu else lse, "CuK": cu[1] if cu else lse,
              **_strides("q", "zhmd", q), **_strides("k", "zhnd", k), **_strides("v", "zhnd", v),
-             **_strides("m", "zhmn", mask, (Z, H, M, N)), **_strides("a", "zh", a2, (Z, H)),
+             **_strides("m", "zhmn", mask, (Z, H, M, N)), **_strides("a", "zh", a2, (B, H)),
              **_strides("l", "zhm", lse if lse.dim() == 3 else lse[None]),
              "H": H, "M": M, "N": N, "D": D, "DV": v.shape[3], "GROUP": H // k.shape[1],
              "ROWS_BUCKET": bucket(M * H // k.shape[1]), "N_BUCKET": bucket(N), "sm_scale": scale,
@@ -145,6 +146,20 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: fl
     return out, lse
 
 
+def _bwd_scratch(lse: Tensor, has_sinks: bool) -> tuple[Tensor, Tensor]:
+    """The backward's buffers besides its results: delta like ``lse`` (``(Z, H, M)``, or ``(H, T)`` packed) and, with
+    sinks, each preprocess program's share of dsinks ``(Z H, cdiv(M, _PRE_BLOCK))`` (else empty)."""
+    rows = lse.shape[0] * lse.shape[1] if lse.dim() == 3 else lse.shape[0]
+    shape = (rows, triton.cdiv(lse.shape[-1], _PRE_BLOCK)) if has_sinks else (0,)
+    return torch.empty_like(lse), torch.empty(shape, device=lse.device, dtype=lse.dtype)
+
+
+def backward_scratch_bytes(lse: Tensor, has_sinks: bool) -> int:
+    """Bytes the backward allocates besides its results for a forward's ``lse`` (:func:`_bwd_scratch`; any device)."""
+    meta = torch.empty(lse.shape, device="meta", dtype=lse.dtype)
+    return sum(t.numel() * t.element_size() for t in _bwd_scratch(meta, has_sinks))
+
+
 def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Tensor | None,
               mask: Tensor | None, dropout_p: float, seed: int, is_causal: bool, causal_offset: int, scale: float,
               mask_grad: bool, window: tuple[int, int], softcap: float, alibi: Tensor | None, sinks: Tensor | None,
@@ -155,16 +170,17 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Ten
     HKV, N, DV = k.shape[1], k.shape[2], v.shape[3]
     dq, dk, dv = (_new(t, t.shape, cu is not None).zero_() for t in (q, k, v))
     dmask = torch.zeros((Z, H, M, N) if mask_grad else (0,), device=q.device, dtype=stat_dtype(q.dtype))
-    dsinks = torch.zeros((H,) if sinks is not None else (0,), device=q.device, dtype=stat_dtype(q.dtype))
+    # with sinks and rows, dsinks is the preprocess programs' shares summed: no buffer of its own
+    dsinks = torch.zeros((H,) if sinks is not None and Z * H * M == 0 else (0,), device=q.device,
+                         dtype=stat_dtype(q.dtype))
     if Z * H * M == 0:
         return dq, dk, dv, dmask, dsinks
     lse = lse.contiguous()
-    delta = torch.empty_like(lse)
+    delta, shares = _bwd_scratch(lse, sinks is not None)
     # the packed (H, T) statistics as (Z, H, M) = (1, H, T) for the row-wise preprocess
     lse3, delta3 = (lse, delta) if cu is None else (lse[None], delta[None])
     Zp = lse3.shape[0]
     blocks = triton.cdiv(M, _PRE_BLOCK)
-    shares = torch.empty((Zp * H, blocks) if sinks is not None else (0,), device=q.device, dtype=lse.dtype)
     _launch(K._attn_bwd_preprocess, (blocks, Zp * H),
             {"Out": out, "DO": do, "DLse": None if dlse is None else dlse.contiguous(), "Lse": lse3,
              "Sinks": sinks if sinks is not None else lse, "Delta": delta3, "DSinks": shares,
@@ -417,47 +433,65 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 # forward S = QK^T, O += PV; dK/dV S^T = KQ^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q; dQ S = QK^T, dP = dO V^T,
 # dQ += dS K. hwfit's issue-slot ceiling divides by these FLOPs (loop_flops); change them with the split.
 _LOOP_GEMMS = {"_attn_fwd": 2, "_attn_bwd_dkdv": 4, "_attn_bwd_dq": 3}
-# The specialisations compiled for the tiles a kind of launch takes: (variant words, features of _example_args)
+# The specialisations compiled for the tiles a kind of launch takes: (variant words, features of _example_args).
+# Packed sequences (VARLEN) have neither a mask tensor nor the top-left causal flag (causal is a window there).
 _HEAVY = "causal+window+softcap+alibi+sinks+floatmask+grad+dropout"
 _VARIANTS = {"plain": [("plain", ""), ("band causal+window+sinks+gqa", "band")],
              "scores": [("scores causal+window+softcap+alibi+sinks+gqa", "scores")],
              "heavy": [(f"heavy {_HEAVY}", "all")], "decode": [("decode", ""), (f"decode {_HEAVY}", "all")]}
+_PACKED_HEAVY = "window+softcap+alibi+sinks+gqa+dropout"
+_PACKED_VARIANTS = {"plain": [("plain", ""), ("band window+sinks+gqa", "band")],
+                    "scores": [("scores window+softcap+alibi+sinks+gqa", "scores")],
+                    "heavy": [(f"heavy {_PACKED_HEAVY}", "all")],
+                    "decode": [("decode", ""), (f"decode {_PACKED_HEAVY}", "all")]}
 _ARCHS = {80: (80, 89), 90: (90,)}  # the hwfit targets of each arch class of kernels.attention.TILES
 
 
-def _example_args(kernel, dtype: torch.dtype, d: int, features: str) -> dict:
+def _example_args(kernel, dtype: torch.dtype, d: int, features: str, varlen: bool = False) -> dict:
     """Arguments of a (2, 8, 1000, d) self-attention launch as the launchers pass them, on the meta device, with
     ``features``: "" none; "band": causal, a window and sinks, GQA groups of 2; "scores": those and softcap and ALiBi;
-    "all": those and a float mask with gradient and dropout."""
+    "all": those and a float mask with gradient and dropout. ``varlen``: the two sequences packed, as
+    :func:`varlen_forward` / :func:`varlen_backward` launch them (no mask tensor, no causal flag: a window)."""
     meta = torch.device("meta")
     Z, H, L = 2, 8, 1000
     band, scores, heavy = features in ("band", "scores", "all"), features in ("scores", "all"), features == "all"
-    q = torch.empty((Z, H, L, d), device=meta, dtype=dtype)
-    kv = torch.empty((Z, H // 2 if band else H, L, d), device=meta, dtype=dtype)
-    lse = torch.empty((Z, H, L), device=meta, dtype=torch.float32)
-    mask = torch.empty((Z, H, L, L), device=meta, dtype=torch.float32) if heavy else None
+    hkv = H // 2 if band else H
+    if varlen:  # (T, H, E) tensors as the (1, H, T, E) views the launchers make
+        q, kv = (_packed(torch.empty((Z * L, h, d), device=meta, dtype=dtype)) for h in (H, hkv))
+        lse = torch.empty((H, Z * L), device=meta, dtype=torch.float32)
+        cu = (torch.empty((Z + 1,), device=meta, dtype=torch.int32),) * 2
+    else:
+        q, kv = (torch.empty((Z, h, L, d), device=meta, dtype=dtype) for h in (H, hkv))
+        lse = torch.empty((Z, H, L), device=meta, dtype=torch.float32)
+        cu = None
+    mask = torch.empty((Z, H, L, L), device=meta, dtype=torch.float32) if heavy and not varlen else None
     stats = torch.empty((H,), device=meta, dtype=torch.float32)
     alibi, sinks = stats if scores else None, stats if band else None
     window, softcap, dropout_p = (256, 0) if band else (-1, -1), 30.0 if scores else 0.0, 0.1 if heavy else 0.0
-    named = _named(q, kv, kv, mask, lse, alibi, sinks, None, (L, L), (0.125, 0, window, softcap, 12345, dropout_p))
-    named.update(Out=q, DO=q, Delta=lse, DK=kv, DV_=kv, DMask=mask if heavy else q, DQ=q, **_strides("o", "zhmd", q),
-                 **_strides("do", "zhmd", q), **_strides("dk", "zhnd", kv), **_strides("dv", "zhnd", kv),
-                 **_strides("dq", "zhmd", q))
+    named = _named(q, kv, kv, mask, lse, alibi, sinks, cu, (L, L), (0.125, 0, window, softcap, 12345, dropout_p))
+    named.update(Out=q, DO=q, Delta=lse, DK=kv, DV_=kv, DMask=mask if mask is not None else q, DQ=q,
+                 **_strides("o", "zhmd", q), **_strides("do", "zhmd", q), **_strides("dk", "zhnd", kv),
+                 **_strides("dv", "zhnd", kv), **_strides("dq", "zhmd", q))
+    if varlen:
+        named.update({f"stride_{name}z": 0 for name in ("o", "do", "dk", "dv", "dq")})
     if kernel is K._attn_bwd_dkdv:
         named["ROWS_BUCKET"] = bucket(L)
-    flags = _flags(q, kv, mask, dropout_p, band, window, softcap, alibi, sinks, False)
-    return {**named, **flags, "MASK_GRAD": heavy}
+    flags = _flags(q, kv, mask, dropout_p, band and not varlen, window, softcap, alibi, sinks, varlen)
+    return {**named, **flags, "MASK_GRAD": mask is not None}
 
 
-def kernel_specs() -> list[KernelSpec]:
+def kernel_specs(varlen: bool = False) -> list[KernelSpec]:
     """Every (kernel, config, specialisation) the launchers can pick on a GPU, for ``fastattn.hwfit``.
 
     For each operand class, padded head dim and arch class, each kind of launch (plain, scores, heavy; and decode,
     at most 16 query rows) takes the tiles ``kernels.attention.table_for`` gives; each such tile is compiled, for
     the archs where it is taken, as the specialisations of that kind (``_VARIANTS``): plain launches plain and with
     causal, a window, sinks and GQA; scores launches with those and softcap and ALiBi; heavy and decode launches with
-    every feature (and decode plain too).
+    every feature (and decode plain too). ``varlen``: the VARLEN specialisations the packed launchers take instead
+    (``_PACKED_VARIANTS``, listed under the op "varlen"), without _attn_bwd_preprocess, which has no VARLEN flag:
+    packed sequences launch the specialisation listed here.
     """
+    op, variants = ("varlen", _PACKED_VARIANTS) if varlen else ("attention", _VARIANTS)
     specs: list[KernelSpec] = []
     classes = [(torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "tf32"), (torch.float32, "ieee")]
     for dtype, precision in classes:
@@ -472,16 +506,18 @@ def kernel_specs() -> list[KernelSpec]:
                 for arch, targets in _ARCHS.items():
                     for kind in ("plain", "scores", "heavy"):
                         for rows in (1 << 20, 1):
-                            table, tiles = C.table_for(name, cls, d, kind, rows, arch)
+                            table, tiles = C.table_for(name, cls, d, kind, rows, arch, varlen)
                             for tile in tiles:
-                                for variant in _VARIANTS["decode" if table == "decode" else kind]:
+                                for variant in variants["decode" if table == "decode" else kind]:
                                     served.setdefault((tile, variant), set()).update(targets)
                 for (tile, (words, features)), archs in served.items():
                     specs.append(KernelSpec(
-                        "attention", kern, {**_example_args(kern, dtype, d, features), "PRECISION": precision},
+                        op, kern, {**_example_args(kern, dtype, d, features, varlen), "PRECISION": precision},
                         C.config(tile), f"{dname} D<={d} {words}", loop_flops=2 * _LOOP_GEMMS[name] * tile[0] *
                         tile[1] * d, needs_tensor_cores=precision == "tf32" or dtype != torch.float32,
                         archs=() if len(archs) == 3 else tuple(sorted(archs))))
+            if varlen:
+                continue
             pre = {"Out": torch.empty((2, 4, 1000, d), device="meta", dtype=dtype), "DLse": None, "HAS_SINKS": True,
                    "H": 4, "M": 1000, "DV": d, "BLOCK_DV": d}
             pre.update(DO=pre["Out"], Lse=torch.empty((2, 4, 1000), device="meta"), **_strides("o", "zhmd", pre["Out"]),

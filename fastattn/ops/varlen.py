@@ -1,38 +1,46 @@
 """Packed variable-length attention (``fastattn.varlen_attn``, torch's ``varlen_attn`` signature): argument checks,
-the ``fastattn::varlen_attention`` custom op with its fake and autograd, and the math behind it.
+the ``fastattn::varlen_attention`` custom op with its fake and autograd, and its launchers.
 
 ``query (T_q, H, D)``, ``key``/``value (T_k, H_kv, D|DV)`` hold N sequences back to back; ``cu_seq_q``/``cu_seq_k``
 (int32, ``(N + 1,)``) are their offsets. Sequence b attends from its ``Lq_b`` queries to its own ``N_b`` keys only,
-with flash-attention's bottom-right alignment (``window_size=(-1, 0)`` is causal). ``seqused_k`` and a paged
-``block_table`` (inference only, as torch) run the KV-cache kernels of :mod:`fastattn.ops.kvcache`.
+with flash-attention's bottom-right alignment (``window_size=(-1, 0)`` is causal).
 
-INTERIM IMPLEMENTATION. The packed path's math lives in :func:`_varlen_forward` / :func:`_varlen_backward` and, until
-the VARLEN kernel of kernels/attention.py exists, runs one dense attention launch per sequence on views of the packed
-tensors (``fastattn::attention``). A window with no left bound is a causal offset there (``(-1, 0)`` is exactly what
-``torch.nn.attention.bias.causal_lower_right`` gives ``fastattn.attention``); one with a left bound is the
-sequence's boolean ``(Lq_b, N_b)`` mask (the kernel's own window once ``fastattn.attention`` takes ``window_size``,
-:data:`KERNEL_WINDOW`). No padding is materialised, but the offsets are read on the host (a device sync on CUDA)
-and the launches are N times the one a varlen kernel needs. Softcap, ALiBi and sinks have no kernel on this path
-yet: they run the eager reference (:func:`fastattn.reference.varlen_attn`) with a one-time ``FallbackWarning``. The
-replacement swaps the two functions' bodies for the launchers ``fastattn.ops.attention.varlen_forward`` /
-``varlen_backward``; the op, its schema, its checks and the tests stay.
+The packed path is one launch of the attention kernels' VARLEN path (:func:`fastattn.ops.attention.varlen_forward`
+/ ``varlen_backward``) over every sequence: each program finds its sequence in the offsets on the device, so
+nothing is padded or copied and nothing is read on the host (no sync; the fake never reads the offsets, so
+``torch.compile(fullgraph=True)`` traces it). Window, softcap, ALiBi, sinks, GQA and dropout run in the kernels.
+Rows past ``cu_seq_q[-1]`` belong to no sequence: kernels/varlen.py's ``_varlen_tail`` writes them (0, lse -inf).
+Where the kernels cannot serve a call (:func:`kernel_reason`: head dim above 256, fp32 without TF32 above 128, CPU
+without the interpreter, ...) the eager reference runs with a one-time ``FallbackWarning``.
+
+``seqused_k`` and a paged ``block_table`` (inference only, as torch) run the KV-cache kernel of
+:mod:`fastattn.ops.kvcache` (the VARLEN path takes each sequence's keys as ``cu_seq_k[b]:cu_seq_k[b + 1]``, not a
+used prefix or pages): one launch per sequence with queries, the offsets read on the host.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import math
 from typing import NamedTuple
 
 import torch
+import triton
 from torch import Tensor
 
 from fastattn import _runtime, reference
 from fastattn.hwfit import KernelSpec
+from fastattn.kernels import varlen as K
 from fastattn.ops import attention as attn_ops
 from fastattn.ops import kvcache as kv_ops
-from fastattn.ops._common import check_float_dtype, draw_seed, dtype_name, seed_int, stat_dtype
+from fastattn.ops._common import (
+    check_float_dtype,
+    check_window_softcap,
+    draw_seed,
+    dtype_name,
+    seed_int,
+    stat_dtype,
+)
 
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import AuxRequest
@@ -45,15 +53,13 @@ except ImportError:  # pragma: no cover - older torch: the same request, ours
 
 
 _OP = "varlen_attn"
-# What the packed path launches (tests and benchmarks check these ran, not the eager fallback). INTERIM: the dense
-# attention kernels, once per sequence.
-FORWARD_KERNELS = attn_ops.FORWARD_KERNELS
+# What the packed path launches, once per call whatever the number of sequences (tests and benchmarks check these
+# ran, not the eager fallback): the attention kernels' VARLEN specialisations, and the rows past the last sequence.
+FORWARD_KERNELS = attn_ops.FORWARD_KERNELS + (_runtime.kernel_name(K._varlen_tail),)
 BACKWARD_KERNELS = attn_ops.BACKWARD_KERNELS
 PAGED_KERNELS = kv_ops.FORWARD_KERNELS  # seqused_k / block_table (forward only)
 MIN_PAGE = 16  # the KV-cache kernels take pages of a multiple of 16 positions
-# Whether fastattn's attention kernel takes a window itself (fastattn.attention has window_size=, the attention-v2
-# issue); before that a window with a left bound runs as a boolean mask. The SDPA backend's dense path shares it.
-KERNEL_WINDOW = "window_size" in inspect.signature(attn_ops.attention).parameters
+_TAIL_ROWS, _TAIL_WARPS = 32, 4  # rows per program of _varlen_tail, and its warps
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,16 +85,11 @@ def _check_scalars(max_q, max_k, return_aux, scale, window_size, enable_gqa, num
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
         raise ValueError(f"fastattn.{_OP}: scale must be a finite float or None (1/sqrt(D)); got {scale!r}")
-    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(_is_int(w) for w in window_size)):
-        raise TypeError(f"fastattn.{_OP}: window_size must be two ints (left, right), negative = unbounded; got "
-                        f"{window_size!r}")
+    check_window_softcap(_OP, window_size, softcap)
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"fastattn.{_OP}: enable_gqa must be a bool; got {type(enable_gqa).__name__}")
     if num_splits is not None and (not _is_int(num_splits) or num_splits < 0):
         raise ValueError(f"fastattn.{_OP}: num_splits must be None or an int >= 0; got {num_splits!r}")
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap >= 0.0:
-        raise ValueError(f"fastattn.{_OP}: softcap must be a float >= 0 (0 disables it); got {softcap!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"fastattn.{_OP}: dropout_p must be a float in [0, 1); got {dropout_p!r}")
 
@@ -152,6 +153,9 @@ def _check_tensors(query, key, value, cu_seq_q, cu_seq_k, enable_gqa, seqused_k,
     if sinks is not None and (sinks.dtype not in (torch.float32, query.dtype) or _shape(sinks) != (H,)):
         raise ValueError(f"fastattn.{_OP}: sinks must be float32 (or query's dtype) of shape ({H},); got "
                          f"{_shape(sinks)} {dtype_name(sinks.dtype)}")
+    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"fastattn.{_OP}: alibi_slopes requires grad, but the kernels compute no gradient for the "
+                         "slopes (fixed in ALiBi models); pass alibi_slopes.detach()")
 
 
 def _host_values_ok(t: Tensor) -> bool:
@@ -216,8 +220,7 @@ def check_offsets(query: Tensor, key: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def kernel_reason(query: Tensor, key: Tensor, value: Tensor, softcap: float = 0.0,
-                  alibi_slopes: Tensor | None = None, sinks: Tensor | None = None,
+def kernel_reason(query: Tensor, key: Tensor, value: Tensor, sinks: Tensor | None = None,
                   block_table: Tensor | None = None, seqused_k: Tensor | None = None,
                   num_splits: int | None = None) -> str | None:
     """Why the kernels cannot serve this call (None: they can), which then runs the eager reference."""
@@ -229,75 +232,54 @@ def kernel_reason(query: Tensor, key: Tensor, value: Tensor, softcap: float = 0.
         k_cache = key if block_table is not None else key[None]
         return kv_ops._fallback(query[None], k_cache, value if block_table is not None else value[None],
                                 block_table, num_splits or 0)[0]
-    reason = attn_ops.fused_reason(query, query.size(-1), value.size(-1))
-    if reason is None:  # INTERIM: what the per-sequence dense launches cannot express
-        missing = [name for name, on in (("softcap", softcap > 0), ("alibi_slopes", alibi_slopes is not None),
-                                         ("sinks", sinks is not None)) if on]
-        if missing:
-            reason = f"{', '.join(missing)} on packed sequences need the varlen kernel (not there yet)"
-    return reason
+    return attn_ops.fused_reason(query, query.size(-1), value.size(-1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the math. INTERIM: one dense launch per sequence, until kernels/attention.py has its VARLEN path
+# the launchers: one VARLEN launch of the attention kernels over every sequence
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def window_mask(M: int, N: int, window: tuple[int, int], device: torch.device) -> Tensor | None:
-    """flash's window as a boolean ``(1, 1, M, N)`` mask (None without one): key j for query i iff ``i + N - M -
-    left <= j <= i + N - M + right``, a negative bound unbounded."""
-    left, right = window
-    if left < 0 and right < 0:
-        return None
-    d = torch.arange(N, device=device)[None, :] - torch.arange(M, device=device)[:, None] - (N - M)
-    keep = torch.ones(M, N, dtype=torch.bool, device=device)
-    if left >= 0:
-        keep &= d >= -left
-    if right >= 0:
-        keep &= d <= right
-    return keep[None, None]
-
-
-def _block_args(M: int, N: int, window: tuple[int, int], device: torch.device) -> tuple:
-    """``fastattn::attention``'s (mask, is_causal, causal_offset) and trailing window arguments for one sequence of
-    M queries and N keys under flash's bottom-right ``window``: the kernel's own window where it has one, a causal
-    offset for a window with no left bound, else the boolean mask."""
-    left, right = window
-    if KERNEL_WINDOW:
-        return None, False, 0, (left, right, 0.0, None, None)
-    if left < 0:
-        return None, right >= 0, N - M + max(right, 0), ()
-    return window_mask(M, N, window, device), False, 0, ()
-
-
-def _heads(t: Tensor, start: int, stop: int) -> Tensor:
-    """Rows ``start:stop`` of a packed ``(T, H, D)`` tensor as a ``(1, H, L, D)`` view (no copy)."""
-    return t[start:stop].transpose(0, 1)[None]
-
-
-def _seed(seed: Tensor | None, b: int) -> Tensor | None:
-    """Sequence b's dropout seed: its own Philox stream, so sequences never share a mask."""
-    return None if seed is None else torch.tensor(seed_int(seed) + b, dtype=torch.int64)
+def _tail(out: Tensor | None, lse: Tensor, cu_seq_q: Tensor, lse_fill: float = -math.inf) -> None:
+    """Rows of ``out (T_q, H, DV)`` / ``lse (H, T_q)`` past ``cu_seq_q[-1]`` (no sequence's) set to 0 / ``lse_fill``
+    in place (``out=None``: lse only), without reading the offsets on the host."""
+    H, T = lse.shape
+    if T * H == 0:
+        return
+    DV, out_strides = (out.size(-1), out.stride()) if out is not None else (1, (0, 0, 0))
+    _runtime.launch(K._varlen_tail, (triton.cdiv(T, _TAIL_ROWS), H), out, lse, cu_seq_q, *out_strides,
+                    *lse.stride(), T, DV, cu_seq_q.numel() - 1, lse_fill, BLOCK_T=_TAIL_ROWS,
+                    BLOCK_DV=max(16, triton.next_power_of_2(DV)), num_warps=_TAIL_WARPS)
 
 
 def _varlen_forward(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, max_q: int,
                     max_k: int, scale: float, window_left: int, window_right: int, softcap: float,
                     alibi_slopes: Tensor | None, sinks: Tensor | None, dropout_p: float,
                     seed: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``out (T_q, H, DV)``, ``lse (H, T_q)`` of the packed sequences. INTERIM: per sequence ``fastattn::attention``
-    on views (:func:`_block_args`); the public function sends softcap, ALiBi and sinks to the reference."""
-    if softcap > 0 or alibi_slopes is not None or sinks is not None:
-        raise NotImplementedError("varlen: softcap, ALiBi and sinks need the varlen kernel")
-    T_q, H, _ = query.shape
-    out = query.new_zeros((T_q, H, value.size(-1)))
-    lse = torch.full((H, T_q), float("-inf"), dtype=stat_dtype(query.dtype), device=query.device)
-    for b, (q0, q1, k0, k1) in enumerate(_segments(cu_seq_q, cu_seq_k)):
-        if q1 > q0:
-            mask, causal, offset, extra = _block_args(q1 - q0, k1 - k0, (window_left, window_right), query.device)
-            o4, l4 = attn_ops.attention_op(_heads(query, q0, q1), _heads(key, k0, k1), _heads(value, k0, k1), mask,
-                                           dropout_p, _seed(seed, b), causal, offset, scale, *extra)
-            out[q0:q1], lse[:, q0:q1] = o4[0].transpose(0, 1), l4[0]
+    """``out (T_q, H, DV)``, ``lse (H, T_q)`` of the packed sequences: the attention kernels' VARLEN forward (one
+    launch), then the rows past the last sequence (:func:`_tail`)."""
+    out, lse = attn_ops.varlen_forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+                                       window_size=(window_left, window_right), softcap=softcap,
+                                       alibi_slopes=alibi_slopes, sinks=sinks, dropout_p=dropout_p,
+                                       seed=seed_int(seed))
+    _tail(out, lse, cu_seq_q)
     return out, lse
+
+
+def _sink_lse(lse: Tensor, cu_seq_q: Tensor) -> Tensor:
+    """``lse`` as the backward reads it with sinks: a copy with +inf on the rows past the last sequence, which join
+    no sink's sum (their ``exp(sink - lse)`` must be 0, not ``exp(+inf)``)."""
+    lse = lse.clone()
+    _tail(None, lse, cu_seq_q, math.inf)
+    return lse
+
+
+def backward_scratch_bytes(lse: Tensor, has_sinks: bool) -> int:
+    """Bytes :func:`_varlen_backward` allocates besides its results, for a forward's ``lse (H, T_q)`` (any device):
+    the attention backward's (:func:`fastattn.ops.attention.backward_scratch_bytes`) and, with sinks,
+    :func:`_sink_lse`'s copy, alive with them."""
+    own = lse.numel() * lse.element_size() if has_sinks else 0
+    return attn_ops.backward_scratch_bytes(lse, has_sinks) + own
 
 
 def _varlen_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
@@ -305,23 +287,20 @@ def _varlen_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor
                      scale: float, window_left: int, window_right: int, softcap: float,
                      alibi_slopes: Tensor | None, sinks: Tensor | None, dropout_p: float,
                      seed: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``dq``, ``dk``, ``dv`` (and ``dsinks``, empty without sinks) of :func:`_varlen_forward`. INTERIM: per sequence
-    ``fastattn::attention_backward`` from the saved output and log-sum-exp."""
-    dq, dk, dv = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (query, key, value))
-    for b, (q0, q1, k0, k1) in enumerate(_segments(cu_seq_q, cu_seq_k)):
-        if q1 > q0 and k1 > k0:
-            mask, causal, offset, extra = _block_args(q1 - q0, k1 - k0, (window_left, window_right), query.device)
-            dlse = grad_lse[None, :, q0:q1].contiguous() if grad_lse is not None else None
-            g = attn_ops.attention_backward_op(
-                _heads(grad_out, q0, q1), _heads(query, q0, q1), _heads(key, k0, k1), _heads(value, k0, k1),
-                _heads(out, q0, q1), lse[None, :, q0:q1].contiguous(), dlse, mask, dropout_p, _seed(seed, b), causal,
-                offset, scale, False, *extra)
-            dq[q0:q1], dk[k0:k1], dv[k0:k1] = (t[0].transpose(0, 1) for t in g[:3])
-    return dq, dk, dv, query.new_zeros((0,))
+    """``dq``, ``dk``, ``dv`` (and ``dsinks``, empty without sinks) of :func:`_varlen_forward`: the VARLEN backward
+    (one launch of each backward kernel) from the saved output and log-sum-exp."""
+    if sinks is not None:
+        lse = _sink_lse(lse, cu_seq_q)
+    dq, dk, dv, dsinks = attn_ops.varlen_backward(
+        grad_out, query, key, value, out, lse, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale,
+        window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
+        dropout_p=dropout_p, seed=seed_int(seed), dlse=grad_lse)
+    return dq, dk, dv, dsinks if dsinks is not None else query.new_zeros((0,))
 
 
 def _segments(cu_seq_q: Tensor, cu_seq_k: Tensor | None) -> list[tuple[int, int, int, int]]:
-    """(q0, q1, k0, k1) of each sequence (k0 = k1 = 0 without cu_seq_k). INTERIM: a host read of the offsets."""
+    """(q0, q1, k0, k1) of each sequence (k0 = k1 = 0 without cu_seq_k): a host read of the offsets (the KV-cache
+    path only)."""
     q = cu_seq_q.tolist()
     k = cu_seq_k.tolist() if cu_seq_k is not None else [0] * len(q)
     return [(q[b], q[b + 1], k[b], k[b + 1]) for b in range(len(q) - 1)]
@@ -330,8 +309,8 @@ def _segments(cu_seq_q: Tensor, cu_seq_k: Tensor | None) -> list[tuple[int, int,
 def _cache_forward(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor | None,
                    seqused_k: Tensor, block_table: Tensor | None, alibi_slopes: Tensor | None, scale: float,
                    window_left: int, window_right: int, softcap: float, num_splits: int) -> tuple[Tensor, Tensor]:
-    """``seqused_k`` (and pages): each sequence through the KV-cache kernel, its keys as a one-sequence dense cache
-    (a view of the packed keys) or its row of ``block_table``. INTERIM: one launch per sequence."""
+    """``seqused_k`` (and pages): each sequence with queries through the KV-cache kernel, its keys as a one-sequence
+    dense cache (a view of the packed keys) or its row of ``block_table``: one launch per such sequence."""
     T_q, H, _ = query.shape
     out = query.new_zeros((T_q, H, value.size(-1)))
     lse = torch.full((H, T_q), float("-inf"), dtype=stat_dtype(query.dtype), device=query.device)
@@ -352,13 +331,16 @@ def _cache_forward(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor, 
 def dropout_mask(seed: Tensor, cu_seq_q: Tensor, cu_seq_k: Tensor, heads: int, max_q: int, max_k: int,
                  dropout_p: float) -> Tensor:
     """The keep-mask the kernels draw for ``seed``, as ``(N, heads, max_q, max_k)`` over the padded positions (what
-    ``fastattn.reference.varlen_attn``'s ``dropout_mask`` takes, to replay it in tests)."""
-    N = cu_seq_q.numel() - 1
-    keep = torch.zeros((N, heads, max_q, max_k), dtype=torch.bool, device=cu_seq_q.device)
-    for b, (q0, q1, k0, k1) in enumerate(_segments(cu_seq_q, cu_seq_k)):
-        keep[b, :, : q1 - q0, : k1 - k0] = attn_ops.dropout_keep_mask(
-            seed_int(_seed(seed, b)), (1, heads, q1 - q0, k1 - k0), dropout_p, cu_seq_q.device)[0]
-    return keep
+    ``fastattn.reference.varlen_attn``'s ``dropout_mask`` takes, to replay it in tests): head h keeps query row i of
+    sequence b with key j iff ``philox(seed; cu_seq_k[b] + j, cu_seq_q[b] + i, h) >= dropout_p``, counters in the
+    packed tensors, drawn here for every (query row, key row) pair (O(heads T_q T_k) memory: for tests)."""
+    T_q, T_k = int(cu_seq_q[-1]), int(cu_seq_k[-1])
+    packed = (attn_ops.dropout_keep_mask(seed_int(seed), (1, heads, T_q, T_k), dropout_p, cu_seq_q.device)[0]
+              if T_q * T_k else torch.zeros((heads, T_q, T_k), dtype=torch.bool, device=cu_seq_q.device))
+    packed = torch.nn.functional.pad(packed, (0, 1, 0, 1))  # row T_q / column T_k: the padding, never kept
+    rows_q, _ = reference.varlen_rows(cu_seq_q, max_q, T_q)
+    rows_k, _ = reference.varlen_rows(cu_seq_k, max_k, T_k)
+    return packed[:, rows_q[:, :, None], rows_k[:, None, :]].transpose(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -477,9 +459,11 @@ def varlen_attn(
     ``cu_seq_k`` may be None). Both are inference only, as in torch, and run the KV-cache kernels (``num_splits``:
     their split-KV count, 0/None = automatic; the packed path never splits keys). Extras: ``softcap > 0`` caps the
     scaled scores ``softcap tanh(s / softcap)``; ``alibi_slopes (H,)`` or ``(N, H)`` fp32 subtract ``slope |i + N_b
-    - Lq_b - j|`` (not differentiated); ``sinks (H,)`` one logit per head joining every row's denominator (it
-    attends to nothing; lse includes it; differentiable); ``dropout_p`` on the probabilities, each sequence with
-    its own stream drawn from torch's default generator.
+    - Lq_b - j|`` (no gradient: slopes that require grad raise); ``sinks (H,)`` one logit per head joining every
+    row's denominator (it attends to nothing; lse includes it; differentiable); ``dropout_p`` on the
+    probabilities: one seed per call from torch's default generator, and head h drops query row r with key row c
+    of the packed tensors iff ``philox(seed; c, r, h) < dropout_p`` (the backward redraws the same), so no two
+    sequences share a draw and a sequence's mask depends on where it is packed.
 
     Bad input raises naming the argument; the checks of the offsets' values (start at 0, non-decreasing, within
     the tensors, ``max_q``/``max_k`` large enough, ``seqused_k``) run on CPU tensors only: on a GPU they would
@@ -497,7 +481,7 @@ def varlen_attn(
             raise RuntimeError(f"fastattn.{_OP}: seqused_k and block_table are inference-only parameters (as in "
                                "torch): call under torch.no_grad() or torch.inference_mode()")
     sm_scale = 1.0 / math.sqrt(query.size(-1)) if scale is None else float(scale)
-    reason = kernel_reason(query, key, value, softcap, alibi_slopes, sinks, block_table, seqused_k, num_splits)
+    reason = kernel_reason(query, key, value, sinks, block_table, seqused_k, num_splits)
     want_lse = return_aux is not None and return_aux.lse
     if reason is not None:
         _runtime.warn_fallback(_OP, reason)
@@ -513,12 +497,29 @@ def varlen_attn(
     return (out, lse) if want_lse else out
 
 
-# INTERIM: the ops whose kernels this one launches (their specs are listed there); hwfit has nothing of ours to
-# compile until the VARLEN specialisation brings its own specs.
-KERNELS_OF = ("attention", "kvcache")
+def _tail_args(dtype: torch.dtype | None, dv: int) -> dict:
+    """Arguments of a :func:`_tail` launch over 4000 packed rows of 8 heads, on the meta device (``dtype`` None:
+    lse only)."""
+    out = torch.empty((4000, 8, dv), device="meta", dtype=dtype) if dtype is not None else None
+    lse = torch.empty((8, 4000), device="meta", dtype=torch.float32)
+    cu = torch.empty((3,), device="meta", dtype=torch.int32)
+    return {"Out": out, "Lse": lse, "CuQ": cu, **dict(zip(("stride_ot", "stride_oh", "stride_od"),
+                                                          out.stride() if out is not None else (0, 0, 0))),
+            **dict(zip(("stride_lh", "stride_lt"), lse.stride())), "T": 4000, "DV": dv, "B": 2,
+            "lse_fill": -math.inf if out is not None else math.inf}
 
 
 def kernel_specs() -> list[KernelSpec]:
-    """INTERIM: none of its own (see :data:`KERNELS_OF`)."""
-    return []
-
+    """What the packed path launches, for ``fastattn.hwfit``: the attention kernels' VARLEN specialisations at every
+    tile their tables give (:func:`fastattn.ops.attention.kernel_specs` with ``varlen=True``) and
+    :func:`_tail` for each dtype and padded value head dim. Its other kernels are specialisations listed by the ops
+    that own them: ``_attn_bwd_preprocess`` (no VARLEN flag: the same compile as attention's) and, for
+    ``seqused_k`` / ``block_table``, the KV-cache kernel (kvcache's)."""
+    specs = attn_ops.kernel_specs(varlen=True)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, None):
+        for block_dv in (16, 32, 64, 128, 256) if dtype is not None else (16,):
+            specs.append(KernelSpec("varlen", K._varlen_tail, _tail_args(dtype, block_dv),
+                                    triton.Config({"BLOCK_T": _TAIL_ROWS, "BLOCK_DV": block_dv},
+                                                  num_warps=_TAIL_WARPS),
+                                    f"{dtype_name(dtype)} DV<={block_dv}" if dtype is not None else "lse only"))
+    return specs

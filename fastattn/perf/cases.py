@@ -254,10 +254,11 @@ def attention_cases(suite: str) -> list[Case]:
 
 
 def _attention_backward_scratch(args: tuple, kwargs: dict) -> int:
-    # _backward allocates delta (Z, H, M) in the statistics dtype before launching its kernels.
-    q = op_arguments("fastattn::attention_backward", args, kwargs)["q"]
-    Z, H, M = q.shape[:3]
-    return Z * H * M * (8 if q.dtype == torch.float64 else 4)
+    # _backward allocates delta like lse (and with sinks dsinks' shares) before launching its kernels.
+    from fastattn.ops import attention as attn_ops
+
+    a = op_arguments("fastattn::attention_backward", args, kwargs)
+    return attn_ops.backward_scratch_bytes(a["lse"], a["sinks"] is not None)
 
 
 SCRATCH["fastattn::attention_backward"] = _attention_backward_scratch

@@ -259,21 +259,14 @@ def varlen_cases(suite: str) -> list[Case]:
     return [_varlen_case(n, *shapes[n], suite=suite) for n in names]
 
 
-def _varlen_scratch(args: tuple, kwargs: dict) -> int:
-    """INTERIM: the per-sequence path's temporaries, at most one sequence's output and lse (the longest, max_q)
-    before they are copied into the packed result."""
-    q, v, max_q = args[0], args[2], args[10]
-    return q.size(1) * max_q * (v.size(-1) * q.element_size() + 4)
-
-
 def _varlen_backward_scratch(args: tuple, kwargs: dict) -> int:
-    """INTERIM: one sequence's gradients and the attention backward's fp32 delta, at most the longest's."""
-    q, k, v, max_q, max_k = args[1], args[2], args[3], args[12], args[13]
-    H, e = q.size(1), q.element_size()
-    return H * max_q * (q.size(-1) * e + 4) + k.size(1) * max_k * (k.size(-1) + v.size(-1)) * e
+    """The VARLEN backward's own buffers (delta, dsinks shares; with sinks, the lse it reads), from the launcher."""
+    from fastattn.ops import varlen as varlen_ops
+
+    a = op_arguments("fastattn::varlen_attention_backward", args, kwargs)
+    return varlen_ops.backward_scratch_bytes(a["lse"], a["sinks"] is not None)
 
 
-SCRATCH["fastattn::varlen_attention"] = _varlen_scratch
 SCRATCH["fastattn::varlen_attention_backward"] = _varlen_backward_scratch
-SCRATCH_NOTES["fastattn::varlen_attention"] = "varlen's per-sequence temporaries (INTERIM, until the varlen kernel)"
-SCRATCH_NOTES["fastattn::varlen_attention_backward"] = "varlen backward's per-sequence gradients and delta (INTERIM)"
+SCRATCH_NOTES["fastattn::varlen_attention_backward"] = (
+    "varlen backward's fp32 `delta` (one value per query row and head), and with sinks the lse it reads")

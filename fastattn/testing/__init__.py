@@ -33,6 +33,7 @@ from fastattn.testing._attention import (
     merge_floors,
     ring_attention_floors,
     varlen_floors,
+    varlen_modifier_floors,
 )
 from fastattn.testing._norms import batch_norm_floors, norm_floors
 from fastattn.testing._patch_embed import patch_embed_floors
@@ -47,4 +48,4 @@ from fastattn.testing._rule import (
 
 __all__ = ["UNIT_ROUNDOFF", "assert_close_to_reference", "attention_floors", "batch_norm_floors", "blocked_terms",
            "kvcache_floors", "max_err", "merge_floors", "norm_floors", "patch_embed_floors", "ring_attention_floors",
-           "rule_bound", "tree_sum_terms", "varlen_floors"]
+           "rule_bound", "tree_sum_terms", "varlen_floors", "varlen_modifier_floors"]

@@ -215,6 +215,38 @@ def varlen_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor, c
     return worst
 
 
+def varlen_modifier_floors(query: Tensor, key: Tensor, value: Tensor, grad_out: Tensor, cu_seq_q: Tensor,
+                           cu_seq_k: Tensor, *, dtype: torch.dtype, window_size: tuple[int, int] = (-1, -1),
+                           scale: float | None = None, grad_lse: Tensor | None = None, out: Tensor | None = None,
+                           dropout_p: float = 0.0, dropout_mask: Tensor | None = None, softcap: float = 0.0,
+                           alibi_slopes: Tensor | None = None, sinks: Tensor | None = None) -> dict[str, float]:
+    """:func:`varlen_floors` with the kernels' score modifiers, and ``dsinks``: each sequence's
+    :func:`attention_floors` with its bottom-right ``window_size``, ``softcap``, its slopes (``alibi_slopes (H,)``
+    or its row of ``(N, H)``) and ``sinks``; the worst over the sequences. ``dsinks`` alone sums over sequences:
+    the kernels sum one head's shares over all ``T_q`` packed rows in one fp32 sum (rows of no sequence add exact
+    zeros), whose rounding is ``T_q u sum|share|`` where one sequence's floor counts its ``R_b`` rows; each
+    sequence's floor times ``T_q / R_b`` bounds its rows' part (the other terms only grow), and the parts add."""
+    q_off, k_off = cu_seq_q.tolist(), cu_seq_k.tolist()
+    worst: dict[str, float] = {}
+    for b in range(len(q_off) - 1):
+        (q0, q1), (k0, k1) = q_off[b: b + 2], k_off[b: b + 2]
+        if q1 == q0:
+            continue
+        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+        f = attention_floors(*(t[a:z].transpose(0, 1) for t, a, z in ((query, q0, q1), (key, k0, k1),
+                                                                        (value, k0, k1), (grad_out, q0, q1))),
+                             dtype=dtype, scale=scale, enable_gqa=query.size(1) != key.size(1), dropout_p=dropout_p,
+                             dropout_mask=dropout_mask[b, :, : q1 - q0, : k1 - k0] if dropout_mask is not None
+                             else None, grad_lse=grad_lse[:, q0:q1] if grad_lse is not None else None,
+                             out=out[q0:q1].transpose(0, 1) if out is not None else None, window_size=window_size,
+                             softcap=softcap, alibi_slopes=slopes, sinks=sinks)
+        share = f.pop("dsinks", 0.0) * query.size(0) / (q1 - q0)
+        worst.update({name: max(worst.get(name, 0.0), v) for name, v in f.items()})
+        if sinks is not None:
+            worst["dsinks"] = worst.get("dsinks", 0.0) + share
+    return worst
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # merge_attention (and the split-KV combine)
 # ---------------------------------------------------------------------------------------------------------------
