@@ -16,7 +16,9 @@ x is read through its strides (NCHW, channels_last or any other view) without co
 With an identity, the gradient flows as eager's does through its add, so that a network's peak memory is not raised:
 didentity is the gradient of the pre-activation itself (no copy), and for ReLU that gradient, dz = dy * (out > 0),
 is made by a second, kernel-free autograd node (:class:`_ReLUMask`, eager's threshold_backward) after which autograd
-frees dy before the BatchNorm backward allocates dx: dz and dx live at once, not dy, dz and dx.
+frees dy before the BatchNorm backward allocates dx: dz and dx live at once, not dy, dz and dx. The activations whose
+derivative is taken at z keep one node: their backward holds dy, dz and dx at once, as many as eager's, whose
+activation backward holds dy, its saved z and dz (the fused op never saves z).
 
 What the backward keeps (besides x and per-channel statistics): ReLU's output (its mask, as torch's own rule; the
 next layer usually holds it anyway); for the activations whose derivative is taken at the pre-activation z (every
