@@ -13,6 +13,13 @@ Two custom ops, because torch.library accepts an autograd formula only for a fun
   including the dependence of the batch statistics on x, so nothing is lost by the detach above.
 x is read through its strides (NCHW, channels_last or any other view) without copies; the output keeps x's layout.
 
+With an identity, the gradient flows as eager's does through its add, so that a network's peak memory is not raised:
+didentity is the gradient of the pre-activation itself (no copy), and for ReLU that gradient, dz = dy * (out > 0),
+is made by a second, kernel-free autograd node (:class:`_ReLUMask`, eager's threshold_backward) after which autograd
+frees dy before the BatchNorm backward allocates dx: dz and dx live at once, not dy, dz and dx. The activations whose
+derivative is taken at z keep one node: their backward holds dy, dz and dx at once, as many as eager's, whose
+activation backward holds dy, its saved z and dz (the fused op never saves z).
+
 What the backward keeps (besides x and per-channel statistics): ReLU's output (its mask, as torch's own rule; the
 next layer usually holds it anyway); for the activations whose derivative is taken at the pre-activation z (every
 other one but identity) nothing more without an identity, else the identity, from which z is recomputed exactly as
@@ -269,15 +276,17 @@ def _(x, running_mean, running_var, num_batches_tracked, momentum, eps):
 
 @torch.library.custom_op("fastattn::batch_norm_act", mutates_args=(), device_types=None)
 def batch_norm_act_op(x: Tensor, identity: Tensor | None, mean: Tensor, var_or_rstd: Tensor, weight: Tensor | None,
-                      bias: Tensor | None, training: bool, eps: float, activation: str,
-                      negative_slope: float) -> Tensor:
+                      bias: Tensor | None, training: bool, eps: float, activation: str, negative_slope: float,
+                      mask_after: bool) -> Tensor:
     """act((x - mean) * rstd * weight + bias + identity); ``var_or_rstd`` is the batch rstd when ``training``,
-    else the running variance (rstd = 1/sqrt(var + eps) per channel in the kernel)."""
+    else the running variance (rstd = 1/sqrt(var + eps) per channel in the kernel). ``mask_after`` (ReLU): the
+    backward takes the gradient it receives as the pre-activation's, i.e. straight through the ReLU, whose mask
+    :class:`_ReLUMask` applies to the output's gradient before (the op's output must go through it)."""
     return _apply(x, identity, mean, var_or_rstd, weight, bias, training, eps, activation, negative_slope)
 
 
 @batch_norm_act_op.register_fake
-def _(x, identity, mean, var_or_rstd, weight, bias, training, eps, activation, negative_slope):
+def _(x, identity, mean, var_or_rstd, weight, bias, training, eps, activation, negative_slope, mask_after):
     return torch.empty_like(x)
 
 
@@ -301,11 +310,13 @@ def _(dy, x, out, identity, mean, var_or_rstd, weight, bias, training, eps, acti
 
 
 def _setup_context(ctx, inputs, output):
-    x, identity, mean, var_or_rstd, weight, bias, training, eps, activation, slope = inputs
+    x, identity, mean, var_or_rstd, weight, bias, training, eps, activation, slope, mask_after = inputs
     # Saved: x, the statistics and parameters, and what act' needs (grad_from): ReLU's output -- its mask, rather
     # than bits: autograd must keep some activation alive anyway, out is usually referenced by the next layer
     # already (so saving it costs no memory), and it is torch's own rule (relu's backward looks at its result) --
-    # or the identity, from which the pre-activation is recomputed (nothing more without one).
+    # or the identity, from which the pre-activation is recomputed (nothing more without one). With mask_after the
+    # ReLU's derivative is _ReLUMask's (which saves out): here the gradient is the pre-activation's.
+    activation = "identity" if mask_after else activation
     source = grad_from(activation)
     ctx.save_for_backward(x, output if source == "out" else None, identity if source == "z" else None, mean,
                           var_or_rstd, weight, bias)
@@ -318,10 +329,32 @@ def _backward_autograd(ctx, dout):
     need_dx, need_did = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and ctx.has_identity
     need_dw = weight is not None and ctx.needs_input_grad[4]
     need_db = bias is not None and ctx.needs_input_grad[5]
+    # Without an activation the gradient of bn(x) + identity is dout: didentity is dout itself, as eager's add
+    # hands it on (a copy would hold one activation more while dx is allocated).
+    through = ctx.args[2] == "identity"
     dx, did, dw, db = batch_norm_act_backward_op(dout, x, out, identity, mean, var_or_rstd, weight, bias, *ctx.args,
-                                                 need_dx, need_did, need_dw, need_db)
-    return (dx if need_dx else None, did if need_did else None, None, None, dw if need_dw else None,
-            db if need_db else None, None, None, None, None)
+                                                 need_dx, need_did and not through, need_dw, need_db)
+    return (dx if need_dx else None, (dout if through else did) if need_did else None, None, None,
+            dw if need_dw else None, db if need_db else None, None, None, None, None, None)
+
+
+class _ReLUMask(torch.autograd.Function):
+    """The ReLU's derivative of ``batch_norm_act_op(..., mask_after=True)``'s output, as a node of its own: its
+    backward makes dz = dy * (out > 0) (eager's threshold_backward) and autograd frees dy before the BatchNorm node
+    allocates dx, as in eager's relu -> add -> batch_norm chain. The forward does nothing (out is already
+    rectified): it hands out on as if modified in place, so out is not a view and the next in-place op on it is
+    caught like one on eager's relu output (saved for the backward)."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor) -> Tensor:
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> Tensor:
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(dy, out, 0)
 
 
 batch_norm_act_op.register_autograd(_backward_autograd, setup_context=_setup_context)
@@ -413,7 +446,10 @@ def _batch_norm_act(op: str, x: Tensor, identity: Tensor | None, running_mean: T
                                                 0.0 if momentum is None else float(momentum), eps)
     else:
         mean, var_or_rstd = running_mean, running_var
-    return batch_norm_act_op(x, identity, mean, var_or_rstd, weight, bias, training, eps, activation, negative_slope)
+    mask_after = activation == "relu" and identity is not None
+    out = batch_norm_act_op(x, identity, mean, var_or_rstd, weight, bias, training, eps, activation, negative_slope,
+                            mask_after)
+    return _ReLUMask.apply(out) if mask_after and out.requires_grad else out
 
 
 def batch_norm_act(
