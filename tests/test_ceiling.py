@@ -353,3 +353,17 @@ def test_varlen_and_decode_rows_from_compiled_reports():
     for row in got.values():
         assert row["issues_vs_ref_same_tile"] == pytest.approx(row["issues_per_kflop"] /
                                                                row["ref_same_tile_issues_per_kflop"])
+
+
+def test_cli_family_and_kernel_options():
+    import argparse
+
+    from fastattn import cli
+
+    args = cli._parser().parse_args(["ceiling", "--family", "kvcache,varlen", "--kernel", "fwd,decode"])
+    assert args.family == ["kvcache", "varlen"] and args.kernel == ["_attn_fwd", "_kvcache_attn"]
+    for bad in ("paged", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="dense, varlen, kvcache"):
+            cli._families(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="decode"):
+        cli._kernels("_merge_fwd")
