@@ -1,11 +1,13 @@
 """The ``fastattn`` command: ``bench`` (GPU timings, or the measured CPU report where there is no GPU),
 ``inspect`` (the hardware-fit report of every kernel config, compiled for sm_80 / sm_89 / sm_90 without a GPU),
-``ceiling`` (the issue-slot ceiling of the attention kernels beside minimal reference loops, no GPU needed) and
+``ceiling`` (the issue-slot ceiling of the attention, varlen and KV-cache decode kernels beside minimal reference
+loops, no GPU needed) and
 ``gpu-check`` (tests, agreement and a bounded benchmark on a CUDA GPU).
 
     fastattn bench [--ops attention] [--dtype fp16] [--quick] [--out DIR]
     fastattn inspect [--ops attention] [--arch 80,90] [--json] [--dump DIR] [--filter TEXT]
-    fastattn ceiling [--arch 90] [--dtype fp16] [--head-dim 128] [--kernel fwd,dkdv,dq] [--json]
+    fastattn ceiling [--arch 90] [--dtype fp16] [--head-dim 128] [--kernel fwd,dkdv,dq,decode]
+                     [--family dense,varlen,kvcache] [--json]
     fastattn gpu-check [--skip tests,agreement,bench,e2e] [--test-timeout S] [--out DIR]
     fastattn demo [--task all|vit|transformer] [--steps N]   (= python -m fastattn.demo)
 """
@@ -70,6 +72,15 @@ def _kernels(text: str) -> list[str]:
     return out
 
 
+def _families(text: str) -> list[str]:
+    from fastattn.perf import ceiling
+
+    got = [t.strip() for t in text.split(",") if t.strip()]
+    if not got or any(f not in ceiling.FAMILIES for f in got):
+        raise argparse.ArgumentTypeError(f"--family takes a comma list of {', '.join(ceiling.FAMILIES)}; got {text!r}")
+    return got
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastattn", description="bench: GPU timings, or the measured CPU report where "
                                 "there is no GPU; inspect: the hardware-fit report of every kernel config.")
@@ -106,14 +117,16 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--no-cache", action="store_true", help="compile even where a cached report exists")
     i.add_argument("--workers", type=int, default=None, help="compile processes (default: all cores)")
     c = sub.add_parser("ceiling", help="issue-slot ceiling of the attention kernels beside minimal reference loops",
-                       description="Compile the plain specialisation of every attention kernel and the minimal "
+                       description="Compile the plain specialisation of every attention kernel (dense, varlen's "
+                       "VARLEN=True builds, the KV-cache decode kernel) and the minimal "
                        "FlashAttention-2 reference loops (fastattn/perf/refloop.py) for real GPU targets (no GPU "
                        "needed), find the loop holding the MMAs in the SASS and print the issue-slot ceiling of the "
                        "best config of each beside the reference's: an upper bound, not a speed.")
     c.add_argument("--arch", type=_archs, default=[80, 90], help="comma list of 80, 90 (default 80,90)")
     c.add_argument("--dtype", type=_dtypes, default=["float16", "bfloat16"], help="fp16, bf16 (default both)")
     c.add_argument("--head-dim", type=_head_dims, default=None, help="comma list of 64, 128 (default both)")
-    c.add_argument("--kernel", type=_kernels, default=None, help="comma list of fwd, dkdv, dq (default all)")
+    c.add_argument("--kernel", type=_kernels, default=None, help="comma list of fwd, dkdv, dq, decode (default all)")
+    c.add_argument("--family", type=_families, default=None, help="comma list of dense, varlen, kvcache (default all)")
     c.add_argument("--json", action="store_true", help="the rows as JSON on stdout")
     c.add_argument("--no-cache", action="store_true", help="compile even where a cached report exists")
     c.add_argument("--workers", type=int, default=None, help="compile processes (default: all cores)")
@@ -216,7 +229,8 @@ def _ceiling(a: argparse.Namespace) -> int:
                          f"archs with a peak MMA rate); got {', '.join(map(str, a.arch))}")
 
     reports = ceiling.compile_reports(a.arch, dtypes=a.dtype, head_dims=a.head_dim or refloop.HEAD_DIMS,
-                                      kernels=a.kernel or ceiling.KERNELS, workers=a.workers, use_cache=not a.no_cache)
+                                      kernels=a.kernel or ceiling.KERNELS, families=a.family or tuple(ceiling.FAMILIES),
+                                      workers=a.workers, use_cache=not a.no_cache)
     rows = ceiling.rows(reports)
     if a.json:
         print(json.dumps(rows, indent=1))
@@ -224,7 +238,8 @@ def _ceiling(a: argparse.Namespace) -> int:
         print(ceiling.table(rows))
         print()
         print(ceiling.NOTE)
-    missing = [f"{r['kernel']} sm_{r['arch']} {r['dtype']} D<={r['head_dim']}" for r in rows if r["ceiling"] is None]
+    missing = [f"{r['family']} {r['kernel']} sm_{r['arch']} {r['dtype']} D<={r['head_dim']}" for r in rows
+               if r["ceiling"] is None]
     if missing:
         print("no ceiling (no config fits, or no MMA loop was found): " + "; ".join(missing), file=sys.stderr)
     return 1 if missing or not rows else 0

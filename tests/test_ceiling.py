@@ -107,8 +107,8 @@ def test_loop_analysis_arithmetic():
         "loop_note": ""}
 
 
-def _report(kernel, variant, config, arch, ceiling_, issues, ok=True):
-    return hwfit.FitReport(op="x", kernel=kernel, variant=variant, config=config, arch=arch, registers=128,
+def _report(kernel, variant, config, arch, ceiling_, issues, ok=True, op="attention"):
+    return hwfit.FitReport(op=op, kernel=kernel, variant=variant, config=config, arch=arch, registers=128,
                            local_bytes=0, spill_stores=0 if ok else 4, shared_bytes=1024, hmma=0, hgmma=8,
                            occupancy=0.25, needs_tensor_cores=True, problems=[] if ok else ["spills"],
                            loop_instructions=300, issues_per_kflop=issues, ceiling=ceiling_)
@@ -127,12 +127,48 @@ def test_ceiling_rows_pick_best_fitting_configs():
         _report("_attn_fwd", "float32/tf32 D<=64 plain", "BLOCK_M128-BLOCK_N32-w8-s2", 90, 0.5, 1.0),  # no reference
     ]
     (row,) = ceiling.rows(reports)
-    assert (row["kernel"], row["arch"], row["dtype"], row["head_dim"]) == ("_attn_fwd", 90, "float16", 64)
+    assert (row["family"], row["kernel"], row["arch"], row["dtype"], row["head_dim"]) == ("dense", "_attn_fwd", 90,
+                                                                                          "float16", 64)
     assert row["config"] == "BLOCK_M128-BLOCK_N64-w8-s3" and row["ceiling"] == 0.57
     assert row["ref_same_tile_issues_per_kflop"] == 0.70 and row["issues_vs_ref_same_tile"] == pytest.approx(1.7 / 0.7)
     assert row["ref_config"] == "BLOCK_M128-BLOCK_N128-w8-s2" and row["ceiling_ratio"] == pytest.approx(0.57)
     text = ceiling.table([row])
-    assert "128x64 w8 s3" in text and "57%" in text and "0.57x" in text
+    assert "128x64 w8 s3" in text and "57%" in text and "0.57x" in text and "dense" in text
+
+
+def test_ceiling_rows_varlen_and_kvcache_families():
+    """The packed (VARLEN) builds are their own rows beside the same reference; the decode kernel gets a row per
+    query tile, against the reference forward loop with as many query rows; the append and combine none."""
+    v = "float16 D<=64 plain"
+    ref = [_report("_ref_attn_fwd", v, "BLOCK_M128-BLOCK_N128-w8-s2", 90, 1.0, 0.55, op="reference"),
+           _report("_ref_attn_fwd", v, "BLOCK_M16-BLOCK_N64-w4-s3", 90, 0.9, 1.10, op="reference"),
+           _report("_ref_attn_fwd", v, "BLOCK_M64-BLOCK_N64-w4-s3", 90, 1.0, 0.80, op="reference"),
+           _report("_ref_attn_fwd", v, "BLOCK_M64-BLOCK_N128-w8-s2", 90, 1.0, 0.70, op="reference")]
+    ours = [_report("_attn_fwd", v, "BLOCK_M128-BLOCK_N128-w8-s2", 90, 0.96, 1.0),
+            _report("_attn_fwd", v, "BLOCK_M128-BLOCK_N64-w8-s2", 90, 0.80, 1.2, op="varlen"),
+            _report("_varlen_tail", "float16 DV<=64", "BLOCK_T64-BLOCK_DV64-w4-s3", 90, None, None, op="varlen"),
+            _report("_kvcache_attn", v, "BLOCK_M64-BLOCK_N64-w4-s3", 90, 0.68, 1.43, op="kvcache"),
+            _report("_kvcache_attn", v, "BLOCK_M16-BLOCK_N64-w4-s3", 90, 0.27, 3.56, op="kvcache"),
+            _report("_kvcache_attn", v, "BLOCK_M32-BLOCK_N64-w4-s3", 90, 0.37, 2.64, op="kvcache", ok=False),
+            _report("_kvcache_append", "float16 D<=64 dense", "BLOCK_T16-BLOCK_D64-w4-s3", 90, None, None,
+                    op="kvcache"),
+            _report("_merge_fwd", "fp32 partials -> float16 D<=64", "BLOCK_D64-w4-s3", 90, None, None, op="kvcache")]
+    got = ceiling.rows([*ref, *ours])
+    assert [(r["family"], r["kernel"], r["config"]) for r in got] == [
+        ("dense", "_attn_fwd", "BLOCK_M128-BLOCK_N128-w8-s2"), ("varlen", "_attn_fwd", "BLOCK_M128-BLOCK_N64-w8-s2"),
+        ("kvcache", "_kvcache_attn", "BLOCK_M16-BLOCK_N64-w4-s3"),
+        ("kvcache", "_kvcache_attn", "BLOCK_M32-BLOCK_N64-w4-s3"),  # spills: a row without a ceiling
+        ("kvcache", "_kvcache_attn", "BLOCK_M64-BLOCK_N64-w4-s3")]
+    dense, varlen, k16, k32, k64 = got
+    assert varlen["ref_config"] == dense["ref_config"] == "BLOCK_M128-BLOCK_N128-w8-s2"
+    assert varlen["ref_same_tile_ceiling"] is None and varlen["ceiling_ratio"] == pytest.approx(0.80)
+    assert k16["ref_config"] == "BLOCK_M16-BLOCK_N64-w4-s3" and k16["ref_configs"] == 1  # same BLOCK_M only
+    assert k16["issues_vs_ref_same_tile"] == pytest.approx(3.56 / 1.10) and k16["ceiling_ratio"] == pytest.approx(0.3)
+    assert k32["ceiling"] is None and k32["ref_config"] is None
+    assert k64["ref_config"] == "BLOCK_M64-BLOCK_N128-w8-s2" and k64["ref_configs"] == 2
+    assert k64["issues_vs_ref_same_tile"] == pytest.approx(1.43 / 0.80) and k64["configs"] == 1
+    text = ceiling.table(got)
+    assert "varlen" in text and "_kvcache_attn" in text and "16x64 w4 s3" in text
 
 
 def test_select_and_cpu_report_section(monkeypatch, tmp_path):
@@ -140,12 +176,19 @@ def test_select_and_cpu_report_section(monkeypatch, tmp_path):
 
     keep = ceiling.select(dtypes=("float16",), head_dims=(64,), kernels=("_attn_bwd_dq",))
 
-    def info(name, variant):
-        return hwfit.SpecInfo("attention", 0, name, variant, "BLOCK_M32-BLOCK_N64-w8-s2")
+    def info(name, variant, op="attention"):
+        return hwfit.SpecInfo(op, 0, name, variant, "BLOCK_M32-BLOCK_N64-w8-s2")
 
     assert keep(info("_attn_bwd_dq", "float16 D<=64 plain")) and keep(info("_ref_attn_bwd_dq", "float16 D<=64 plain"))
+    assert keep(info("_attn_bwd_dq", "float16 D<=64 plain", "varlen"))
     assert not keep(info("_attn_bwd_dq", "float16 D<=64 causal+floatmask+grad+dropout"))
     assert not keep(info("_attn_fwd", "float16 D<=64 plain")) and not keep(info("_attn_bwd_dq", "float16 D<=128 plain"))
+    decode = ceiling.select(dtypes=("float16",), head_dims=(64,), families=("kvcache",))
+    assert decode(info("_kvcache_attn", "float16 D<=64 plain", "kvcache")) and decode(info("_ref_attn_fwd", "float16 "
+                                                                                         "D<=64 plain"))
+    assert not decode(info("_attn_fwd", "float16 D<=64 plain")) and not decode(info("_ref_attn_bwd_dq", "float16 "
+                                                                                     "D<=64 plain"))
+    assert not decode(info("_merge_fwd", "float16 D<=64 plain", "kvcache"))
 
     v = "float16 D<=64 plain"
     ours = [_report("_attn_fwd", v, "BLOCK_M128-BLOCK_N64-w8-s3", 90, 0.57, 1.70)]
@@ -161,7 +204,8 @@ def test_select_and_cpu_report_section(monkeypatch, tmp_path):
     cpu._ceiling_section(out, ours, [80, 89, 90], False, 1, str(tmp_path), report.environment())
     text = "\n".join(out.lines)
     assert "Issue-slot ceiling" in text and "not a speed" in text and "0.57x" in text
-    assert seen == {"ops": [ceiling.REFERENCE], "archs": [80, 90]}
+    # the varlen and KV-cache kernels' plain configs compiled with the references where the report had none
+    assert seen == {"ops": ["varlen", "kvcache", ceiling.REFERENCE], "archs": [80, 90]}
     assert "ceiling_ratio" in (tmp_path / "ceiling.csv").read_text().splitlines()[0]
     quick = cpu._Printer()
     cpu._ceiling_section(quick, ours, [80, 90], True, 1, str(tmp_path), report.environment())
@@ -258,13 +302,68 @@ def test_attention_config_loop(compiled):
 def test_reference_specs_cover_fastattn_tiles():
     specs = refloop.kernel_specs()
     shipped = refloop.shipped_tiles()
-    for (kernel, variant), tiles in shipped.items():
-        if kernel not in ceiling.KERNELS or not any(variant == refloop.variant(dt, d) for dt in refloop.DTYPES
-                                                    for d in refloop.HEAD_DIMS):
+    from fastattn.ops import kvcache, varlen
+
+    packed = {(refloop.REFERENCE_OF[s.name], s.variant, s.config.kwargs["BLOCK_M"], s.config.kwargs["BLOCK_N"])
+              for s in [*varlen.kernel_specs(), *kvcache.kernel_specs()]
+              if s.name in refloop.REFERENCE_OF and s.variant == "float16 D<=128 plain"}
+    assert {k for k in packed if k[0] == "_ref_attn_fwd"} >= {("_ref_attn_fwd", "float16 D<=128 plain", 16, 64)}
+    for ref, variant, bm, bn in packed:  # the varlen and decode tiles are among the shipped ones
+        assert any(t[:2] == (bm, bn) for t in shipped[(ref, variant)]), (ref, variant, bm, bn)
+    for (ref, variant), tiles in shipped.items():
+        if not any(variant == refloop.variant(dt, d) for dt in refloop.DTYPES for d in refloop.HEAD_DIMS):
             continue
-        ref = next(r for r, m in refloop.MIRRORS.items() if m == kernel)
         have = {(s.config.kwargs["BLOCK_M"], s.config.kwargs["BLOCK_N"], s.config.num_warps, s.config.num_stages)
                 for s in specs if s.name == ref and s.variant == variant}
-        assert set(tiles) <= have, (kernel, variant)
+        assert set(tiles) <= have, (ref, variant)
     assert all(s.loop_flops == 2 * refloop.GEMMS[s.name] * s.config.kwargs["BLOCK_M"] * s.config.kwargs["BLOCK_N"]
                * s.args["BLOCK_D"] for s in specs)
+
+
+def test_varlen_and_decode_rows_from_compiled_reports():
+    """One packed (VARLEN) forward config and the decode kernel's 16-row tile on sm_90, each with the reference
+    forward loop at its tile: four compiles (or their content-cached reports), two rows of the new families whose
+    numbers are hwfit's."""
+    from fastattn.ops import kvcache, varlen
+    from fastattn.perf import fit
+
+    v = "float16 D<=64 plain"
+    packed = next(s for s in varlen.kernel_specs() if s.name == "_attn_fwd" and s.variant == v
+                  and (not s.archs or 90 in s.archs))
+    decode = next(s for s in kvcache.kernel_specs() if s.name == "_kvcache_attn" and s.variant == v
+                  and s.config.kwargs["BLOCK_M"] == 16)
+    ours = {("varlen", "_attn_fwd", packed.config_label), ("kvcache", "_kvcache_attn", decode.config_label)}
+
+    def select(info):
+        return info.variant == v and ((info.op, info.name, info.config_label) in ours or (
+            info.name == "_ref_attn_fwd" and info.config_label in {packed.config_label, decode.config_label}))
+
+    workers = int(os.environ.get("FASTATTN_COMPILE_WORKERS", "0")) or None
+    reports = fit.run(["varlen", "kvcache", ceiling.REFERENCE], [90], select=select, workers=workers)
+    assert len(reports) == 4, [(r.op, r.kernel, r.config) for r in reports]
+    by = {(r.op, r.kernel): r for r in reports}
+    got = {r["family"]: r for r in ceiling.rows(reports)}
+    assert set(got) == {"varlen", "kvcache"}
+    for family, kernel in (("varlen", "_attn_fwd"), ("kvcache", "_kvcache_attn")):
+        row, r = got[family], by[(ceiling.FAMILIES[family], kernel)]
+        assert r.ok and 0 < r.ceiling <= 1 and (row["kernel"], row["config"], row["ceiling"]) == (kernel, r.config,
+                                                                                                  r.ceiling)
+        assert row["ref_same_tile_ceiling"] is not None and row["ref_config"] in {packed.config_label, r.config}
+    assert got["kvcache"]["ref_config"] == decode.config_label  # the reference with as many query rows
+    for row in got.values():
+        assert row["issues_vs_ref_same_tile"] == pytest.approx(row["issues_per_kflop"] /
+                                                               row["ref_same_tile_issues_per_kflop"])
+
+
+def test_cli_family_and_kernel_options():
+    import argparse
+
+    from fastattn import cli
+
+    args = cli._parser().parse_args(["ceiling", "--family", "kvcache,varlen", "--kernel", "fwd,decode"])
+    assert args.family == ["kvcache", "varlen"] and args.kernel == ["_attn_fwd", "_kvcache_attn"]
+    for bad in ("paged", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="dense, varlen, kvcache"):
+            cli._families(bad)
+    with pytest.raises(argparse.ArgumentTypeError, match="decode"):
+        cli._kernels("_merge_fwd")

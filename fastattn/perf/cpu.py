@@ -224,8 +224,9 @@ def _run_child(ops: Sequence[str], dtype: str, quick: bool, skip: Sequence[str])
 
 def _ceiling_section(out: _Printer, reports: Sequence[Any], archs: Sequence[int], quick: bool, workers: int | None,
                      out_dir: str, env: dict) -> None:
-    """Section 1's ceiling table: the plain attention configs just compiled beside the reference loops."""
-    from fastattn.perf import ceiling, fit
+    """Section 1's ceiling table: the plain attention configs just compiled beside the reference loops (and the
+    varlen and KV-cache kernels' plain configs, compiled here where their ops were not in the report)."""
+    from fastattn.perf import ceiling, fit, refloop
     from fastattn.perf.report import write_csv
 
     out()
@@ -234,12 +235,14 @@ def _ceiling_section(out: _Printer, reports: Sequence[Any], archs: Sequence[int]
     if quick:
         out("Skipped in quick mode (it needs every plain config at head dims 64 and 128): `fastattn ceiling`.")
         return
-    refs = fit.run([ceiling.REFERENCE], [a for a in archs if a in (80, 90)], select=ceiling.select(),
+    missing = [op for op in ceiling.FAMILIES.values() if op not in {r.op for r in reports}]
+    refs = fit.run([*missing, ceiling.REFERENCE], [a for a in archs if a in (80, 90)], select=ceiling.select(),
                    workers=workers)
     rows = ceiling.rows([*reports, *refs])
     out(ceiling.table(rows))
     out()
-    out(ceiling.NOTE + f" {len(refs)} reference compiles; CSV: ceiling.csv.")
+    n_ref = sum(r.kernel in refloop.KERNELS for r in refs)
+    out(ceiling.NOTE + f" {n_ref} reference compiles; CSV: ceiling.csv.")
     write_csv(os.path.join(out_dir, "ceiling.csv"), rows, env)
 
 

@@ -4,7 +4,8 @@ Three small kernels that do only what every block of a long attention without ma
 Triton's fused-attention tutorial: no bounds tests (lengths are a multiple of the blocks), no causal, window or
 mask work, no dropout, head-dim-contiguous operands, pointers advanced by one block per iteration. fastattn never
 launches them: ``hwfit`` compiles them beside the shipped kernels, for the same head dims and for fastattn's own
-tiles as well as a few larger ones, so the ceiling report can say how many more issue slots per FLOP a shipped loop
+tiles (the dense and packed (VARLEN) attention kernels' and the KV-cache decode kernel's, whose MMA loop is a forward
+loop) as well as a few larger ones, so the ceiling report can say how many more issue slots per FLOP a shipped loop
 spends than the least a loop of that tile needs. Per iteration (scores in base 2, ``qk_scale = scale * log2(e)``,
 ``lse`` in base 2):
 
@@ -28,6 +29,9 @@ from fastattn.ops._common import dtype_name
 # reference kernel -> the fastattn kernel it stands beside (same tile convention: for dK/dV BLOCK_N is the key block
 # a program owns and BLOCK_M the query block it streams)
 MIRRORS = {"_ref_attn_fwd": "_attn_fwd", "_ref_attn_bwd_dkdv": "_attn_bwd_dkdv", "_ref_attn_bwd_dq": "_attn_bwd_dq"}
+# fastattn kernel -> the reference loop beside it: the KV-cache decode kernel's MMA loop (q k^T, online softmax, p v
+# over a split's keys) is the forward loop's
+REFERENCE_OF = {**{m: r for r, m in MIRRORS.items()}, "_kvcache_attn": "_ref_attn_fwd"}
 GEMMS = {"_ref_attn_fwd": 2, "_ref_attn_bwd_dkdv": 4, "_ref_attn_bwd_dq": 3}  # per loop iteration
 HEAD_DIMS = (64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -159,15 +163,16 @@ def _args(dtype: torch.dtype, d: int) -> dict:
 
 
 def shipped_tiles() -> dict[tuple[str, str], list[tuple[int, int, int, int]]]:
-    """fastattn's plain-specialisation tiles by (kernel, variant), read from its attention specs."""
-    from fastattn.ops import attention
+    """fastattn's plain-specialisation tiles by (reference kernel, variant): those of the dense and the packed
+    (VARLEN) attention kernels and of the KV-cache decode kernel, read from their ops' specs."""
+    from fastattn.ops import attention, kvcache
 
     out: dict[tuple[str, str], list[tuple[int, int, int, int]]] = {}
-    for spec in attention.kernel_specs():
-        kw = spec.config.kwargs
-        if "BLOCK_N" in kw and spec.variant.endswith(" plain"):
+    for spec in [*attention.kernel_specs(), *attention.kernel_specs(varlen=True), *kvcache.kernel_specs()]:
+        kw, ref = spec.config.kwargs, REFERENCE_OF.get(spec.name)
+        if ref is not None and spec.variant.endswith(" plain"):
             tile = (kw["BLOCK_M"], kw["BLOCK_N"], spec.config.num_warps, spec.config.num_stages)
-            out.setdefault((spec.name, spec.variant), []).append(tile)
+            out.setdefault((ref, spec.variant), []).append(tile)
     return out
 
 
@@ -179,7 +184,7 @@ def kernel_specs() -> list[KernelSpec]:
         for d in HEAD_DIMS:
             name = variant(dtype, d)
             for ref, kernel in KERNELS.items():
-                tiles = list(dict.fromkeys(CANDIDATES[ref] + shipped.get((MIRRORS[ref], name), [])))
+                tiles = list(dict.fromkeys(CANDIDATES[ref] + shipped.get((ref, name), [])))
                 for bm, bn, w, s in tiles:
                     config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                     specs.append(KernelSpec("reference", kernel, _args(dtype, d), config, name, needs_tensor_cores=True,
