@@ -40,6 +40,10 @@ TILES = {
              64: {16: (32, 4, 2), 32: (32, 4, 2), 64: (32, 8, 1)},
              128: {16: (16, 8, 1)}},  # no 32- or 64-row tile fits: more, 16-row tiles
 }
+# Entries that replace TILES' on one arch class (90: sm_90 and later, 80: earlier), where the shared entry is a
+# compromise: on sm_90 a 64-row tile of 8 warps replicates its wgmma across the two warpgroups (63% issue-slot
+# ceiling at head dim 128), while 4 warps reach 100% there but spill on sm_80 (20 spill stores).
+ARCH_TILES = {90: {"16": {128: {64: (64, 4, 2)}}}}
 APPEND_BLOCK_T = 16  # new tokens per program of the append
 
 
@@ -52,10 +56,13 @@ def decode_block_m(rows: int) -> int:
     return min(64, max(16, triton.next_power_of_2(max(rows, 1))))
 
 
-def tile(element_size: int, precision: str, block_d: int, block_m: int) -> tuple[int, int, int] | None:
-    """(BLOCK_N, num_warps, num_stages) for this operand class, padded head dim and query tile, or None if the
-    head dim is not served."""
-    return TILES[operand_class(element_size, precision)].get(block_d, {}).get(block_m)
+def tile(element_size: int, precision: str, block_d: int, block_m: int,
+         arch: int | None = None) -> tuple[int, int, int] | None:
+    """(BLOCK_N, num_warps, num_stages) for this operand class, padded head dim and query tile on ``arch`` (an
+    ARCH_TILES key; None: the shared entry), or None if the head dim is not served."""
+    cls = operand_class(element_size, precision)
+    own = ARCH_TILES.get(arch, {}).get(cls, {}).get(block_d, {}).get(block_m)
+    return own or TILES[cls].get(block_d, {}).get(block_m)
 
 
 @triton.jit

@@ -257,6 +257,15 @@ def test_schedule_is_a_pure_function_of_shapes():
     assert kv_ops.schedule(1, 1, 1, 1, 64, 512, 512, torch.float16, num_sms=4) is None  # no tile: the reference
     # fp32 without TF32 at head dim 128: only 16-row tiles fit the registers, so 64 rows take four
     assert kv_ops.schedule(1, 8, 1, 8, 64, 128, 128, torch.float32, num_sms=4).m_blocks == 4
+    # a chunked prefill's 64-row tile at head dim 128: 4 warps on sm_90 (one warpgroup, no replicated wgmma), the
+    # shared 8-warp tile on sm_80 and without a GPU; hwfit compiles each for the archs that take it
+    per_arch = {a: kv_ops.schedule(1, 32, 8, 16, 4096, 128, 128, torch.float16, num_sms=132, arch=a) for a in
+                (None, 80, 90)}
+    assert {a: (s.block_m, s.block_n, s.num_warps) for a, s in per_arch.items()} == {
+        None: (64, 64, 8), 80: (64, 64, 8), 90: (64, 64, 4)}
+    specs = [s for s in kv_ops.kernel_specs() if s.variant.startswith("float16 D<=128 plain")
+             and s.config.kwargs["BLOCK_M"] == 64]
+    assert sorted((s.config.num_warps, s.archs) for s in specs) == [(4, (90,)), (8, (80, 89))]
 
 
 def test_scratch_is_the_schedules():

@@ -82,16 +82,18 @@ def auto_splits(tiles: int, key_blocks: int, num_sms: int) -> int:
 
 
 def schedule(batch: int, heads: int, heads_kv: int, lq: int, capacity: int, head_dim: int, head_dim_v: int,
-             dtype: torch.dtype, num_sms: int, num_splits: int = 0, precision: str = "ieee") -> Schedule | None:
+             dtype: torch.dtype, num_sms: int, num_splits: int = 0, precision: str = "ieee",
+             arch: int | None = None) -> Schedule | None:
     """The launch of a call with these shapes (``capacity``: the cache's positions per sequence, the only length
-    known on the host) on a GPU of ``num_sms`` SMs; None when no kernel tile serves the dtype and head dims.
+    known on the host) on a GPU of ``num_sms`` SMs and arch class ``arch`` (90, 80; None: no GPU, the shared
+    tiles); None when no kernel tile serves the dtype and head dims.
     A fixed ``num_splits`` is clamped to [1, min(MAX_SPLITS, key blocks)]; 0 chooses by :func:`auto_splits`."""
     rows = heads // heads_kv * lq
     elt, block_d = torch.empty((), dtype=dtype).element_size(), _block(max(head_dim, head_dim_v))
     block_m = K.decode_block_m(rows)
-    while block_m > 16 and K.tile(elt, precision, block_d, block_m) is None:  # the largest tile that fits
+    while block_m > 16 and K.tile(elt, precision, block_d, block_m, arch) is None:  # the largest tile that fits
         block_m //= 2
-    t = K.tile(elt, precision, block_d, block_m)
+    t = K.tile(elt, precision, block_d, block_m, arch)
     if t is None:
         return None
     block_n, warps, stages = t
@@ -192,8 +194,11 @@ def launch_schedule(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Te
     """The :class:`Schedule` a call with these tensors gets on their device (None: the eager reference runs)."""
     B, Lq, H, D = q.shape
     capacity = _paging(k_cache, block_table, q)[2]
+    arch = None
+    if q.device.type == "cuda":
+        arch = 90 if torch.cuda.get_device_capability(q.device)[0] >= 9 else 80
     return schedule(B, H, k_cache.size(2), Lq, capacity, D, v_cache.size(3), q.dtype, sm_count(q.device),
-                    num_splits, dot_precision(q.dtype))
+                    num_splits, dot_precision(q.dtype), arch)
 
 
 def _fallback(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor | None, num_splits: int
@@ -439,13 +444,19 @@ def kernel_specs() -> list[KernelSpec]:
     for dtype, precision in classes:
         dname = dtype_name(dtype) + ("" if dtype != torch.float32 else f"/{precision}")
         for d, by_m in K.TILES[K.operand_class(dtype.itemsize, precision)].items():
-            for block_m, (block_n, warps, stages) in by_m.items():
-                cfg = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
-                for heavy in (False, True):
-                    args = {**_example_args(dtype, d, heavy), "PRECISION": precision}
-                    variant = f"{dname} D<={d} {'paged+split+causal+window+softcap+alibi' if heavy else 'plain'}"
-                    specs.append(KernelSpec("kvcache", K._kvcache_attn, args, cfg, variant,
-                                            needs_tensor_cores=precision == "tf32" or dtype != torch.float32))
+            for block_m in by_m:
+                # the arch classes' tiles (K.ARCH_TILES), each compiled for the hwfit targets that take it
+                served: dict[tuple, list[int]] = {}
+                for arch, targets in ((80, [80, 89]), (90, [90])):
+                    served.setdefault(K.tile(dtype.itemsize, precision, d, block_m, arch), []).extend(targets)
+                for (block_n, warps, stages), archs in served.items():
+                    cfg = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+                    for heavy in (False, True):
+                        args = {**_example_args(dtype, d, heavy), "PRECISION": precision}
+                        variant = f"{dname} D<={d} {'paged+split+causal+window+softcap+alibi' if heavy else 'plain'}"
+                        specs.append(KernelSpec("kvcache", K._kvcache_attn, args, cfg, variant,
+                                                needs_tensor_cores=precision == "tf32" or dtype != torch.float32,
+                                                archs=() if len(served) == 1 else tuple(archs)))
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         for d in (64, 128):
             for paged in (False, True):
