@@ -1,11 +1,12 @@
-"""Pieces shared by several kernels: the one interpreter switch (config lists, interpreter-exact MMA and casts) and
-counter-based dropout.
+"""Pieces shared by several kernels: the one interpreter switch (config lists, interpreter-exact MMA and casts), the
+arch classes of the tile tables, and counter-based dropout.
 
 Dropout draws one Philox-4x32 number per element from ``(seed, c0, c1, c2)``: a 64-bit seed taken from torch's
 generator and the element's own coordinates, so the forward and the backward regenerate the same mask without
 storing it, and the interpreter produces exactly the bits a GPU does.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -28,6 +29,18 @@ INTERPRETED = tl.constexpr(interpreting())
 LOG2E = tl.constexpr(1.4426950408889634)  # scores and log-sum-exps go to base 2 for exp2 / log2
 LN2 = tl.constexpr(0.6931471805599453)
 NEG_INF = tl.constexpr(float("-inf"))
+
+
+# Tile tables that differ by GPU generation key their entries by arch class: 90 for sm_90 and later (wgmma), 80
+# before. Each class stands for these hwfit targets (the archs a tile marked with the class is compiled for).
+ARCH_TARGETS = {80: (80, 89), 90: (90,)}
+
+
+def arch_class(device: torch.device) -> int | None:
+    """The arch class of a torch device: 90 or 80 for a CUDA GPU, None elsewhere (no GPU: the shared tiles)."""
+    if device.type != "cuda":
+        return None
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
 
 
 def pick_configs(gpu_configs, interpreter_config):

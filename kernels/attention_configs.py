@@ -5,10 +5,9 @@ Kept apart from the kernels so that retuning a table leaves every compiled kerne
 cache, keyed by the kernel module's source) unchanged.
 """
 
-import torch
 import triton
 
-from ._common import pick_configs
+from ._common import arch_class, pick_configs
 
 # Tiles (BLOCK_M, BLOCK_N, num_warps, num_stages[, arch class]) by kernel, table, operand class ("16" fp16/bf16,
 # "tf32" fp32 with TF32 MMAs, "ieee" fp32 without: FMA dots, the most registers) and padded head dim. For
@@ -109,11 +108,6 @@ def supported(element_size: int, precision: str, block_d: int) -> bool:
     return all(TILES[k]["heavy"][cls].get(block_d) for k in TILES)
 
 
-def arch_class(capability: tuple[int, int] | None) -> int | None:
-    """90 for sm_90 and later (wgmma), 80 before; None when unknown (a listing: every tile)."""
-    return None if capability is None else (90 if capability[0] >= 9 else 80)
-
-
 def _entries(tables: dict, kernel: str, table: str, cls: str, block_d: int, arch: int | None) -> list[tuple]:
     tiles = tables.get(kernel, {}).get(table, {}).get(cls, {}).get(block_d, [])
     return [t[:4] for t in tiles if arch is None or len(t) == 4 or t[4] == arch]
@@ -170,7 +164,7 @@ def _prune(kernel):
         q = arg("Q")
         kind = "heavy" if arg("MASK_KIND") != 0 or arg("HAS_DROPOUT") else (
             "scores" if arg("HAS_SOFTCAP") or arg("HAS_ALIBI") else "plain")
-        arch = arch_class(torch.cuda.get_device_capability(q.device) if q.device.type == "cuda" else None)
+        arch = arch_class(q.device)
         allowed = tiles_for(kernel, q.element_size(), arg("PRECISION"), max(arg("BLOCK_D"), arg("BLOCK_DV")), kind,
                             arg("ROWS_BUCKET"), arch, bool(arg("VARLEN")))
         return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)

@@ -19,6 +19,7 @@ from fastattn import _runtime, reference
 from fastattn.hwfit import KernelSpec
 from fastattn.kernels import attention as K
 from fastattn.kernels import attention_configs as C
+from fastattn.kernels._common import ARCH_TARGETS
 from fastattn.ops._attention_args import (
     _broadcast_batch,
     _causal_bias,
@@ -444,7 +445,6 @@ _PACKED_VARIANTS = {"plain": [("plain", ""), ("band window+sinks+gqa", "band")],
                     "scores": [("scores window+softcap+alibi+sinks+gqa", "scores")],
                     "heavy": [(f"heavy {_PACKED_HEAVY}", "all")],
                     "decode": [("decode", ""), (f"decode {_PACKED_HEAVY}", "all")]}
-_ARCHS = {80: (80, 89), 90: (90,)}  # the hwfit targets of each arch class of kernels.attention.TILES
 
 
 def _example_args(kernel, dtype: torch.dtype, d: int, features: str, varlen: bool = False) -> dict:
@@ -503,7 +503,7 @@ def kernel_specs(varlen: bool = False) -> list[KernelSpec]:
             for kern in (K._attn_fwd, K._attn_bwd_dkdv, K._attn_bwd_dq):
                 name = _runtime.kernel_name(kern)
                 served: dict[tuple, set] = {}  # (tile, variant) -> the archs that take it
-                for arch, targets in _ARCHS.items():
+                for arch, targets in ARCH_TARGETS.items():
                     for kind in ("plain", "scores", "heavy"):
                         for rows in (1 << 20, 1):
                             table, tiles = C.table_for(name, cls, d, kind, rows, arch, varlen)

@@ -20,6 +20,7 @@ from torch import Tensor
 from fastattn import _runtime, reference
 from fastattn.hwfit import KernelSpec
 from fastattn.kernels import kvcache as K
+from fastattn.kernels._common import ARCH_TARGETS, arch_class
 from fastattn.ops import merge_attention as merge_ops
 from fastattn.ops._common import (
     KERNEL_DTYPES,
@@ -194,11 +195,8 @@ def launch_schedule(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Te
     """The :class:`Schedule` a call with these tensors gets on their device (None: the eager reference runs)."""
     B, Lq, H, D = q.shape
     capacity = _paging(k_cache, block_table, q)[2]
-    arch = None
-    if q.device.type == "cuda":
-        arch = 90 if torch.cuda.get_device_capability(q.device)[0] >= 9 else 80
     return schedule(B, H, k_cache.size(2), Lq, capacity, D, v_cache.size(3), q.dtype, sm_count(q.device),
-                    num_splits, dot_precision(q.dtype), arch)
+                    num_splits, dot_precision(q.dtype), arch_class(q.device))
 
 
 def _fallback(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor | None, num_splits: int
@@ -447,7 +445,7 @@ def kernel_specs() -> list[KernelSpec]:
             for block_m in by_m:
                 # the arch classes' tiles (K.ARCH_TILES), each compiled for the hwfit targets that take it
                 served: dict[tuple, list[int]] = {}
-                for arch, targets in ((80, [80, 89]), (90, [90])):
+                for arch, targets in ARCH_TARGETS.items():
                     served.setdefault(K.tile(dtype.itemsize, precision, d, block_m, arch), []).extend(targets)
                 for (block_n, warps, stages), archs in served.items():
                     cfg = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
