@@ -546,6 +546,17 @@ def test_bad_input_raises_naming_the_argument(name):
         fastattn.varlen_attn(**args)
 
 
+def test_alibi_slopes_that_require_grad_raise():
+    """The kernels compute no gradient for the slopes: with grad mode on, slopes that require grad raise (a silent
+    zero gradient would be wrong); under no_grad, or detached, they run."""
+    args = _args()
+    args["alibi_slopes"] = torch.ones(4).requires_grad_()
+    with pytest.raises(ValueError, match="alibi_slopes requires grad"):
+        fastattn.varlen_attn(**args)
+    with torch.no_grad():
+        fastattn.varlen_attn(**args)
+
+
 def test_offsets_are_checked_on_the_fallback_path_too(monkeypatch):
     monkeypatch.setattr(_runtime, "_INTERPRETING", False)
     args = _args()

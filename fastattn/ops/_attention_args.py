@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from fastattn import _runtime
-from fastattn.ops._common import check_window_softcap
+from fastattn.ops._common import check_alibi_no_grad, check_window_softcap
 
 _OP = "scaled_dot_product_attention"
 
@@ -48,9 +48,7 @@ def _check_modifiers(window_size, softcap, alibi_slopes, sinks, return_lse) -> N
     for name, t in (("alibi_slopes", alibi_slopes), ("sinks", sinks)):
         if t is not None and not isinstance(t, Tensor):
             raise TypeError(f"fastattn.attention: {name} must be a Tensor or None; got {type(t).__name__}")
-    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
-        raise ValueError("fastattn.attention: alibi_slopes requires grad, but the kernels compute no gradient for "
-                         "the slopes (fixed in ALiBi models); pass alibi_slopes.detach()")
+    check_alibi_no_grad("attention", alibi_slopes)
 
 
 def _check_heads(query: Tensor, batch: tuple[int, ...], alibi_slopes: Tensor | None, sinks: Tensor | None) -> None:

@@ -99,6 +99,14 @@ def check_window_softcap(op: str, window_size, softcap) -> None:
         raise ValueError(f"fastattn.{op}: softcap must be a finite float >= 0 (0 disables it); got {softcap!r}")
 
 
+def check_alibi_no_grad(op: str, alibi_slopes) -> None:
+    """ALiBi slopes that would get a gradient raise: the kernels compute none (the slopes are fixed in ALiBi
+    models), so a silent zero would be wrong."""
+    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"fastattn.{op}: alibi_slopes requires grad, but the kernels compute no gradient for the "
+                         "slopes (fixed in ALiBi models); pass alibi_slopes.detach()")
+
+
 def fallback_reason(device: torch.device, dtype: torch.dtype,
                     dtypes: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> str | None:
     """Why tensors of ``dtype`` on ``device`` cannot run the Triton kernels (None when they can): no GPU and no

@@ -34,6 +34,7 @@ from fastattn.kernels import varlen as K
 from fastattn.ops import attention as attn_ops
 from fastattn.ops import kvcache as kv_ops
 from fastattn.ops._common import (
+    check_alibi_no_grad,
     check_float_dtype,
     check_window_softcap,
     draw_seed,
@@ -153,9 +154,7 @@ def _check_tensors(query, key, value, cu_seq_q, cu_seq_k, enable_gqa, seqused_k,
     if sinks is not None and (sinks.dtype not in (torch.float32, query.dtype) or _shape(sinks) != (H,)):
         raise ValueError(f"fastattn.{_OP}: sinks must be float32 (or query's dtype) of shape ({H},); got "
                          f"{_shape(sinks)} {dtype_name(sinks.dtype)}")
-    if alibi_slopes is not None and alibi_slopes.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"fastattn.{_OP}: alibi_slopes requires grad, but the kernels compute no gradient for the "
-                         "slopes (fixed in ALiBi models); pass alibi_slopes.detach()")
+    check_alibi_no_grad(_OP, alibi_slopes)
 
 
 def _host_values_ok(t: Tensor) -> bool:
